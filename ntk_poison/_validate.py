@@ -1,0 +1,129 @@
+"""One validation layer for public entry points.
+
+Public functions check their inputs once, at the boundary, with these helpers. A bad
+input is a ``ValueError`` that names the argument and says how to fix it; inner
+jitted code then assumes valid input. Checks that need concrete values (finiteness,
+signs) are skipped for tracers, so the helpers are safe to call under ``jit``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Optional, Sequence
+
+import jax
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+    """True if ``x`` holds concrete values (not a JAX tracer under jit/vmap/grad)."""
+    return not isinstance(x, jax.core.Tracer)
+
+
+def array(name: str, x: Any, *, ndim: Optional[int | Sequence[int]] = None,
+          finite: bool = True, floating: bool = False) -> Any:
+    """Check an array argument and return it unchanged.
+
+    Args:
+      name: the argument's name, as the user wrote it, for the message.
+      x: the value.
+      ndim: the allowed number of dimensions (an int or a tuple of ints).
+      finite: reject NaN and inf (only checked on concrete values).
+      floating: reject integer and boolean dtypes.
+    """
+    if x is None:
+        raise ValueError(f"`{name}` is None; pass an array.")
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        try:
+            x = np.asarray(x)
+        except Exception as e:  # pragma: no cover - exotic inputs
+            raise ValueError(f"`{name}` must be array-like, got {type(x).__name__}.") from e
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if x.ndim not in allowed:
+            raise ValueError(
+                f"`{name}` must have {' or '.join(map(str, allowed))} dimensions, got "
+                f"shape {tuple(x.shape)}.")
+    if floating and not np.issubdtype(np.dtype(x.dtype), np.floating):
+        raise ValueError(
+            f"`{name}` has dtype {x.dtype}, but real-valued (float) targets are needed; "
+            f"convert it, e.g. `{name}.astype(float)`, or encode labels as +-1 / one-hot "
+            "floats (see ntk_poison.data.binary_targets).")
+    if finite and is_concrete(x) and np.issubdtype(np.dtype(x.dtype), np.number):
+        if not bool(np.all(np.isfinite(np.asarray(x)))):
+            raise ValueError(f"`{name}` contains NaN or inf; clean or impute it first.")
+    return x
+
+
+def nonneg(name: str, value: Any, *, integer: bool = False, positive: bool = False) -> Any:
+    """Check a scalar (or an array of scalars) is >= 0 (or > 0), and optionally integral."""
+    if not is_concrete(value):
+        return value
+    arr = np.asarray(value)
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"`{name}` must be a real number, got {value!r}.")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"`{name}` must be finite, got {value!r}.")
+    if integer and not np.all(np.equal(np.mod(arr, 1), 0)):
+        raise ValueError(f"`{name}` must be a whole number, got {value!r}.")
+    if positive and np.any(arr <= 0):
+        raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+    if np.any(arr < 0):
+        raise ValueError(f"`{name}` must be >= 0, got {value!r}; it is a "
+                         f"{'count' if integer else 'non-negative quantity'}.")
+    return value
+
+
+def same_rows(name_a: str, a: Any, name_b: str, b: Any) -> None:
+    """Check two arrays have the same number of rows (leading dimension)."""
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"`{name_a}` has {a.shape[0]} rows but `{name_b}` has {b.shape[0]}; they "
+            "must describe the same points.")
+
+
+def same_trailing(name_a: str, a: Any, name_b: str, b: Any, rank: int) -> None:
+    """Check the trailing ``rank`` dimensions (one input's shape) agree."""
+    sa = tuple(a.shape[a.ndim - rank:])
+    sb = tuple(b.shape[b.ndim - rank:])
+    if sa != sb:
+        raise ValueError(
+            f"`{name_a}` has inputs of shape {sa} but `{name_b}` has {sb}; they must "
+            "live in the same input space.")
+
+
+def is_int_scalar(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def memory_budget_bytes() -> int:
+    """Bytes one array may take: half the default device's memory limit.
+
+    On accelerators this is read from ``device.memory_stats()``; on the CPU it is
+    half the physical RAM. Override with the environment variable
+    ``NTK_POISON_MEMORY_BUDGET`` (bytes).
+    """
+    import os
+    env = os.environ.get("NTK_POISON_MEMORY_BUDGET")
+    if env:
+        return int(float(env))
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return int(stats["bytes_limit"]) // 2
+    except Exception:  # pragma: no cover - backend without stats
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")) // 2
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 8 << 30
+
+
+def fits_in_memory(what: str, n_elements: int, itemsize: int, fix: str) -> None:
+    """Raise a ValueError if an array of ``n_elements`` would not fit the budget."""
+    need = int(n_elements) * int(itemsize)
+    budget = memory_budget_bytes()
+    if need > budget:
+        raise ValueError(
+            f"{what} needs {need / 2**30:.1f} GiB, over the memory budget of "
+            f"{budget / 2**30:.1f} GiB (NTK_POISON_MEMORY_BUDGET). {fix}")

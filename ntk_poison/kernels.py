@@ -1,0 +1,322 @@
+"""Kernels: plain callables ``k(x1, x2) -> (n1, n2)``, and a registry of them by name.
+
+A kernel here is an immutable :class:`Kernel`: a jit-compiled function of two batches
+of inputs, a name and its parameters. It is differentiable in both arguments, so
+every derivative the project needs (input gradients, input Hessians, the joint
+derivative Gram matrices of the input-gradient penalty) comes from ``jax`` autodiff
+of the kernel. No derivative is ever written out by hand, so a new kernel gets all of
+them for free (THEORY.md section 1).
+
+Inputs are flat vectors ``(n, d)`` for :func:`rbf`, :func:`linear`, :func:`matern52`
+and :func:`nt_fc`, and images ``(n, H, W, C)`` for :func:`nt_cnn`. A kernel records
+the rank of one input in :attr:`Kernel.input_rank`.
+
+Adding a kernel::
+
+    from ntk_poison import kernels
+
+    @kernels.register("laplace_sq")
+    def laplace_sq(length_scale: float = 1.0) -> kernels.Kernel:
+        def fn(x1, x2):
+            return jnp.exp(-kernels.sq_dists(x1, x2) / length_scale)
+        return kernels.Kernel(fn, "laplace_sq", (("length_scale", length_scale),))
+
+``kernels.get("laplace_sq", length_scale=2.0)`` then builds it by name.
+
+The infinite-width kernels of neural networks come from neural-tangents
+(Novak et al. 2020, "Neural Tangents: Fast and Easy Infinite Neural Networks in
+Python", ICLR): :func:`nt_fc` and :func:`nt_cnn` wrap ``stax`` kernel functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from ntk_poison import _compat
+from ntk_poison import _validate
+
+_compat.patch()
+
+Array = Any
+KernelFn = Callable[[Array, Array], Array]
+
+__all__ = [
+    "Kernel", "register", "get", "available", "sq_dists",
+    "rbf", "linear", "matern52", "nt_fc", "nt_cnn", "from_stax",
+]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Kernel:
+    """An immutable kernel ``k(x1, x2) -> (n1, n2)``.
+
+    Attributes:
+      fn: the function of two batches ``x1 (n1, *s)`` and ``x2 (n2, *s)`` that
+        returns the ``(n1, n2)`` Gram matrix. It must be built from ``jax.numpy``
+        so that it can be jit-compiled and differentiated in both arguments.
+      name: the registry name.
+      params: the parameters, as a tuple of ``(name, value)`` pairs (hashable, so a
+        kernel can be a static argument of ``jax.jit``).
+      input_rank: the rank of one input: 1 for vectors ``(d,)``, 3 for images
+        ``(H, W, C)``.
+    """
+
+    fn: KernelFn
+    name: str = "custom"
+    params: Tuple[Tuple[str, Any], ...] = ()
+    input_rank: int = 1
+
+    def __post_init__(self):
+        # Jit once, at construction: every call site then shares the compiled code.
+        if not hasattr(self.fn, "lower"):
+            object.__setattr__(self, "fn", jax.jit(self.fn))
+
+    def _key(self):
+        # Registered kernels are equal when their name and parameters are: that lets
+        # jit's cache (a kernel is a static argument) be reused across rebuilds.
+        # A custom kernel is only equal to itself.
+        if self.name in _REGISTRY:
+            return (self.name, self.params, self.input_rank)
+        return (id(self.fn),)
+
+    def __eq__(self, other):
+        return isinstance(other, Kernel) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __call__(self, x1: Array, x2: Array) -> Array:
+        """The Gram matrix ``k(x1, x2)`` of shape ``(n1, n2)``."""
+        self.check_inputs("x1", x1)
+        self.check_inputs("x2", x2)
+        _validate.same_trailing("x1", x1, "x2", x2, self.input_rank)
+        return self.fn(x1, x2)
+
+    def check_inputs(self, name: str, x: Array) -> None:
+        """Raise a ValueError unless ``x`` is a batch of this kernel's inputs."""
+        if getattr(x, "ndim", None) != self.input_rank + 1:
+            kind = "vectors (n, d)" if self.input_rank == 1 else "images (n, H, W, C)"
+            raise ValueError(
+                f"`{name}` must be a batch of {kind} for kernel {self.name!r}, got shape "
+                f"{tuple(getattr(x, 'shape', ()))}. Add a leading batch axis for a "
+                "single point (x[None]).")
+
+    def pair(self, x1: Array, x2: Array) -> Array:
+        """``k(x1, x2)`` for two single inputs (no batch axis): a scalar."""
+        return self.fn(x1[None], x2[None])[0, 0]
+
+    def diag(self, x: Array) -> Array:
+        """``k(x_i, x_i)`` for each point of a batch, shape ``(n,)``."""
+        return jax.vmap(self.pair)(x, x)
+
+    @property
+    def param_dict(self) -> Dict[str, Any]:
+        return dict(self.params)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params)
+        return f"kernels.{self.name}({args})"
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: Dict[str, Callable[..., Kernel]] = {}
+
+
+def register(name: str) -> Callable[[Callable[..., Kernel]], Callable[..., Kernel]]:
+    """Decorator: register a kernel factory under ``name`` for :func:`get`."""
+
+    def wrap(factory: Callable[..., Kernel]) -> Callable[..., Kernel]:
+        _REGISTRY[name] = factory
+        return factory
+
+    return wrap
+
+
+def available() -> Tuple[str, ...]:
+    """The names :func:`get` accepts."""
+    return tuple(sorted(_REGISTRY))
+
+
+def get(name: str, **params: Any) -> Kernel:
+    """Build a registered kernel by name, e.g. ``get("rbf", length_scale=1.5)``."""
+    if name not in _REGISTRY:
+        raise ValueError(
+            f"Unknown kernel name {name!r}. Known kernels: {', '.join(available())}. "
+            "Register a new one with @ntk_poison.kernels.register(name).")
+    try:
+        return _REGISTRY[name](**params)
+    except TypeError as e:
+        raise ValueError(f"Bad parameters for kernel {name!r}: {e}") from e
+
+
+# --------------------------------------------------------------------------- helpers
+
+def sq_dists(x1: Array, x2: Array) -> Array:
+    """Squared Euclidean distances ``||x1_i - x2_j||^2``, shape ``(n1, n2)``.
+
+    Uses the GEMM form ``|x1|^2 + |x2|^2 - 2 x1 x2^T`` (memory O(n1 n2), not
+    O(n1 n2 d)). It is not clipped at zero: clipping would zero the second
+    derivative at ``x1 = x2``, which the input Hessians need; the round-off it leaves
+    is a few ulp of ``|x|^2``.
+    """
+    x1 = x1.reshape(x1.shape[0], -1)
+    x2 = x2.reshape(x2.shape[0], -1)
+    n1 = jnp.sum(x1 * x1, axis=-1)
+    n2 = jnp.sum(x2 * x2, axis=-1)
+    return n1[:, None] + n2[None, :] - 2.0 * (x1 @ x2.T)
+
+
+def _positive(name: str, value: float) -> float:
+    _validate.nonneg(name, value, positive=True)
+    return float(value)
+
+
+# --------------------------------------------------------------------------- kernels
+
+@register("rbf")
+def rbf(length_scale: float = 1.0, variance: float = 1.0) -> Kernel:
+    """The RBF (squared-exponential) kernel, THEORY.md section 2.
+
+        k(x, x') = variance * exp(-||x - x'||^2 / (2 l^2))
+
+    Its input gradient is ``grad_x k(x, x') = -(x - x') / l^2 k(x, x')``, so the spike
+    factor of a clone at distance r is ``R_k = r^2 / l^4``.
+    """
+    ls = _positive("length_scale", length_scale)
+    var = _positive("variance", variance)
+
+    def fn(x1, x2):
+        return var * jnp.exp(-sq_dists(x1, x2) / (2.0 * ls * ls))
+
+    return Kernel(fn, "rbf", (("length_scale", ls), ("variance", var)))
+
+
+@register("linear")
+def linear(bias: float = 0.0, scale: float = 1.0) -> Kernel:
+    """The linear kernel ``k(x, x') = scale * x . x' + bias`` (a linear model)."""
+    b = float(_validate.nonneg("bias", bias))
+    s = _positive("scale", scale)
+
+    def fn(x1, x2):
+        return s * (x1.reshape(x1.shape[0], -1) @ x2.reshape(x2.shape[0], -1).T) + b
+
+    return Kernel(fn, "linear", (("bias", b), ("scale", s)))
+
+
+@register("matern52")
+def matern52(length_scale: float = 1.0, variance: float = 1.0) -> Kernel:
+    """The Matern-5/2 kernel, twice differentiable (so input Hessians exist).
+
+        k(r) = variance * (1 + sqrt5 r / l + 5 r^2 / (3 l^2)) exp(-sqrt5 r / l)
+
+    The distance is computed as ``sqrt(d2 + tiny)`` so that autodiff is finite at
+    ``x = x'``; the offset changes k by less than one ulp.
+    """
+    ls = _positive("length_scale", length_scale)
+    var = _positive("variance", variance)
+
+    def fn(x1, x2):
+        d2 = sq_dists(x1, x2)
+        tiny = jnp.finfo(d2.dtype).tiny ** 0.5
+        r = jnp.sqrt(jnp.maximum(d2, 0.0) + tiny) / ls
+        s5 = math.sqrt(5.0)
+        return var * (1.0 + s5 * r + 5.0 / 3.0 * r * r) * jnp.exp(-s5 * r)
+
+    return Kernel(fn, "matern52", (("length_scale", ls), ("variance", var)))
+
+
+def from_stax(kernel_fn: Callable, kind: str = "ntk", *, name: str = "stax",
+              params: Tuple[Tuple[str, Any], ...] = (), input_rank: int = 1) -> Kernel:
+    """Wrap a neural-tangents ``stax`` ``kernel_fn`` as a :class:`Kernel`.
+
+    Args:
+      kernel_fn: the third element of a ``stax.serial(...)`` triple.
+      kind: ``"ntk"`` (the neural tangent kernel: the kernel of gradient-flow training
+        of the infinitely wide network, Jacot et al. 2018) or ``"nngp"`` (the kernel
+        of the network's output at initialisation, i.e. of training the readout only).
+    """
+    if kind not in ("ntk", "nngp"):
+        raise ValueError(f"`kind` must be 'ntk' or 'nngp', got {kind!r}.")
+
+    def fn(x1, x2):
+        return kernel_fn(x1, x2, kind)
+
+    return Kernel(fn, name, tuple(params) + (("kind", kind),), input_rank)
+
+
+@register("nt_fc")
+def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "ntk",
+          parameterization: str = "ntk") -> Kernel:
+    """The infinite-width kernel of a fully connected ReLU network (neural-tangents).
+
+    Architecture: ``depth x (Dense, Relu)`` then ``Dense(1)``, every Dense with
+    weight std ``W_std`` and bias std ``b_std``. In the NTK parameterisation a layer
+    computes ``W_std / sqrt(fan_in) * W x + b_std * b`` with standard-normal W and b.
+    The NNGP is the arc-cosine recursion (Cho & Saul 2009):
+
+        Sigma_0(x, x') = W_std^2 x.x'/d + b_std^2
+        Sigma_{l+1}   = W_std^2 kappa_1(Sigma_l) + b_std^2,   Theta_{l+1} =
+                        Sigma_{l+1} + W_std^2 kappa_0(Sigma_l) Theta_l
+
+    with ``kappa_1 = sqrt(s s') (sin t + (pi - t) cos t) / (2 pi)`` and
+    ``kappa_0 = (pi - t) / (2 pi)`` for angle t; see ``tests/oracles`` for a numpy
+    version. ``kind`` picks ``"ntk"`` (Theta) or ``"nngp"`` (Sigma).
+
+    Note: the ReLU NTK has a cusp at ``x = x'`` (the ``kappa_0`` term is linear in the
+    angle), unlike the RBF kernel; its input gradient at a near clone does not
+    vanish.
+    """
+    from neural_tangents import stax
+
+    if not _validate.is_int_scalar(depth) or depth < 1:
+        raise ValueError(f"`depth` must be an integer >= 1, got {depth!r}.")
+    W_std = _positive("W_std", W_std)
+    b_std = float(_validate.nonneg("b_std", b_std))
+    if parameterization not in ("ntk", "standard"):
+        raise ValueError("`parameterization` must be 'ntk' or 'standard', got "
+                         f"{parameterization!r}.")
+    layers = []
+    for _ in range(depth):
+        layers += [stax.Dense(512, W_std=W_std, b_std=b_std,
+                              parameterization=parameterization), stax.Relu()]
+    layers += [stax.Dense(1, W_std=W_std, b_std=b_std, parameterization=parameterization)]
+    _, _, kernel_fn = stax.serial(*layers)
+    params = (("depth", depth), ("W_std", W_std), ("b_std", b_std),
+              ("parameterization", parameterization))
+    return from_stax(kernel_fn, kind, name="nt_fc", params=params)
+
+
+@register("nt_cnn")
+def nt_cnn(depth: int = 2, channels: int = 64, filter_size: int = 3, W_std: float = 1.0,
+           b_std: float = 0.0, kind: str = "ntk") -> Kernel:
+    """The infinite-width kernel of a small ReLU conv net on images ``(n, H, W, C)``.
+
+    Architecture: ``depth x (Conv(filter_size x filter_size, SAME), Relu)``, then
+    ``Flatten`` and ``Dense(1)``, NTK parameterisation. With a Flatten readout only
+    the spatial diagonal of the covariance is needed (Novak et al. 2019, "Bayesian
+    Deep Convolutional Networks with Many Channels are Gaussian Processes"), so the
+    cost is O(n1 n2 H W filter_size^2 depth). ``channels`` only sets the width of the
+    finite twin; the infinite-width kernel does not depend on it.
+    """
+    from neural_tangents import stax
+
+    for nm, v in (("depth", depth), ("channels", channels), ("filter_size", filter_size)):
+        if not _validate.is_int_scalar(v) or v < 1:
+            raise ValueError(f"`{nm}` must be an integer >= 1, got {v!r}.")
+    W_std = _positive("W_std", W_std)
+    b_std = float(_validate.nonneg("b_std", b_std))
+    layers = []
+    for _ in range(depth):
+        layers += [stax.Conv(channels, (filter_size, filter_size), padding="SAME",
+                             W_std=W_std, b_std=b_std), stax.Relu()]
+    layers += [stax.Flatten(), stax.Dense(1, W_std=W_std, b_std=b_std)]
+    _, _, kernel_fn = stax.serial(*layers)
+    params = (("depth", depth), ("channels", channels), ("filter_size", filter_size),
+              ("W_std", W_std), ("b_std", b_std))
+    return from_stax(kernel_fn, kind, name="nt_cnn", params=params, input_rank=3)

@@ -1,0 +1,345 @@
+"""Closed forms of the clone-poison model (THEORY.md section 2).
+
+Notation: N clean points ``X_c`` with targets ``y_c``; ``m`` clones of ``zeta`` with
+target ``y_t``; ``n = N + m``; relative ridge ``lam`` (absolute ``n*lam``);
+``A = K_c + n*lam*I``; a trigger point ``x0``.
+
+**Exact law** (block elimination of the poisoned KRR system)::
+
+    s2(zeta)   = k(zeta, zeta) - k(zeta, X_c) A^-1 k(X_c, zeta)
+    kt(x0)     = k(x0, zeta)   - k(x0, X_c)  A^-1 k(X_c, zeta)
+    fc(zeta)   = k(zeta, X_c) A^-1 y_c
+    alpha_p    = (y_t - fc(zeta)) / (n*lam + m*s2(zeta))
+    Delta f(x0) = f_poisoned(x0) - f_clean(x0) = m * alpha_p * kt(x0)
+
+with ``f_clean`` fitted at the same absolute ridge ``n*lam``.
+
+**The paper's laws** (tight cluster, negligible clean-poison cross terms)::
+
+    S(m; lam)   = m / (n*lam + m*k_zz)                     poison_gain
+    Delta f(x0) ~ y_t * k0 * S(m; lam)                      efficacy_law
+    Lambda_GN   = R_k * Delta f^2,  R_k = |grad k0|^2/k0^2   spike_factor
+
+**How many m cost little.** The poison enters as a rank-one update, so for every m
+only solves with ``A = K_c + n*lam*I`` are needed. ``A`` itself changes with m
+through the shift ``mu = (N+m)*lam``. :func:`resolvent_solve` solves all the
+shifted systems from one Cholesky factor per group of shifts, by the Neumann series
+``(K + mu I)^-1 = sum_j (mu0 - mu)^j (K + mu0 I)^-(j+1)``, which converges
+geometrically with ratio ``rho = max|mu - mu0| / mu0 <= 1/2``; it is truncated where
+the remainder bound ``rho^(p+1) / (1 - rho)`` is below the dtype's epsilon. So the
+effect of M values of m costs one O(N^3) factorisation plus O(p N^2), not M refits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_poison import _validate
+from ntk_poison.kernels import Kernel
+from ntk_poison.krr import as_inputs, check_kernel
+
+Array = Any
+
+__all__ = [
+    "poison_gain", "efficacy_law", "spike_factor", "spike_law",
+    "visibility_threshold", "clone_law", "clone_effect", "CloneLaw",
+    "resolvent_solve",
+]
+
+
+# --------------------------------------------------------------------------- scalar laws
+
+def poison_gain(m: Any, n: Any, ridge: float, k_zz: Any) -> Any:
+    """The scalar poison gain ``S(m; lam) = m / (n*lam + m*k_zz)`` (THEORY.md section 2).
+
+    Args:
+      m: number of clones (>= 0; scalar or array).
+      n: number of training points the ridge is scaled by (poisons included), > 0.
+      ridge: relative ridge lam >= 0.
+      k_zz: ``k(zeta, zeta)`` > 0.
+
+    Linear in m while ``m*k_zz << n*lam``; saturates at ``1/k_zz``.
+    """
+    _validate.nonneg("m", m)
+    _validate.nonneg("n", n, positive=True)
+    _validate.nonneg("ridge", ridge)
+    _validate.nonneg("k_zz", k_zz, positive=True)
+    m = np.asarray(m, dtype=float) if _validate.is_concrete(m) else m
+    denom = n * ridge + m * k_zz
+    return m / denom
+
+
+def efficacy_law(m: Any, n: Any, ridge: float, k0: Any, k_zz: Any, y_target: float) -> Any:
+    """The paper's approximate efficacy ``Delta f(x0) ~ y_t k0 S(m; lam)``."""
+    return y_target * k0 * poison_gain(m, n, ridge, k_zz)
+
+
+def _grad_first(k: Kernel, x0, zeta):
+    return jax.grad(lambda a: k.pair(a, zeta))(x0)
+
+
+def spike_factor(k: Kernel, x0: Array, zeta: Array) -> jax.Array:
+    """``R_k(x0, zeta) = ||grad_x k(x0, zeta)||^2 / k(x0, zeta)^2``, by autodiff.
+
+    For the RBF kernel this is ``r^2 / l^4`` with ``r = ||x0 - zeta||``.
+    """
+    k = check_kernel(k)
+    x0 = as_inputs(k, "x0", x0, single_ok=True)[0]
+    zeta = as_inputs(k, "zeta", zeta, single_ok=True)[0]
+    _validate.same_trailing("x0", x0[None], "zeta", zeta[None], k.input_rank)
+    return _spike_factor(k, x0, zeta)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _spike_factor(k, x0, zeta):
+    g = _grad_first(k, x0, zeta)
+    return jnp.sum(g * g) / k.pair(x0, zeta) ** 2
+
+
+def spike_law(delta_f: Any, R_k: Any) -> Any:
+    """The Gauss-Newton spike of the poison alone: ``Lambda_GN = R_k * Delta f^2``."""
+    return R_k * np.square(delta_f)
+
+
+def visibility_threshold(lambda_clean: Any, R_k: Any) -> Any:
+    """The efficacy at which the spike reaches the clean curvature.
+
+    A spectral detector sees the poison once ``Delta f^2 >~ Lambda_clean / R_k``;
+    this returns ``sqrt(Lambda_clean / R_k)`` (a threshold on ``|Delta f|``).
+    """
+    _validate.nonneg("lambda_clean", lambda_clean)
+    _validate.nonneg("R_k", R_k, positive=True)
+    return np.sqrt(np.asarray(lambda_clean) / np.asarray(R_k))
+
+
+# --------------------------------------------------------------------------- shifted solves
+
+def _shift_groups(shifts: np.ndarray, rho_max: float = 0.5) -> List[Tuple[float, np.ndarray]]:
+    """Group sorted shifts so that each group has a centre mu0 with rho <= rho_max."""
+    order = np.argsort(shifts)
+    groups = []
+    i = 0
+    ratio = (1 + rho_max) / (1 - rho_max)   # hi / lo allowed in one group
+    while i < len(order):
+        lo = shifts[order[i]]
+        j = i
+        while j + 1 < len(order) and (lo == 0 and shifts[order[j + 1]] == 0
+                                      or lo > 0 and shifts[order[j + 1]] <= ratio * lo):
+            j += 1
+        hi = shifts[order[j]]
+        groups.append((0.5 * (lo + hi), order[i:j + 1]))
+        i = j + 1
+    return groups
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _neumann_terms(K, rhs, mu0, p):
+    """V_j = (K + mu0 I)^-(j+1) rhs for j < p, shape (p, N, r); NaN if not PD."""
+    L = jnp.linalg.cholesky(K + mu0 * jnp.eye(K.shape[0], dtype=K.dtype))
+
+    def step(v, _):
+        v = jax.scipy.linalg.cho_solve((L, True), v)
+        return v, v
+
+    _, V = jax.lax.scan(step, rhs, None, length=p)
+    return V
+
+
+def resolvent_solve(K: Array, rhs: Array, shifts: Sequence[float]) -> jax.Array:
+    """``(K + mu I)^-1 rhs`` for every shift mu, from one Cholesky per group of shifts.
+
+    Args:
+      K: a symmetric positive semi-definite ``(N, N)`` matrix.
+      rhs: ``(N, r)`` right-hand sides.
+      shifts: the shifts mu >= 0 (``K + mu I`` must be positive definite).
+
+    Returns:
+      ``(len(shifts), N, r)``. Exact to the dtype's precision: the Neumann series
+      about each group's centre mu0 is truncated where its remainder bound is below
+      epsilon (see the module docstring).
+    """
+    shifts = np.asarray(shifts, dtype=float)
+    _validate.nonneg("shifts", shifts)
+    K = jnp.asarray(K)
+    rhs = jnp.asarray(rhs, K.dtype)
+    eps = float(jnp.finfo(K.dtype).eps)
+    out = [None] * len(shifts)
+    for mu0, idx in _shift_groups(shifts):
+        rho = float(np.max(np.abs(shifts[idx] - mu0)) / mu0) if mu0 > 0 else 0.0
+        if rho == 0.0:
+            p = 1
+        else:
+            p = int(math.ceil(math.log(eps * (1 - rho) / 4) / math.log(rho)))
+            p = 8 * int(math.ceil(p / 8))          # few distinct shapes -> few compiles
+        V = _neumann_terms(K, rhs, jnp.asarray(mu0, K.dtype), p)
+        if not bool(jnp.all(jnp.isfinite(V[0]))):
+            raise ValueError(
+                f"K + {mu0:g} I is not positive definite in {K.dtype}: increase `ridge` "
+                "or enable float64 (ntk_poison.enable_x64()).")
+        delta = jnp.asarray(mu0 - shifts[idx], K.dtype)                  # (g,)
+        powers = delta[:, None] ** jnp.arange(p, dtype=K.dtype)[None, :]  # (g, p)
+        sol = jnp.einsum("gp,pnr->gnr", powers, V)
+        for a, i in enumerate(idx):
+            out[i] = sol[a]
+    return jnp.stack(out)
+
+
+# --------------------------------------------------------------------------- exact clone law
+
+@dataclasses.dataclass(frozen=True)
+class CloneLaw:
+    """The exact clone-poison law for every m (THEORY.md section 2).
+
+    Shapes: M = len(ms); P = number of trigger points (the trailing axis is dropped
+    when ``x0`` was a single point).
+
+    Attributes:
+      ms: the clone counts (M,).
+      n: N + m for each m (M,).
+      delta_f: ``f_poisoned(x0) - f_clean(x0)`` (M, P).
+      f_clean: the clean prediction at x0, at the ridge ``n*lam`` (M, P).
+      alpha_p: the dual weight of each clone (M,).
+      s2: posterior variance at zeta (M,).
+      kt: posterior covariance of x0 and zeta (M, P).
+      fc_zeta: the clean prediction at zeta (M,).
+      k0: ``k(x0, zeta)`` (P,); k_zz: ``k(zeta, zeta)``.
+      grad_clean, grad_delta: ``grad_x f_clean(x0)`` and the poison's contribution
+        ``m alpha_p grad_x kt(x0)`` (M, P, *input_shape), when asked for.
+    """
+
+    ms: np.ndarray
+    n: np.ndarray
+    delta_f: jax.Array
+    f_clean: jax.Array
+    alpha_p: jax.Array
+    s2: jax.Array
+    kt: jax.Array
+    fc_zeta: jax.Array
+    k0: jax.Array
+    k_zz: jax.Array
+    grad_clean: Optional[jax.Array] = None
+    grad_delta: Optional[jax.Array] = None
+
+    @property
+    def f_poisoned(self) -> jax.Array:
+        return self.f_clean + self.delta_f
+
+    @property
+    def grad_poisoned(self) -> Optional[jax.Array]:
+        if self.grad_clean is None:
+            return None
+        return self.grad_clean + self.grad_delta
+
+    def squeeze(self) -> "CloneLaw":
+        """Drop the trigger-point axis (for a single x0)."""
+        sq = lambda a: None if a is None else a[:, 0] if a.ndim >= 2 else a[0]
+        return dataclasses.replace(
+            self, delta_f=sq(self.delta_f), f_clean=sq(self.f_clean), kt=sq(self.kt),
+            k0=self.k0[0], grad_clean=sq(self.grad_clean), grad_delta=sq(self.grad_delta))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cross_terms(k: Kernel, Xc, zeta, x0):
+    Kc = k.fn(Xc, Xc)
+    kz = k.fn(Xc, zeta[None])[:, 0]           # (N,)
+    kx = k.fn(x0, Xc)                         # (P, N)
+    k0 = k.fn(x0, zeta[None])[:, 0]           # (P,)
+    kzz = k.pair(zeta, zeta)
+    return Kc, kz, kx, k0, kzz
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cross_grads(k: Kernel, Xc, zeta, x0):
+    """grad_x k(x0_p, X_c) as (P, N, *s) and grad_x k(x0_p, zeta) as (P, *s)."""
+    row = lambda a: k.fn(a[None], Xc)[0]
+    J = jax.vmap(jax.jacrev(row))(x0)
+    gz = jax.vmap(lambda a: _grad_first(k, a, zeta))(x0)
+    return J, gz
+
+
+def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target: float,
+              ms: Sequence[int], x0: Array, *, with_grad: bool = False) -> CloneLaw:
+    """The exact effect of ``m`` clones of ``(zeta, y_target)`` for every m in ``ms``.
+
+    No refit: the poison block is eliminated in closed form (a rank-one update), and
+    the clean solves at each ridge ``(N+m)*lam`` come from :func:`resolvent_solve`.
+
+    Args:
+      k: the kernel.
+      X, y: the clean training set, ``(N, *s)`` and float ``(N,)``.
+      ridge: relative ridge lam >= 0; each m is fitted with absolute ridge
+        ``(N + m) * lam``, the clean comparison too.
+      zeta: the poison input ``s``.
+      y_target: the poison label (a float).
+      ms: clone counts, integers >= 0.
+      x0: one trigger point ``s`` or a batch ``(P, *s)``.
+      with_grad: also return the input gradients at x0 (the spike).
+    """
+    k = check_kernel(k)
+    Xc = as_inputs(k, "X", X)
+    _validate.array("y", y, ndim=1, floating=True)
+    _validate.same_rows("X", Xc, "y", y)
+    _validate.nonneg("ridge", ridge)
+    zeta = as_inputs(k, "zeta", zeta, single_ok=True)
+    if zeta.shape[0] != 1:
+        raise ValueError("`zeta` must be one poison input, not a batch.")
+    _validate.same_trailing("zeta", zeta, "X", Xc, k.input_rank)
+    single = np.ndim(x0) == k.input_rank
+    x0 = as_inputs(k, "x0", x0, single_ok=True)
+    _validate.same_trailing("x0", x0, "X", Xc, k.input_rank)
+    _validate.array("y_target", y_target)
+    if np.ndim(y_target) != 0:
+        raise ValueError("`y_target` must be a scalar for scalar targets y of shape (N,).")
+    ms = np.atleast_1d(np.asarray(ms))
+    if ms.ndim != 1 or ms.size == 0:
+        raise ValueError("`ms` must be a non-empty 1-D sequence of clone counts.")
+    _validate.nonneg("ms", ms, integer=True)
+    ms = ms.astype(np.int64)
+    N = Xc.shape[0]
+    _validate.fits_in_memory(f"The clean Gram matrix for N={N}", 3 * N * N,
+                             Xc.dtype.itemsize, "Subsample the clean training set.")
+
+    dtype = jnp.result_type(Xc.dtype, jnp.asarray(y).dtype)
+    Xc, zeta, x0 = Xc.astype(dtype), zeta[0].astype(dtype), x0.astype(dtype)
+    yc = jnp.asarray(y, dtype)
+    Kc, kz, kx, k0, kzz = _cross_terms(k, Xc, zeta, x0)
+    n = N + ms
+    shifts = n * float(ridge)
+    sol = resolvent_solve(Kc, jnp.stack([kz, yc], axis=1), shifts)   # (M, N, 2)
+    vz, vy = sol[..., 0], sol[..., 1]
+    s2 = kzz - vz @ kz                              # (M,)
+    fcz = vz @ yc                                   # (M,)  = k(zeta,X) A^-1 y
+    kt = k0[None, :] - vz @ kx.T                    # (M, P)
+    f_clean = vy @ kx.T                             # (M, P)
+    m_arr = jnp.asarray(ms, dtype)
+    alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (jnp.asarray(shifts, dtype) + m_arr * s2)
+    delta = (m_arr * alpha_p)[:, None] * kt
+    grad_clean = grad_delta = None
+    if with_grad:
+        J, gz = _cross_grads(k, Xc, zeta, x0)        # (P, N, *s), (P, *s)
+        grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
+        grad_kt = gz[None] - jnp.einsum("mn,pn...->mp...", vz, J)
+        scale = (m_arr * alpha_p).reshape((-1,) + (1,) * (grad_kt.ndim - 1))
+        grad_delta = scale * grad_kt
+    law = CloneLaw(ms=ms, n=np.asarray(n), delta_f=delta, f_clean=f_clean, alpha_p=alpha_p,
+                   s2=s2, kt=kt, fc_zeta=fcz, k0=k0, k_zz=kzz, grad_clean=grad_clean,
+                   grad_delta=grad_delta)
+    return law.squeeze() if single else law
+
+
+def clone_effect(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array,
+                 y_target: float, ms: Sequence[int], x0: Array) -> jax.Array:
+    """Exact ``Delta f(x0) = f_poisoned(x0) - f_clean(x0)`` for every m in ``ms``.
+
+    Both fits use the same absolute ridge ``n*ridge``, ``n = len(X) + m``. Computed
+    by the rank-one update of :func:`clone_law`, not by refitting. Returns an array of
+    ``len(ms)`` (``(len(ms), P)`` for a batch of P trigger points).
+    """
+    return clone_law(k, X, y, ridge, zeta, y_target, ms, x0).delta_f
