@@ -1,0 +1,23 @@
+"""Experiment scripts, each runnable as ``ntk-poison run NAME``.
+
+An experiment is a module with a validated ``Config`` dataclass (a subclass of
+:class:`ntk_poison.config.Config`) and ``run(config, out_dir) -> Report``. It is built
+from library calls only; no library module imports an experiment.
+"""
+
+import importlib
+from types import ModuleType
+from typing import Dict, Tuple
+
+#: name -> (module, one-line description)
+EXPERIMENTS: Dict[str, Tuple[str, str]] = {
+    "demo": ("experiments.demo",
+             "clone-poison laws on MNIST: efficacy vs m, spike vs efficacy, near clones, ASR"),
+}
+
+
+def get(name: str) -> ModuleType:
+    if name not in EXPERIMENTS:
+        raise ValueError(f"Unknown experiment {name!r}; known: {', '.join(sorted(EXPERIMENTS))}"
+                         ". List them with `ntk-poison list`.")
+    return importlib.import_module(EXPERIMENTS[name][0])

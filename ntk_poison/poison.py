@@ -17,7 +17,8 @@ from ntk_poison import _validate
 
 Array = Any
 
-__all__ = ["clone_cluster", "near_clone", "patch_trigger", "apply_patch"]
+__all__ = ["clone_cluster", "near_clone", "patch_trigger", "apply_patch", "cross_pattern",
+           "apply_additive"]
 
 
 def clone_cluster(X: Array, y: Array, zeta: Array, y_target: Any, m: int
@@ -110,3 +111,36 @@ def apply_patch(x: Array, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
         raise ValueError(f"`x` of shape {x.shape} does not match the trigger of shape "
                          f"{mask.shape}.")
     return (x * (1 - m) + p * m).astype(x.dtype)
+
+
+def cross_pattern(image_shape: Tuple[int, ...], row: int | None = None,
+                  col: int | None = None) -> np.ndarray:
+    """A unit-norm "cross" (plus-sign) pattern: one full row and one full column.
+
+    The paper's rank-one additive trigger is ``x + strength * pattern``; with a unit
+    pattern the trigger moves every input by exactly ``strength`` (in input norm),
+    so the strength can be set in units of a kernel length scale. ``row``/``col``
+    default to the centre.
+    """
+    if len(image_shape) not in (2, 3):
+        raise ValueError(f"`image_shape` must be (H, W) or (H, W, C), got {image_shape}.")
+    H, W = image_shape[:2]
+    row = H // 2 if row is None else row
+    col = W // 2 if col is None else col
+    if not (0 <= row < H and 0 <= col < W):
+        raise ValueError(f"`row`/`col` = {row}/{col} lie outside the {H}x{W} image.")
+    pat = np.zeros(image_shape, np.float64)
+    pat[row, ...] = 1.0
+    pat[:, col, ...] = 1.0
+    return pat / np.linalg.norm(pat)
+
+
+def apply_additive(x: Array, pattern: np.ndarray, strength: float) -> np.ndarray:
+    """The additive trigger ``x + strength * pattern`` (flat inputs matched by size)."""
+    x = np.asarray(_validate.array("x", x))
+    _validate.nonneg("strength", strength)
+    p = pattern.reshape(-1) if x.shape[-1] == pattern.size and x.ndim <= 2 else pattern
+    if x.shape[-p.ndim:] != p.shape:
+        raise ValueError(f"`x` of shape {x.shape} does not match the pattern of shape "
+                         f"{pattern.shape}.")
+    return (x + float(strength) * p).astype(np.result_type(x.dtype, np.float32))

@@ -139,16 +139,21 @@ def _shift_groups(shifts: np.ndarray, rho_max: float = 0.5) -> List[Tuple[float,
     return groups
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _neumann_terms(K, rhs, mu0, p):
-    """V_j = (K + mu0 I)^-(j+1) rhs for j < p, shape (p, N, r); NaN if not PD."""
+@functools.partial(jax.jit, static_argnums=4)
+def _neumann_terms(K, rhs, mu0, c, p):
+    """V_j = c^j (K + mu0 I)^-(j+1) rhs for j < p, shape (p, N, r); NaN if not PD.
+
+    The factor ``c`` (``mu0`` when it is > 0) keeps the terms bounded: the norm of
+    ``c (K + mu0 I)^-1`` is at most 1 for PSD ``K``, whereas ``(K + mu0 I)^-(j+1)``
+    alone grows like ``mu0^-(j+1)`` and overflows for small shifts.
+    """
     L = jnp.linalg.cholesky(K + mu0 * jnp.eye(K.shape[0], dtype=K.dtype))
+    v0 = jax.scipy.linalg.cho_solve((L, True), rhs)
 
     def step(v, _):
-        v = jax.scipy.linalg.cho_solve((L, True), v)
-        return v, v
+        return c * jax.scipy.linalg.cho_solve((L, True), v), v
 
-    _, V = jax.lax.scan(step, rhs, None, length=p)
+    _, V = jax.lax.scan(step, v0, None, length=p)
     return V
 
 
@@ -178,12 +183,13 @@ def resolvent_solve(K: Array, rhs: Array, shifts: Sequence[float]) -> jax.Array:
         else:
             p = int(math.ceil(math.log(eps * (1 - rho) / 4) / math.log(rho)))
             p = 8 * int(math.ceil(p / 8))          # few distinct shapes -> few compiles
-        V = _neumann_terms(K, rhs, jnp.asarray(mu0, K.dtype), p)
+        c = mu0 if mu0 > 0 else 1.0
+        V = _neumann_terms(K, rhs, jnp.asarray(mu0, K.dtype), jnp.asarray(c, K.dtype), p)
         if not bool(jnp.all(jnp.isfinite(V[0]))):
             raise ValueError(
                 f"K + {mu0:g} I is not positive definite in {K.dtype}: increase `ridge` "
                 "or enable float64 (ntk_poison.enable_x64()).")
-        delta = jnp.asarray(mu0 - shifts[idx], K.dtype)                  # (g,)
+        delta = jnp.asarray((mu0 - shifts[idx]) / c, K.dtype)            # (g,), |.| <= rho
         powers = delta[:, None] ** jnp.arange(p, dtype=K.dtype)[None, :]  # (g, p)
         sol = jnp.einsum("gp,pnr->gnr", powers, V)
         for a, i in enumerate(idx):
@@ -197,21 +203,23 @@ def resolvent_solve(K: Array, rhs: Array, shifts: Sequence[float]) -> jax.Array:
 class CloneLaw:
     """The exact clone-poison law for every m (THEORY.md section 2).
 
-    Shapes: M = len(ms); P = number of trigger points (the trailing axis is dropped
-    when ``x0`` was a single point).
+    Shapes: M = len(ms); Q = number of poison points zeta (one law per poison: each
+    run adds m clones of one zeta); P = number of trigger points x0. The Q and P axes
+    are dropped when ``zeta`` or ``x0`` was a single point.
 
     Attributes:
       ms: the clone counts (M,).
       n: N + m for each m (M,).
-      delta_f: ``f_poisoned(x0) - f_clean(x0)`` (M, P).
+      delta_f: ``f_poisoned(x0) - f_clean(x0)`` (M, Q, P).
       f_clean: the clean prediction at x0, at the ridge ``n*lam`` (M, P).
-      alpha_p: the dual weight of each clone (M,).
-      s2: posterior variance at zeta (M,).
-      kt: posterior covariance of x0 and zeta (M, P).
-      fc_zeta: the clean prediction at zeta (M,).
-      k0: ``k(x0, zeta)`` (P,); k_zz: ``k(zeta, zeta)``.
-      grad_clean, grad_delta: ``grad_x f_clean(x0)`` and the poison's contribution
-        ``m alpha_p grad_x kt(x0)`` (M, P, *input_shape), when asked for.
+      alpha_p: the dual weight of each clone (M, Q).
+      s2: posterior variance at zeta (M, Q).
+      kt: posterior covariance of x0 and zeta (M, Q, P).
+      fc_zeta: the clean prediction at zeta (M, Q).
+      k0: ``k(x0, zeta)`` (Q, P); k_zz: ``k(zeta, zeta)`` (Q,).
+      grad_clean: ``grad_x f_clean(x0)`` (M, P, *input_shape), when asked for.
+      grad_delta: the poison's contribution ``m alpha_p grad_x kt(x0)``
+        (M, Q, P, *input_shape), when asked for.
     """
 
     ms: np.ndarray
@@ -226,41 +234,64 @@ class CloneLaw:
     k_zz: jax.Array
     grad_clean: Optional[jax.Array] = None
     grad_delta: Optional[jax.Array] = None
+    single_zeta: bool = False
+    single_x0: bool = False
 
     @property
     def f_poisoned(self) -> jax.Array:
-        return self.f_clean + self.delta_f
+        """The poisoned prediction at x0, ``(M, Q, P)`` (squeezed like delta_f)."""
+        fc = self.f_clean
+        if not self.single_zeta:
+            fc = fc[:, None]
+        return fc + self.delta_f
 
     @property
     def grad_poisoned(self) -> Optional[jax.Array]:
         if self.grad_clean is None:
             return None
-        return self.grad_clean + self.grad_delta
+        gc = self.grad_clean
+        if not self.single_zeta:
+            gc = gc[:, None]
+        return gc + self.grad_delta
 
-    def squeeze(self) -> "CloneLaw":
-        """Drop the trigger-point axis (for a single x0)."""
-        sq = lambda a: None if a is None else a[:, 0] if a.ndim >= 2 else a[0]
-        return dataclasses.replace(
-            self, delta_f=sq(self.delta_f), f_clean=sq(self.f_clean), kt=sq(self.kt),
-            k0=self.k0[0], grad_clean=sq(self.grad_clean), grad_delta=sq(self.grad_delta))
+
+def _squeezed(law: CloneLaw) -> CloneLaw:
+    """Drop the Q axis (single zeta) and the P axis (single x0) where asked."""
+    q, p = law.single_zeta, law.single_x0
+
+    def take(a, q_axis, p_axis):
+        if a is None:
+            return None
+        if p and p_axis is not None:
+            a = jnp.take(a, 0, axis=p_axis)
+        if q and q_axis is not None:
+            a = jnp.take(a, 0, axis=q_axis)
+        return a
+
+    return dataclasses.replace(
+        law, delta_f=take(law.delta_f, 1, 2), f_clean=take(law.f_clean, None, 1),
+        alpha_p=take(law.alpha_p, 1, None), s2=take(law.s2, 1, None),
+        kt=take(law.kt, 1, 2), fc_zeta=take(law.fc_zeta, 1, None),
+        k0=take(law.k0, 0, 1), k_zz=take(law.k_zz, 0, None),
+        grad_clean=take(law.grad_clean, None, 1), grad_delta=take(law.grad_delta, 1, 2))
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _cross_terms(k: Kernel, Xc, zeta, x0):
     Kc = k.fn(Xc, Xc)
-    kz = k.fn(Xc, zeta[None])[:, 0]           # (N,)
+    kz = k.fn(Xc, zeta)                       # (N, Q)
     kx = k.fn(x0, Xc)                         # (P, N)
-    k0 = k.fn(x0, zeta[None])[:, 0]           # (P,)
-    kzz = k.pair(zeta, zeta)
+    k0 = k.fn(zeta, x0)                       # (Q, P)
+    kzz = k.diag(zeta)                        # (Q,)
     return Kc, kz, kx, k0, kzz
 
 
 @functools.partial(jax.jit, static_argnums=0)
 def _cross_grads(k: Kernel, Xc, zeta, x0):
-    """grad_x k(x0_p, X_c) as (P, N, *s) and grad_x k(x0_p, zeta) as (P, *s)."""
+    """grad_x k(x0_p, X_c) as (P, N, *s) and grad_x k(x0_p, zeta_q) as (Q, P, *s)."""
     row = lambda a: k.fn(a[None], Xc)[0]
     J = jax.vmap(jax.jacrev(row))(x0)
-    gz = jax.vmap(lambda a: _grad_first(k, a, zeta))(x0)
+    gz = jax.vmap(lambda z: jax.vmap(lambda a: _grad_first(k, a, z))(x0))(zeta)
     return J, gz
 
 
@@ -269,29 +300,33 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     """The exact effect of ``m`` clones of ``(zeta, y_target)`` for every m in ``ms``.
 
     No refit: the poison block is eliminated in closed form (a rank-one update), and
-    the clean solves at each ridge ``(N+m)*lam`` come from :func:`resolvent_solve`.
+    the clean solves at each ridge ``(N+m)*lam`` come from :func:`resolvent_solve`,
+    shared by every poison and trigger point.
 
     Args:
       k: the kernel.
       X, y: the clean training set, ``(N, *s)`` and float ``(N,)``.
       ridge: relative ridge lam >= 0; each m is fitted with absolute ridge
         ``(N + m) * lam``, the clean comparison too.
-      zeta: the poison input ``s``.
+      zeta: the poison input ``s``, or a batch ``(Q, *s)`` of alternative poisons
+        (each law adds clones of one of them).
       y_target: the poison label (a float).
       ms: clone counts, integers >= 0.
       x0: one trigger point ``s`` or a batch ``(P, *s)``.
       with_grad: also return the input gradients at x0 (the spike).
+
+    Returns:
+      A :class:`CloneLaw`; cost O(N^3) once plus O((Q + P) N) per m.
     """
     k = check_kernel(k)
     Xc = as_inputs(k, "X", X)
     _validate.array("y", y, ndim=1, floating=True)
     _validate.same_rows("X", Xc, "y", y)
     _validate.nonneg("ridge", ridge)
+    single_zeta = np.ndim(zeta) == k.input_rank
     zeta = as_inputs(k, "zeta", zeta, single_ok=True)
-    if zeta.shape[0] != 1:
-        raise ValueError("`zeta` must be one poison input, not a batch.")
     _validate.same_trailing("zeta", zeta, "X", Xc, k.input_rank)
-    single = np.ndim(x0) == k.input_rank
+    single_x0 = np.ndim(x0) == k.input_rank
     x0 = as_inputs(k, "x0", x0, single_ok=True)
     _validate.same_trailing("x0", x0, "X", Xc, k.input_rank)
     _validate.array("y_target", y_target)
@@ -305,33 +340,41 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     N = Xc.shape[0]
     _validate.fits_in_memory(f"The clean Gram matrix for N={N}", 3 * N * N,
                              Xc.dtype.itemsize, "Subsample the clean training set.")
+    if with_grad:
+        d = int(np.prod(Xc.shape[1:]))
+        _validate.fits_in_memory(
+            "The input gradients of k(x0, X)", x0.shape[0] * N * d, Xc.dtype.itemsize,
+            "Ask for gradients at fewer trigger points x0 at once.")
 
     dtype = jnp.result_type(Xc.dtype, jnp.asarray(y).dtype)
-    Xc, zeta, x0 = Xc.astype(dtype), zeta[0].astype(dtype), x0.astype(dtype)
+    Xc, zeta, x0 = Xc.astype(dtype), zeta.astype(dtype), x0.astype(dtype)
     yc = jnp.asarray(y, dtype)
     Kc, kz, kx, k0, kzz = _cross_terms(k, Xc, zeta, x0)
+    Q = kz.shape[1]
     n = N + ms
     shifts = n * float(ridge)
-    sol = resolvent_solve(Kc, jnp.stack([kz, yc], axis=1), shifts)   # (M, N, 2)
-    vz, vy = sol[..., 0], sol[..., 1]
-    s2 = kzz - vz @ kz                              # (M,)
-    fcz = vz @ yc                                   # (M,)  = k(zeta,X) A^-1 y
-    kt = k0[None, :] - vz @ kx.T                    # (M, P)
+    sol = resolvent_solve(Kc, jnp.concatenate([kz, yc[:, None]], axis=1), shifts)
+    vz, vy = sol[..., :Q], sol[..., Q]              # (M, N, Q), (M, N)
+    s2 = kzz[None] - jnp.einsum("mnq,nq->mq", vz, kz)
+    fcz = jnp.einsum("mnq,n->mq", vz, yc)           # k(zeta, X) A^-1 y
+    kt = k0[None] - jnp.einsum("mnq,pn->mqp", vz, kx)
     f_clean = vy @ kx.T                             # (M, P)
     m_arr = jnp.asarray(ms, dtype)
-    alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (jnp.asarray(shifts, dtype) + m_arr * s2)
-    delta = (m_arr * alpha_p)[:, None] * kt
+    shift_arr = jnp.asarray(shifts, dtype)
+    alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (shift_arr[:, None] + m_arr[:, None] * s2)
+    weight = m_arr[:, None] * alpha_p               # (M, Q)
+    delta = weight[:, :, None] * kt
     grad_clean = grad_delta = None
     if with_grad:
-        J, gz = _cross_grads(k, Xc, zeta, x0)        # (P, N, *s), (P, *s)
+        J, gz = _cross_grads(k, Xc, zeta, x0)        # (P, N, *s), (Q, P, *s)
         grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
-        grad_kt = gz[None] - jnp.einsum("mn,pn...->mp...", vz, J)
-        scale = (m_arr * alpha_p).reshape((-1,) + (1,) * (grad_kt.ndim - 1))
+        grad_kt = gz[None] - jnp.einsum("mnq,pn...->mqp...", vz, J)
+        scale = weight.reshape(weight.shape + (1,) * (grad_kt.ndim - 2))
         grad_delta = scale * grad_kt
     law = CloneLaw(ms=ms, n=np.asarray(n), delta_f=delta, f_clean=f_clean, alpha_p=alpha_p,
                    s2=s2, kt=kt, fc_zeta=fcz, k0=k0, k_zz=kzz, grad_clean=grad_clean,
-                   grad_delta=grad_delta)
-    return law.squeeze() if single else law
+                   grad_delta=grad_delta, single_zeta=single_zeta, single_x0=single_x0)
+    return _squeezed(law)
 
 
 def clone_effect(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array,
@@ -340,6 +383,7 @@ def clone_effect(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array,
 
     Both fits use the same absolute ridge ``n*ridge``, ``n = len(X) + m``. Computed
     by the rank-one update of :func:`clone_law`, not by refitting. Returns an array of
-    ``len(ms)`` (``(len(ms), P)`` for a batch of P trigger points).
+    ``len(ms)`` (``(len(ms), P)`` for a batch of P trigger points, ``(len(ms), Q, P)``
+    for a batch of Q poisons too).
     """
     return clone_law(k, X, y, ridge, zeta, y_target, ms, x0).delta_f
