@@ -148,6 +148,15 @@ class KRRModel:
     def scalar_output(self) -> bool:
         return self.alpha.ndim == 1
 
+    def as_function(self):
+        """The prediction as a pure function of ONE input (no batch axis).
+
+        Returns ``f(x) -> scalar`` (or ``(c,)``), built from jax ops only, so
+        ``jax.grad``, ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply to it. This is
+        the interface :mod:`ntk_poison.spectra` consumes (a Flax model offers the same).
+        """
+        return _scalar_fn(self.kernel, self.X, self.alpha)
+
     def _inputs(self, x, batch_size: Optional[int]) -> jax.Array:
         x = as_inputs(self.kernel, "x", x, single_ok=False)
         _validate.same_trailing("x", x, "X (training inputs)", self.X, self.kernel.input_rank)
