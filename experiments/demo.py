@@ -180,9 +180,15 @@ def _near_clone(k, X, y, lam, x0, ell, cfg):
     law = theory.clone_law(k, X, y, lam, Z, cfg.y_target, [cfg.near_clone_m], x0,
                            with_grad=True)
     eff = np.asarray(law.delta_f[0])
-    spike = (np.asarray(law.grad_delta[0]).reshape(len(rs), -1) ** 2).sum(1)
+    gd = np.asarray(law.grad_delta[0]).reshape(len(rs), -1)
+    spike = (gd ** 2).sum(1)
+    w = np.asarray(law.delta_f[0] / law.kt[0])           # m alpha_p for each zeta
+    g0 = np.asarray(law.grad_k0).reshape(len(rs), -1)
+    spike_paper = (w ** 2) * (g0 ** 2).sum(1)            # (m alpha_p)^2 ||grad k0||^2
+    floor = ((gd - w[:, None] * g0) ** 2).sum(1)         # the clean smoother's part
     Rk = np.asarray([float(theory.spike_factor(k, x0, z)) for z in Z])
-    return dict(r_over_l=rs, delta_f=eff, spike_poison=spike, R_k=Rk,
+    return dict(r_over_l=rs, delta_f=eff, spike_poison=spike, spike_paper=spike_paper,
+                spike_floor=floor, R_k=Rk,
                 s2=np.asarray(law.s2[0]), k_zz=np.asarray(law.k_zz))
 
 
@@ -255,11 +261,20 @@ def _claims(rep: Report, name: str, e, nc, a, cfg):
     sl_r = _loglog_slope(r[near], sp[near])
     eff_keep = float(eff[0] / np.max(np.abs(eff)))
     if name in ("rbf", "matern52"):
+        # The exact spike is the paper's r^2 term plus a floor from the clean smoother
+        # of k(., zeta); fit the slope where the r^2 term dominates the floor 10:1.
+        dom = near & (nc["spike_paper"] >= 10 * nc["spike_floor"])
+        sl_dom = _loglog_slope(r[dom], sp[dom]) if dom.sum() >= 3 else float("nan")
+        floor_ratio = float(nc["spike_floor"][0] / sp[np.argmin(np.abs(r - 1))])
         rep.claim(f"{name}: near clones are invisible",
                   "For r << l efficacy stays O(1) while the spike falls like r^2.",
-                  (eff_keep >= 0.5) and abs(sl_r - 2) <= 0.2,
-                  f"Delta f at r/l={r[0]:.0e} is {eff_keep:.0%} of its maximum; spike log-log "
-                  f"slope in r over r/l <= 0.1 is {sl_r:.3f} (theory 2).", ["near_clone.png"])
+                  None if dom.sum() < 3 else (eff_keep >= 0.5) and abs(sl_dom - 2) <= 0.2,
+                  f"Delta f at r/l={r[0]:.0e} is {eff_keep:.0%} of its maximum. Spike log-log "
+                  f"slope in r: {sl_dom:.3f} over the {int(dom.sum())} radii r/l <= 0.1 where "
+                  f"the r^2 term is >= 10x the clean-data floor (theory 2); {sl_r:.3f} over "
+                  f"all r/l <= 0.1. The floor is {floor_ratio:.1e} of the spike at r = l: the "
+                  "gradient of the clean smoother of k(., zeta), absent from the tight-cluster "
+                  "law.", ["near_clone.png"])
     else:
         rep.claim(f"{name}: near clones stay visible (cusp)",
                   "The ReLU NTK is not smooth at x = x' (its arc-cosine kappa_0 term is "
@@ -321,9 +336,11 @@ def _figures(rep: Report, res):
         nc = res[name]["near_clone"]
         axes[0, 0].semilogx(nc["r_over_l"], nc["delta_f"], "o-", ms=3, label=name)
         axes[0, 1].loglog(nc["r_over_l"], nc["spike_poison"], "o-", ms=3, label=name)
+        axes[0, 1].loglog(nc["r_over_l"], nc["spike_paper"], ":", lw=1,
+                          label=f"{name}: paper's term (m a)^2 |grad k0|^2")
     r = res[names[0]]["near_clone"]["r_over_l"]
-    sp0 = res[names[0]]["near_clone"]["spike_poison"]
-    axes[0, 1].loglog(r, sp0[0] * (r / r[0]) ** 2, "k--", label="r^2")
+    sp0 = res[names[0]]["near_clone"]["spike_paper"]
+    axes[0, 1].loglog(r, sp0[-1] * (r / r[-1]) ** 2, "k--", lw=0.8, label="r^2")
     axes[0, 0].set_xlabel("r / l")
     axes[0, 0].set_ylabel("Delta f(x0)")
     axes[0, 0].set_title("near clones: efficacy")

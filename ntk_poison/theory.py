@@ -220,6 +220,11 @@ class CloneLaw:
       grad_clean: ``grad_x f_clean(x0)`` (M, P, *input_shape), when asked for.
       grad_delta: the poison's contribution ``m alpha_p grad_x kt(x0)``
         (M, Q, P, *input_shape), when asked for.
+      grad_k0: ``grad_x k(x0, zeta)`` (Q, P, *input_shape), when asked for. The
+        paper's spike is ``(m alpha_p)^2 ||grad_k0||^2``; the exact one replaces k0 by
+        the posterior covariance kt, whose gradient also carries the clean smoother of
+        ``k(., zeta)``: a floor that does not vanish at near clones when clean data
+        lie near zeta.
     """
 
     ms: np.ndarray
@@ -234,6 +239,7 @@ class CloneLaw:
     k_zz: jax.Array
     grad_clean: Optional[jax.Array] = None
     grad_delta: Optional[jax.Array] = None
+    grad_k0: Optional[jax.Array] = None
     single_zeta: bool = False
     single_x0: bool = False
 
@@ -273,7 +279,8 @@ def _squeezed(law: CloneLaw) -> CloneLaw:
         alpha_p=take(law.alpha_p, 1, None), s2=take(law.s2, 1, None),
         kt=take(law.kt, 1, 2), fc_zeta=take(law.fc_zeta, 1, None),
         k0=take(law.k0, 0, 1), k_zz=take(law.k_zz, 0, None),
-        grad_clean=take(law.grad_clean, None, 1), grad_delta=take(law.grad_delta, 1, 2))
+        grad_clean=take(law.grad_clean, None, 1), grad_delta=take(law.grad_delta, 1, 2),
+        grad_k0=take(law.grad_k0, 0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -362,9 +369,10 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     m_arr = jnp.asarray(ms, dtype)
     shift_arr = jnp.asarray(shifts, dtype)
     alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (shift_arr[:, None] + m_arr[:, None] * s2)
-    weight = m_arr[:, None] * alpha_p               # (M, Q)
+    # m = 0 adds nothing; at ridge 0 alpha_p is then 0/0, so set the weight explicitly.
+    weight = jnp.where(m_arr[:, None] == 0, 0.0, m_arr[:, None] * alpha_p)   # (M, Q)
     delta = weight[:, :, None] * kt
-    grad_clean = grad_delta = None
+    grad_clean = grad_delta = gz = None
     if with_grad:
         J, gz = _cross_grads(k, Xc, zeta, x0)        # (P, N, *s), (Q, P, *s)
         grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
@@ -373,7 +381,8 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
         grad_delta = scale * grad_kt
     law = CloneLaw(ms=ms, n=np.asarray(n), delta_f=delta, f_clean=f_clean, alpha_p=alpha_p,
                    s2=s2, kt=kt, fc_zeta=fcz, k0=k0, k_zz=kzz, grad_clean=grad_clean,
-                   grad_delta=grad_delta, single_zeta=single_zeta, single_x0=single_x0)
+                   grad_delta=grad_delta, grad_k0=gz, single_zeta=single_zeta,
+                   single_x0=single_x0)
     return _squeezed(law)
 
 
