@@ -51,7 +51,7 @@ def test_demo_rbf_theory_claims_hold_in_tight_cluster_regime(small_run):
     pos = ms > 0
     ratio = np.array(e["spike_poison"])[pos] / df[pos] ** 2
     assert np.all(np.abs(ratio / e["R_k"] - 1) < 0.2)
-    nc = res["results"]["kernels"]["rbf"]["near_clone"]
+    nc = res["results"]["kernels"]["rbf"]["near_clone"]["3"]
     r = np.array(nc["r_over_l"])
     # The paper's term (m alpha)^2 |grad k0|^2 of the RBF kernel is (m alpha)^2 k0^2 r^2/l^4:
     # so for r << l (k0 ~ 1, m alpha ~ constant) it must scale exactly as r^2.
@@ -69,10 +69,18 @@ def test_demo_is_deterministic(tmp_path, small_run):
     demo.run(cfg, tmp_path)
     a = json.loads((out / "results.json").read_text())["results"]["kernels"]["rbf"]
     b = json.loads((tmp_path / "results.json").read_text())["results"]["kernels"]["rbf"]
+    def leaves(d, prefix=""):
+        for key, val in d.items():
+            if isinstance(val, dict):
+                yield from leaves(val, prefix + key + "/")
+            else:
+                yield prefix + key, val
+
     for part in ("efficacy", "near_clone", "asr"):
-        for key, val in a[part].items():
+        got = dict(leaves(b[part]))
+        for key, val in leaves(a[part]):
             np.testing.assert_array_equal(np.array(val, dtype=float),
-                                          np.array(b[part][key], dtype=float), err_msg=key)
+                                          np.array(got[key], dtype=float), err_msg=key)
 
 
 def test_config_round_trip_and_validation(tmp_path):
