@@ -25,6 +25,7 @@ def enable_x64(enable: bool = True) -> None:
 def __getattr__(name):
     # Lazily import the modules that pull in heavier dependencies.
     import importlib
-    if name in ("data", "report", "spectra", "flow", "nets", "defences", "cli"):
+    if name in ("data", "report", "spectra", "flow", "nets", "defences", "cli", "artefact",
+                "triggers", "config", "io"):
         return importlib.import_module(f"ntk_poison.{name}")
     raise AttributeError(f"module 'ntk_poison' has no attribute {name!r}")

@@ -97,9 +97,9 @@ def patch_trigger(image_shape: Tuple[int, ...], size: int = 4, value: float = 1.
             "bottom_left": slice(0, size), "top_left": slice(0, size)}
     if corner not in rows:
         raise ValueError(f"`corner` must be one of {sorted(rows)}, got {corner!r}.")
-    mask = np.zeros(image_shape, np.float32)
+    mask = np.zeros(image_shape, np.float64)
     mask[rows[corner], cols[corner]] = 1.0
-    return mask, mask * np.float32(value)
+    return mask, mask * float(value)
 
 
 def apply_patch(x: Array, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:

@@ -1,0 +1,305 @@
+"""Input-curvature detection of triggered test inputs (THEORY.md sections 1, 2 and 4).
+
+A clone cluster at ``zeta`` makes a bump in the fitted function. At a triggered input
+``x0`` at distance ``r`` from ``zeta`` the poison adds ``y_t S grad_x k(x0, zeta)`` to
+``grad_x f``, and the top eigenvalue of the loss's input Hessian
+
+    H(x) = hess_x 1/2 (f(x) - y)^2 = g g^T + (f(x) - y) hess_x f(x),   g = grad_x f(x)
+
+carries the spike ``Lambda_GN(x0) = R_k(x0, zeta) Delta f(x0)^2`` (for the RBF
+kernel ``R_k = r^2 / l^4``). The detector scores each input by that top eigenvalue
+and flags inputs whose curvature is above what clean inputs show.
+
+It needs NO trigger knowledge: :meth:`CurvatureDetector.fit` sets the threshold to
+the ``(1 - fpr)`` quantile of the scores of clean inputs. A trigger direction, if
+given, is only used to REPORT the squared cosine between each top eigenvector and it
+(the overlap metric of THEORY.md section 4), never to flag.
+
+Labels. The loss needs a label. A test input has none, so by default the detector
+uses the model's own decision ``y = sign f(x)`` (``+1`` where ``f(x) = 0``), which
+suits ``+-1`` targets; pass ``y`` for anything else.
+
+Cost per input: ``"dense"`` forms the ``d x d`` Hessian (``spectra.loss_hessian``,
+``jax.hessian`` vmap'd over points) and a batched ``eigh``: O(d^2) memory, O(d^3)
+time. ``"lanczos"`` runs ``spectra.top_eigenpairs(..., method="lanczos")`` on
+Hessian-vector products, ``jax.vmap``'d over the points of a chunk (its
+``while_loop`` then runs until the slowest point of the chunk converges).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ntk_poison import _validate
+from ntk_poison import spectra
+
+Array = Any
+
+__all__ = ["CurvatureDetector"]
+
+_METHODS = ("dense", "lanczos")
+
+
+def _fn_of(model: Any):
+    if hasattr(model, "as_function"):
+        return model.as_function()
+    if callable(model):
+        return model
+    raise ValueError(f"`model` must be a fitted model with .as_function() (e.g. a "
+                     f"krr.KRRModel) or a callable f(one input) -> scalar; got "
+                     f"{type(model).__name__}.")
+
+
+def _sign_fix(vecs: jax.Array) -> jax.Array:
+    """Make each vector's largest-magnitude entry positive (vecs ``(..., d)``)."""
+    idx = jnp.argmax(jnp.abs(vecs), axis=-1)
+    s = jnp.sign(jnp.take_along_axis(vecs, idx[..., None], axis=-1))
+    return vecs * jnp.where(s == 0, 1.0, s).astype(vecs.dtype)
+
+
+@jax.jit
+def _top_of_hessians(H):
+    w, V = jnp.linalg.eigh(H)                       # ascending
+    vals = w[:, ::-1]
+    vecs = jnp.swapaxes(V[:, :, ::-1], 1, 2)        # (m, d, d): rows = eigenvectors
+    return vals, vecs
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class CurvatureDetector:
+    """Flag inputs whose loss input-Hessian has an unusually large top eigenvalue.
+
+    Attributes:
+      k: eigenpairs computed per input (the score uses the top one; all k are
+        returned in the info dict with their trigger alignments).
+      method: ``"dense"`` or ``"lanczos"`` (see the module docstring).
+      fpr: the target false-positive rate on clean inputs, in (0, 1).
+      trigger_direction: for reporting only: an array of one input's shape, or a
+        trigger object (its ``direction(shape)``; for a data-dependent patch pass
+        ``patch.direction(shape, x)`` as an array instead).
+      key: the Lanczos start block (an int seed or a jax PRNG key).
+      tol: the Lanczos relative residual tolerance (default: spectra's, 1e-8 in
+        float64, 1e-4 in float32).
+      max_iters: the Lanczos iteration cap (default: spectra's).
+      batch_size: inputs processed at once (bounds the memory of the dense
+        Hessians, ``batch_size * d^2`` floats).
+      threshold: set by :meth:`fit`: a score above it is flagged.
+      clean_scores: set by :meth:`fit`: the clean scores it was set from.
+
+    Immutable: ``fit`` returns a NEW fitted detector, ``det = det.fit(...)``.
+    """
+
+    k: int = 1
+    method: str = "dense"
+    fpr: float = 0.05
+    trigger_direction: Any = None
+    key: Any = 0
+    tol: Optional[float] = None
+    max_iters: Optional[int] = None
+    batch_size: int = 256
+    threshold: Optional[float] = None
+    clean_scores: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        if not _validate.is_int_scalar(self.k) or self.k < 1:
+            raise ValueError(f"`k` must be a positive int, got {self.k!r}.")
+        if self.method not in _METHODS:
+            raise ValueError(f"`method` must be one of {_METHODS}, got {self.method!r}.")
+        _validate.nonneg("fpr", self.fpr, positive=True)
+        if not self.fpr < 1:
+            raise ValueError(f"`fpr` must be in (0, 1), got {self.fpr}.")
+        if not _validate.is_int_scalar(self.batch_size) or self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive int, got "
+                             f"{self.batch_size!r}.")
+        if self.tol is not None:
+            _validate.nonneg("tol", self.tol, positive=True)
+        td = self.trigger_direction
+        if td is not None and not hasattr(td, "direction"):
+            _validate.array("trigger_direction", td)
+
+    # ----------------------------------------------------------------- internals
+
+    def _inputs(self, model, x, y, name):
+        _validate.array(name, x)
+        x = jnp.asarray(x)
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            x = x.astype(jnp.result_type(float))
+        X = getattr(model, "X", None)
+        if X is not None and hasattr(X, "shape"):
+            x = x.astype(X.dtype)
+            if x.ndim == X.ndim - 1:
+                x = x[None]
+            if tuple(x.shape[1:]) != tuple(X.shape[1:]):
+                raise ValueError(f"`{name}` has inputs of shape {tuple(x.shape[1:])} but "
+                                 f"the model was trained on {tuple(X.shape[1:])}; pass a "
+                                 "batch (m, *input_shape).")
+        if x.ndim < 2 or x.shape[0] == 0:
+            raise ValueError(f"`{name}` must be a non-empty batch (m, *input_shape), got "
+                             f"shape {tuple(x.shape)}.")
+        if y is None:
+            pred = (model.predict(x) if hasattr(model, "predict")
+                    else jax.vmap(_fn_of(model))(x))
+            if pred.shape != (x.shape[0],):
+                raise ValueError("The model's output is not a scalar per input, so no "
+                                 "sign label can be derived: pass `y`.")
+            y = jnp.where(pred >= 0, 1.0, -1.0).astype(x.dtype)
+        else:
+            _validate.array("y", y, ndim=1)
+            y = jnp.asarray(y, x.dtype)
+            _validate.same_rows(name, x, "y", y)
+        return x, y
+
+    def _chunk(self, model, x, y):
+        """Eigenpairs at one chunk of at most ``batch_size`` inputs.
+
+        The chunk is padded (with copies of its first input) to a power of two, capped
+        at ``batch_size``, so that the compiled Hessian and eigen-solver are reused
+        across calls with different numbers of inputs.
+        """
+        m = x.shape[0]
+        d = int(np.prod(x.shape[1:]))
+        if self.k > d:
+            raise ValueError(f"`k` = {self.k} exceeds the flat input size d = {d}.")
+        bucket = max(m, min(self.batch_size, 1 << (m - 1).bit_length()))
+        if bucket > m:
+            x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (bucket - m,) + x.shape[1:])])
+            y = jnp.concatenate([y, jnp.broadcast_to(y[:1], (bucket - m,))])
+        vals, vecs, res, conv = self._eigs(model, x, y, d)
+        if res is not None:
+            res, conv = res[:m], conv[:m]
+        return vals[:m], vecs[:m], res, conv
+
+    def _eigs(self, model, x, y, d):
+        m = x.shape[0]
+        if self.method == "dense":
+            H = spectra.loss_hessian(model, x, y)
+            vals, vecs = _top_of_hessians(H)
+            return vals[:, :self.k], _sign_fix(vecs[:, :self.k]), None, None
+        tol = self.tol
+        if tol is None:
+            tol = 1e-8 if x.dtype == jnp.float64 else 1e-4
+        k, key, max_iters = self.k, self.key, self.max_iters
+
+        def one(xi, yi):
+            vals, vecs, info = spectra.top_eigenpairs(
+                spectra.loss_fn(model, yi), xi, k=k, method="lanczos", key=key,
+                tol=tol, max_iters=max_iters, return_info=True)
+            return vals, vecs, info.residuals, info.scale
+
+        vals, vecs, res, scale = jax.vmap(one)(x, y)
+        converged = np.asarray(res) <= tol * np.asarray(scale)[:, None]
+        return vals, vecs.reshape(m, k, d), np.asarray(res), converged
+
+    def spectrum(self, model: Any, x: Array, y: Optional[Array] = None
+                 ) -> Dict[str, Any]:
+        """The top-k eigenpairs of the loss input-Hessian at every input.
+
+        Returns a dict: ``eigenvalues (m, k)`` (descending), ``vectors (m, k, d)``
+        (unit, over the flattened input, each signed so its largest-magnitude entry
+        is positive), ``labels (m,)`` (the labels used), ``pseudo_labels`` (True if
+        they were the model's sign predictions), ``input_shape``, ``method``, and for
+        Lanczos ``residuals (m, k)`` (``||H v - lambda v||``) and ``converged (m, k)``
+        (``residual <= tol * scale``, spectra's criterion; a warning if any is False).
+        """
+        pseudo = y is None
+        x, y = self._inputs(model, x, y, "x")
+        parts = [self._chunk(model, x[i:i + self.batch_size], y[i:i + self.batch_size])
+                 for i in range(0, x.shape[0], self.batch_size)]
+        out = {"eigenvalues": np.concatenate([np.asarray(p[0]) for p in parts]),
+               "vectors": np.concatenate([np.asarray(p[1]) for p in parts]),
+               "labels": np.asarray(y), "pseudo_labels": pseudo, "method": self.method,
+               "input_shape": tuple(int(s) for s in x.shape[1:])}
+        if not np.all(np.isfinite(out["eigenvalues"])):
+            raise ValueError("The loss Hessian is not finite at some inputs (NaN/inf "
+                             "eigenvalues): check the model is twice differentiable and "
+                             "finite there, and that `x` and `y` are finite.")
+        if self.method == "lanczos":
+            out["residuals"] = np.concatenate([p[2] for p in parts])
+            out["converged"] = np.concatenate([p[3] for p in parts])
+            if not out["converged"].all():
+                bad = int((~out["converged"].all(axis=1)).sum())
+                warnings.warn(
+                    f"CurvatureDetector: Lanczos did not converge at {bad} of "
+                    f"{x.shape[0]} inputs (see info['residuals']); increase max_iters "
+                    "or loosen tol.", spectra.ConvergenceWarning, stacklevel=3)
+        return out
+
+    def _direction(self, shape, d):
+        td = self.trigger_direction
+        if td is None:
+            return None
+        u = td.direction(shape) if hasattr(td, "direction") else np.asarray(td)
+        u = np.asarray(u, dtype=np.float64).reshape(-1)
+        if u.size != d:
+            raise ValueError(f"`trigger_direction` has {u.size} entries but the inputs "
+                             f"have d = {d}; pass a direction of one input's shape.")
+        if not np.any(u):
+            raise ValueError("`trigger_direction` is the zero vector; pass a non-zero "
+                             "direction.")
+        return u
+
+    # ----------------------------------------------------------------- public API
+
+    def fit(self, model: Any, x_clean: Array, y_clean: Optional[Array] = None
+            ) -> "CurvatureDetector":
+        """Set the threshold from clean inputs; returns the fitted detector.
+
+        ``threshold = quantile_{1 - fpr}`` of the top loss-Hessian eigenvalues at
+        ``x_clean`` (numpy's linear-interpolation quantile), so about ``fpr`` of
+        clean inputs score above it. No trigger knowledge is used.
+
+        Args:
+          model: a fitted model with ``.as_function()`` (e.g. the POISONED
+            ``krr.KRRModel``: the one deployed), or a callable of one input.
+          x_clean: clean inputs ``(m, *input_shape)`` (held out from training).
+          y_clean: their labels ``(m,)``, or None for the model's sign predictions.
+        """
+        scores = self.spectrum(model, x_clean, y_clean)["eigenvalues"][:, 0]
+        thr = float(np.quantile(scores, 1.0 - self.fpr))
+        return dataclasses.replace(self, threshold=thr, clean_scores=scores)
+
+    def detect_with_vectors(self, model: Any, x: Array, y: Optional[Array] = None
+                            ) -> Tuple[np.ndarray, np.ndarray, Dict[str, Any]]:
+        """``(scores, flagged, info)``: :meth:`detect` plus the eigenpairs.
+
+        ``info`` holds :meth:`spectrum`'s entries, the ``threshold``, and
+        ``alignment (m, k)``: ``spectra.alignment`` (squared cosine) of each top
+        eigenvector with the trigger direction, or None without one. The alignment
+        is reported, never used to flag.
+        """
+        if self.threshold is None:
+            raise ValueError("This CurvatureDetector is not fitted; fitting returns a new "
+                             "detector: `det = det.fit(model, x_clean)`.")
+        info = self.spectrum(model, x, y)
+        scores = info["eigenvalues"][:, 0].astype(np.float64)
+        flagged = scores > self.threshold
+        m, k, d = info["vectors"].shape
+        u = self._direction(info["input_shape"], d)
+        if u is None:
+            info["alignment"] = None
+        else:
+            align = jax.vmap(jax.vmap(spectra.alignment, in_axes=(0, None)),
+                             in_axes=(0, None))
+            info["alignment"] = np.asarray(align(jnp.asarray(info["vectors"]),
+                                                 jnp.asarray(u)))
+        info["threshold"] = self.threshold
+        return scores, flagged, info
+
+    def detect(self, model: Any, x: Array, y: Optional[Array] = None
+               ) -> Tuple[np.ndarray, np.ndarray]:
+        """``(scores, flagged)``: top loss-Hessian eigenvalue at each input, and
+        ``score > threshold``.
+
+        Args:
+          model: the model (as in :meth:`fit`).
+          x: inputs ``(m, *input_shape)``.
+          y: labels ``(m,)``, or None for the model's sign predictions.
+        """
+        scores, flagged, _ = self.detect_with_vectors(model, x, y)
+        return scores, flagged
