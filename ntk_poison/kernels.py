@@ -31,7 +31,6 @@ Python", ICLR): :func:`nt_fc` and :func:`nt_cnn` wrap ``stax`` kernel functions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Dict, Tuple
 
 import jax
@@ -213,20 +212,25 @@ def linear(bias: float = 0.0, scale: float = 1.0) -> Kernel:
 def matern52(length_scale: float = 1.0, variance: float = 1.0) -> Kernel:
     """The Matern-5/2 kernel, twice differentiable (so input Hessians exist).
 
-        k(r) = variance * (1 + sqrt5 r / l + 5 r^2 / (3 l^2)) exp(-sqrt5 r / l)
+        k(r) = variance * (1 + a + a^2/3) exp(-a),    a = sqrt5 r / l
 
-    The distance is computed as ``sqrt(d2 + tiny)`` so that autodiff is finite at
-    ``x = x'``; the offset changes k by less than one ulp.
+    ``r = |x - x'|`` has a singular second derivative at ``x = x'`` that k cancels
+    analytically but not numerically, so near the diagonal (``a^2 < 1e-6``) k is
+    evaluated by its Taylor series in ``a^2`` (``1 - a^2/6 + a^4/24``, next term
+    ``-a^5/45``), a polynomial in the squared distance whose autodiff is exact
+    (Hessian ``-5/(3 l^2) I`` at ``x = x'``). The two branches are combined with the
+    "double where" idiom so that neither branch's derivative produces NaN.
     """
     ls = _positive("length_scale", length_scale)
     var = _positive("variance", variance)
 
     def fn(x1, x2):
-        d2 = sq_dists(x1, x2)
-        tiny = jnp.finfo(d2.dtype).tiny ** 0.5
-        r = jnp.sqrt(jnp.maximum(d2, 0.0) + tiny) / ls
-        s5 = math.sqrt(5.0)
-        return var * (1.0 + s5 * r + 5.0 / 3.0 * r * r) * jnp.exp(-s5 * r)
+        a2 = 5.0 * sq_dists(x1, x2) / (ls * ls)
+        small = a2 < 1e-6
+        a = jnp.sqrt(jnp.where(small, 1.0, a2))
+        exact = (1.0 + a + a * a / 3.0) * jnp.exp(-a)
+        series = 1.0 - a2 / 6.0 + a2 * a2 / 24.0
+        return var * jnp.where(small, series, exact)
 
     return Kernel(fn, "matern52", (("length_scale", ls), ("variance", var)))
 

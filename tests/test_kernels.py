@@ -347,3 +347,26 @@ def test_nt_cnn_matches_monte_carlo_loosely(rng):
     assert rel_err(K, K_mc) < 0.10
     K_wrong = np.asarray(kernels.nt_cnn(depth=2, W_std=1.0, b_std=b_std)(x, x))
     assert rel_err(K_wrong, K_mc) > 0.30
+
+
+def test_matern52_hessian_at_the_diagonal_is_exact():
+    """Regression: sqrt(d2 + tiny) made the autodiff Hessian at x = x' zero.
+
+    Closed form: k = 1 - 5 r^2 / (6 l^2) + O(r^4) so hess_x k(x, x) = -5/(3 l^2) I,
+    and near the diagonal the Hessian must match finite differences of the gradient.
+    """
+    import jax
+    import jax.numpy as jnp
+    from ntk_poison import kernels
+    ell = 1.7
+    k = kernels.matern52(ell)
+    x = jnp.array([0.3, -0.2, 1.0])
+    H = jax.hessian(lambda a: k.pair(a, x))(x)
+    np.testing.assert_allclose(np.asarray(H), -5.0 / (3 * ell ** 2) * np.eye(3), atol=1e-12)
+    for eps in (1e-9, 1e-4, 1e-2):
+        z = x + eps * jnp.array([1.0, 0.5, 0.0])
+        H = np.asarray(jax.hessian(lambda a: k.pair(a, z))(x))
+        g = lambda a: jax.grad(lambda b: k.pair(b, z))(a)
+        h = 1e-6
+        fd = np.array([(g(x + h * e) - g(x - h * e)) / (2 * h) for e in np.eye(3)])
+        np.testing.assert_allclose(H, fd, atol=1e-8)
