@@ -54,9 +54,10 @@ derivative grows like ``1/|x - x'|``, and autodiff at ``x = x'`` returns a value
 depends on neural-tangents' clipping (8.5e6 for b_std = 0, 0.25 for b_std = 0.1). The
 exact model is then not defined; a :class:`NonSmoothKernelWarning` is issued. The
 same check flags kernels whose autodiff second derivative at ``x = x'`` is wrong even
-though the kernel is smooth (``kernels.matern52`` as of this writing: its
-``sqrt(d2 + tiny)`` distance gives 0 at ``x = x'`` where the limit is ``5/(3 l^2)``).
-The restricted model needs only first derivatives.
+though the kernel is smooth (a distance computed as ``sqrt(d2 + tiny)`` does that;
+``kernels.matern52`` uses a Taylor branch near the diagonal to avoid it). The
+restricted model needs only first derivatives. For a smooth network kernel use an
+erf network (``stax.Erf``, ``nets.init(..., activation="erf")``).
 
 **Kernel gradient flow** (:func:`kernel_flow`). For a linear model ``f = phi(x)^T w``
 (a linearised network), ``[f(X); grad f(X)] = Phi_full^T w`` and
