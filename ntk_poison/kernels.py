@@ -159,16 +159,19 @@ def get(name: str, **params: Any) -> Kernel:
 def sq_dists(x1: Array, x2: Array) -> Array:
     """Squared Euclidean distances ``||x1_i - x2_j||^2``, shape ``(n1, n2)``.
 
-    Uses the GEMM form ``|x1|^2 + |x2|^2 - 2 x1 x2^T`` (memory O(n1 n2), not
-    O(n1 n2 d)). It is not clipped at zero: clipping would zero the second
-    derivative at ``x1 = x2``, which the input Hessians need; the round-off it leaves
-    is a few ulp of ``|x|^2``.
+    One augmented GEMM, ``[x1, |x1|^2, 1] @ [-2 x2, 1, |x2|^2]^T``: memory
+    O(n1 n2), not O(n1 n2 d), and XLA fuses nothing else into the matrix product.
+    The result is not clipped at zero: clipping would zero the second derivative
+    at ``x1 = x2``, which the input Hessians need; the round-off it leaves is a few
+    ulp of ``|x|^2``.
     """
     x1 = x1.reshape(x1.shape[0], -1)
     x2 = x2.reshape(x2.shape[0], -1)
-    n1 = jnp.sum(x1 * x1, axis=-1)
-    n2 = jnp.sum(x2 * x2, axis=-1)
-    return n1[:, None] + n2[None, :] - 2.0 * (x1 @ x2.T)
+    n1 = jnp.sum(x1 * x1, axis=-1, keepdims=True)
+    n2 = jnp.sum(x2 * x2, axis=-1, keepdims=True)
+    a = jnp.concatenate([x1, n1, jnp.ones_like(n1)], axis=1)
+    b = jnp.concatenate([-2.0 * x2, jnp.ones_like(n2), n2], axis=1)
+    return a @ b.T
 
 
 def _positive(name: str, value: float) -> float:

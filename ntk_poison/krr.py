@@ -62,8 +62,8 @@ def solve_psd(A: Array, b: Array, *, what: str = "the kernel matrix K + n*ridge*
 
     Raises a ValueError (not NaNs) if ``A`` is not numerically positive definite.
     """
-    L = _cholesky(A)
-    if not bool(jnp.all(jnp.isfinite(L))):
+    L, ok = _cholesky(A)
+    if not bool(ok):
         raise ValueError(
             f"{what} is not positive definite in {A.dtype} (Cholesky failed). Increase "
             "`ridge`, check the kernel is positive definite, or enable float64 with "
@@ -73,7 +73,9 @@ def solve_psd(A: Array, b: Array, *, what: str = "the kernel matrix K + n*ridge*
 
 @jax.jit
 def _cholesky(A):
-    return jnp.linalg.cholesky(A)
+    """The Cholesky factor and whether it is finite (one compiled program)."""
+    L = jnp.linalg.cholesky(A)
+    return L, jnp.all(jnp.isfinite(L))
 
 
 @jax.jit

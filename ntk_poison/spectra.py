@@ -21,21 +21,20 @@ over reverse) and calls ``eigh``: O(d) HVPs, O(d^2) memory, O(d^3) time.
 ``jax.grad``, i.e. ``jvp(grad f)`` with the primal pass done once), vmap'd over a
 block of vectors, with full reorthogonalisation; no ``d x d`` matrix is ever formed.
 
-Design choice (Lanczos). ``jax.experimental.sparse.linalg.lobpcg_standard`` exists in
-jax 0.10.2 and, tested here in float64, is accurate, but it only finds the algebraically
-largest pairs (no largest-magnitude), needs ``5k < d``, returns no residuals or
-convergence flag, and its stopping rule ``|r| < tol*10*d*(theta + |Av|)`` can never fire
-when the top eigenvalues are negative (``theta = -|Av|``): it then runs every iteration.
-So this module writes its own jitted block Lanczos (one ``lax.while_loop``, static block
-size and iteration cap), which supports ``which="LM"``, any ``k <= d``, deflation of
-exhausted Krylov spaces, and reports true residuals ``||H v - lambda v||`` per pair.
+Design (Lanczos): our own jitted block Lanczos (one ``lax.while_loop``, static block
+size and cap), not ``jax.experimental.sparse.linalg.lobpcg_standard``. That exists in
+jax 0.10.2 and was accurate in float64 when tried here, but it finds only the
+algebraically largest pairs (no ``"LM"``), needs ``5k < d``, returns no residuals or
+convergence flag, and its stop rule ``|r| < tol*10*d*(theta + |Av|)`` never fires when
+the top eigenvalues are negative (it then runs all ``m`` iterations). matfree is not
+installed. Ours reports ``||H v - lambda v||`` per pair and handles exhausted Krylov
+spaces (deflation).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import warnings
 from typing import Any, Callable, NamedTuple, Optional, Tuple
 
@@ -86,6 +85,8 @@ class SpectrumInfo(NamedTuple):
       tol: the relative residual tolerance used (None for dense).
       max_iters: the iteration cap used (after capping at ``ceil(d / block_size)``).
       block_size: the Lanczos block size (None for dense).
+      checks: Lanczos convergence checks run (each one ``eigh`` of the projected
+        matrix; None for dense).
     """
 
     method: str
@@ -98,6 +99,7 @@ class SpectrumInfo(NamedTuple):
     tol: Optional[float]
     max_iters: Optional[int]
     block_size: Optional[int]
+    checks: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- callables
@@ -499,7 +501,7 @@ def _lanczos_eigs(spec, dynamic, x_flat, start, tol, *, shape, k, which, b, M, f
     branches = [ritz(S) for S in buckets]
     bucket_sizes = jnp.asarray(buckets)
 
-    def schedule(blocks, rho, last):
+    def schedule(blocks, rho, last, n_checks):
         """The block count of the next check, from the residual decay (see above)."""
         last_blocks, last_log = last
         log_rho = jnp.log(jnp.maximum(rho, jnp.finfo(dtype).tiny))
@@ -508,7 +510,8 @@ def _lanczos_eigs(spec, dynamic, x_flat, start, tol, *, shape, k, which, b, M, f
         predicted = jnp.ceil(log_rho / jnp.where(usable, -rate, 1.0))
         cap = (blocks + 1) // 2
         step = jnp.where(usable, jnp.clip(predicted, 1, cap), cap).astype(blocks.dtype)
-        return jnp.maximum(blocks + jnp.maximum(step, 1), first), (blocks, log_rho)
+        return (jnp.maximum(blocks + jnp.maximum(step, 1), first), (blocks, log_rho),
+                n_checks + 1)
 
     def project(Qbuf, V, n_blocks):
         """Remove from the rows of V their components on blocks 0..n_blocks-1, twice
@@ -541,14 +544,14 @@ def _lanczos_eigs(spec, dynamic, x_flat, start, tol, *, shape, k, which, b, M, f
         W = project(Qbuf, HQ, j + 1)
 
         blocks = j + 1
-        next_check, last = sched
+        next_check, last, n_checks = sched
         do_check = (blocks >= next_check) | (blocks == M)
 
         def run_check(_):
             which_bucket = jnp.searchsorted(bucket_sizes, blocks)
             rho, th, Ypad, scale = jax.lax.switch(which_bucket, branches, T, valid, W,
                                                   blocks * b)
-            return rho <= 1.0, (th, Ypad, scale), schedule(blocks, rho, last)
+            return rho <= 1.0, (th, Ypad, scale), schedule(blocks, rho, last, n_checks)
 
         def no_check(_):
             return conv, ritz_state, sched
@@ -558,18 +561,18 @@ def _lanczos_eigs(spec, dynamic, x_flat, start, tol, *, shape, k, which, b, M, f
                 ritz_state, sched)
 
     ritz0 = (jnp.zeros((k,), dtype), jnp.zeros((nb, k), dtype), jnp.zeros((), dtype))
-    sched0 = (jnp.asarray(first), (jnp.asarray(0), jnp.zeros((), dtype)))
+    sched0 = (jnp.asarray(first), (jnp.asarray(0), jnp.zeros((), dtype)), jnp.asarray(0))
     state = (jnp.asarray(0), jnp.zeros((n_chunks * C * b, d), dtype),
              jnp.zeros((nb, nb), dtype), jnp.zeros((nb,), bool),
              (W0, jnp.linalg.norm(W0, axis=1)), jnp.asarray(False), ritz0, sched0)
-    j, Qbuf, *_, (vals, Y, scale), _ = jax.lax.while_loop(cond, body, state)
+    j, Qbuf, *_, (vals, Y, scale), (*_, n_checks) = jax.lax.while_loop(cond, body, state)
 
     vecs = Y.T @ Qbuf[:nb]
     nrm = jnp.linalg.norm(vecs, axis=1, keepdims=True)
     vecs = vecs / jnp.where(nrm > 0, nrm, 1.0)
     vecs = _sign_fix(vecs)
     res = jnp.linalg.norm(hvp_block(vecs) - vals[:, None] * vecs, axis=1)
-    return vals, vecs, res, scale, j
+    return vals, vecs, res, scale, j, n_checks
 
 
 # --------------------------------------------------------------------------- public
@@ -598,6 +601,15 @@ def top_eigenpairs(fn: Any, x: Array, k: int = 5, method: str = "dense", *,
         and the loop stops at the first check where all k pairs converge.
         Deterministic given ``key``.
 
+    Both methods call LAPACK ``eigh`` (through scipy's OpenBLAS): once on the d x d
+    Hessian (dense), or on the small projected matrix at each check (Lanczos). On a
+    machine whose cores are busy with other processes, multi-threaded OpenBLAS can
+    spin and inflate wall time; ``OPENBLAS_NUM_THREADS=1`` avoids that.
+
+    Works under an outer ``jax.jit`` / ``jax.vmap`` over ``x`` (the warning and
+    ``strict`` then need concrete values and are skipped; return
+    ``info.residuals`` from the traced function and check it outside).
+
     Args:
       fn: a scalar function of ONE input (no batch axis), or a model with
         ``.as_function()`` (its prediction). A pytree callable (such as
@@ -623,8 +635,7 @@ def top_eigenpairs(fn: Any, x: Array, k: int = 5, method: str = "dense", *,
       (descending value for LA, descending |value| for LM); ``vecs (k, d)`` unit rows
       over the flattened input, each signed so its largest-magnitude entry is
       positive. Without convergence Lanczos warns with :class:`ConvergenceWarning`
-      naming ``tol`` and ``max_iters`` (checks need concrete values: under an outer
-      ``jit`` use ``return_info``).
+      naming ``tol`` and ``max_iters``.
     """
     f = _as_scalar_fn(fn, "fn")
     x = _float_input("x", x)
@@ -674,8 +685,10 @@ def top_eigenpairs(fn: Any, x: Array, k: int = 5, method: str = "dense", *,
         (M * b + 64 + 2 * b) * d + 2 * (M * b) ** 2, item,
         "Reduce max_iters or block_size.")
     start = _start_block(_as_key(key), (2 * b, d), x.dtype)
-    first = -(-k // b)
-    vals, vecs, res, scale, iters = _lanczos_eigs(
+    # The first check once the Krylov space holds k vectors, and not before 3 blocks
+    # (a check costs one eigh; earlier ones almost never stop the loop).
+    first = min(M, max(-(-k // b), 3))
+    vals, vecs, res, scale, iters, n_checks = _lanczos_eigs(
         spec, dynamic, x_flat, start, jnp.asarray(tol, x.dtype), shape=shape, k=k,
         which=which, b=b, M=M, first=first, buckets=_eigh_buckets(first, M))
     converged = None
@@ -696,9 +709,10 @@ def top_eigenpairs(fn: Any, x: Array, k: int = 5, method: str = "dense", *,
                 raise ConvergenceError(msg)
             warnings.warn(msg, ConvergenceWarning, stacklevel=2)
         scale = scale_f
+        n_checks = int(n_checks)
     info = SpectrumInfo("lanczos", which, res, scale, converged, iters,
                         iters * b + k if isinstance(iters, int) else None, float(tol), M,
-                        b)
+                        b, n_checks)
     return (vals, vecs, info) if return_info else (vals, vecs)
 
 

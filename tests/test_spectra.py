@@ -39,7 +39,7 @@ class Quadratic:
 
 
 def planted(rng, top, d, bulk=(-1.0, 1.0), dtype=np.float64):
-    """``A = Q diag(lam) Q^T`` with ``top`` first, then a uniform bulk; returns (A, lam, Q)."""
+    """``A = Q diag(lam) Q^T``, ``top`` first, then a uniform bulk; returns (A, lam, Q)."""
     lam = np.concatenate([np.asarray(top, float), rng.uniform(*bulk, d - len(top))])
     Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
     A = (Q * lam) @ Q.T
@@ -355,8 +355,8 @@ def test_image_shaped_loss_hessian_and_fisher(rng):
     for i in range(3):
         g = (3 * w * x[i] ** 2).ravel()
         r = np.sum(w * x[i] ** 3) - y[i]
-        np.testing.assert_allclose(H[i], np.outer(g, g) + r * np.diag((6 * w * x[i]).ravel()),
-                                   rtol=1e-12, atol=1e-12)
+        ref = np.outer(g, g) + r * np.diag((6 * w * x[i]).ravel())
+        np.testing.assert_allclose(H[i], ref, rtol=1e-12, atol=1e-12)
     F = np.asarray(spectra.input_fisher(f, x, y))
     G = np.stack([(np.sum(w * x[i] ** 3) - y[i]) * (3 * w * x[i] ** 2).ravel()
                   for i in range(3)])
@@ -406,6 +406,17 @@ def test_same_key_same_output_and_key_independence(rng):
     np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
     np.testing.assert_allclose(np.asarray(c[0]), np.asarray(a[0]), rtol=1e-10)
     assert np.all(overlaps(c[1], a[1]) > 1 - 1e-9)
+
+
+def test_traceable_under_jit_and_vmap():
+    A = jnp.diag(jnp.arange(20.0))
+    f = lambda z: 0.5 * z @ A @ z + jnp.sum(z ** 4)  # noqa: E731  (hess: A + 12 z^2)
+    xs = jnp.stack([jnp.full(20, 0.1), jnp.full(20, 0.2)])
+    ref = np.arange(20.0)[::-1][:3] + 12 * np.asarray(xs)[:, :1] ** 2
+    lz = jax.vmap(lambda z: spectra.top_eigenpairs(f, z, 3, "lanczos")[0])(xs)
+    dn = jax.jit(jax.vmap(lambda z: spectra.top_eigenpairs(f, z, 3, "dense")[0]))(xs)
+    np.testing.assert_allclose(np.asarray(lz), ref, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(dn), ref, rtol=1e-12)
 
 
 # --------------------------------------------------------------------------- alignment
