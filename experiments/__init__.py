@@ -13,6 +13,7 @@ from typing import Dict, Tuple
 EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "demo": ("experiments.demo",
              "clone-poison laws on MNIST: efficacy vs m, spike vs efficacy, near clones, ASR"),
+    "lag": ("experiments.lag", "the detectability lag: ASR before curvature visibility, in m and t"),
 }
 
 
