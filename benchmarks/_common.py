@@ -16,18 +16,18 @@ Conventions every benchmark follows (so their JSON files are comparable):
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
 import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+from ntk_poison import io
 
 __all__ = [
     "enable_x64", "block", "Timing", "timed_call", "time_group", "ratios_by_statistic",
@@ -316,47 +316,13 @@ def median_heuristic(x: np.ndarray, max_points: int = 1000) -> float:
 # --------------------------------------------------------------------------- output
 
 def to_jsonable(obj: Any) -> Any:
-    """Convert numpy / jax scalars and arrays (recursively) to plain Python."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (np.bool_, bool)):
-        return bool(obj)
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating, float)):
-        v = float(obj)
-        return v if math.isfinite(v) else repr(v)  # JSON has no NaN / inf
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):
-        return to_jsonable(np.asarray(obj).tolist())
-    return obj
+    """Plain-JSON form of numpy / jax values (the library's encoder; NaN -> null)."""
+    return io.to_jsonable(obj)
 
 
 def write_json_atomic(path: str, obj: Any) -> str:
     """Write ``obj`` as JSON to ``path`` atomically; returns the absolute path."""
-    path = os.path.abspath(path)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-",
-                               suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(to_jsonable(obj), f, indent=2, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)   # mkstemp creates 0600; give it the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+    return str(os.path.abspath(io.write_json(path, obj)))
 
 
 def error_record(e: BaseException) -> Dict[str, Any]:
