@@ -554,19 +554,11 @@ class PenalizedModel:
         return _scalar_fn(self.kernel, self.X, self.alpha, self.beta)
 
     def _inputs(self, x, batch_size):
-        x = as_inputs(self.kernel, "x", x)
-        _validate.same_trailing("x", x, "X (training inputs)", self.X,
-                                self.kernel.input_rank)
-        if batch_size is not None:
-            _validate.nonneg("batch_size", batch_size, integer=True, positive=True)
-        return x.astype(self.alpha.dtype)
+        return krr.model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
     def _batched(self, fn, x, batch_size):
-        args = (self.kernel, self.X, self.alpha, self.beta)
-        if batch_size is None or x.shape[0] <= batch_size:
-            return fn(*args, x)
-        return jnp.concatenate([fn(*args, x[i:i + batch_size])
-                                for i in range(0, x.shape[0], batch_size)], axis=0)
+        return krr.map_batches(fn, (self.kernel, self.X, self.alpha, self.beta), x,
+                               batch_size)
 
     def predict(self, x: Array, *, batch_size: Optional[int] = 4096) -> jax.Array:
         """``f(x)``: ``(m,)`` for scalar targets, ``(m, r)`` otherwise."""
@@ -657,17 +649,11 @@ class PenalizedPath:
             info=self.info)
 
     def _inputs(self, x):
-        x = as_inputs(self.kernel, "x", x)
-        _validate.same_trailing("x", x, "X (training inputs)", self.X,
-                                self.kernel.input_rank)
-        return x.astype(self.alpha.dtype)
+        return krr.model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
     def _batched(self, fn, x, batch_size):
-        args = (self.kernel, self.X, self.alpha, self.beta)
-        if batch_size is None or x.shape[0] <= batch_size:
-            return fn(*args, x)
-        return jnp.concatenate([fn(*args, x[i:i + batch_size])
-                                for i in range(0, x.shape[0], batch_size)], axis=1)
+        return krr.map_batches(fn, (self.kernel, self.X, self.alpha, self.beta), x,
+                               batch_size, axis=1)
 
     def predict(self, x: Array, *, batch_size: Optional[int] = 1024) -> jax.Array:
         """Predictions of every member: ``(T, m)`` (``(T, m, r)`` for vector targets)."""

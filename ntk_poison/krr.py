@@ -56,6 +56,24 @@ def as_inputs(k: Kernel, name: str, x: Array, *, single_ok: bool = False) -> jax
     return x
 
 
+def model_inputs(k: Kernel, X: jax.Array, dtype, x: Array) -> jax.Array:
+    """Validate query inputs ``x`` against a fitted model's training inputs ``X``."""
+    x = as_inputs(k, "x", x)
+    _validate.same_trailing("x", x, "X (training inputs)", X, k.input_rank)
+    return x.astype(dtype)
+
+
+def map_batches(fn, args, x: jax.Array, batch_size: Optional[int], axis: int = 0):
+    """``fn(*args, x)`` over row blocks of ``x`` of at most ``batch_size`` points,
+    concatenated along ``axis`` (bounds memory; each block size compiles once)."""
+    if batch_size is not None:
+        _validate.nonneg("batch_size", batch_size, integer=True, positive=True)
+    if batch_size is None or x.shape[0] <= batch_size:
+        return fn(*args, x)
+    return jnp.concatenate([fn(*args, x[i:i + batch_size])
+                            for i in range(0, x.shape[0], batch_size)], axis=axis)
+
+
 def solve_psd(A: Array, b: Array, *, what: str = "the kernel matrix K + n*ridge*I"
               ) -> jax.Array:
     """Solve ``A x = b`` for symmetric positive-definite ``A`` by Cholesky.
@@ -160,18 +178,10 @@ class KRRModel:
         return _scalar_fn(self.kernel, self.X, self.alpha)
 
     def _inputs(self, x, batch_size: Optional[int]) -> jax.Array:
-        x = as_inputs(self.kernel, "x", x, single_ok=False)
-        _validate.same_trailing("x", x, "X (training inputs)", self.X, self.kernel.input_rank)
-        if batch_size is not None:
-            _validate.nonneg("batch_size", batch_size, integer=True, positive=True)
-        return x.astype(self.alpha.dtype)
+        return model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
     def _batched(self, fn, x, batch_size):
-        if batch_size is None or x.shape[0] <= batch_size:
-            return fn(self.kernel, self.X, self.alpha, x)
-        parts = [fn(self.kernel, self.X, self.alpha, x[i:i + batch_size])
-                 for i in range(0, x.shape[0], batch_size)]
-        return jnp.concatenate(parts, axis=0)
+        return map_batches(fn, (self.kernel, self.X, self.alpha), x, batch_size)
 
     def predict(self, x: Array, *, batch_size: Optional[int] = 4096) -> jax.Array:
         """``f(x) = k(x, X) alpha``: ``(m,)`` for scalar targets, ``(m, c)`` otherwise."""
