@@ -13,7 +13,8 @@ from typing import Dict, Tuple
 EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "demo": ("experiments.demo",
              "clone-poison laws on MNIST: efficacy vs m, spike vs efficacy, near clones, ASR"),
-    "lag": ("experiments.lag", "the detectability lag: ASR before curvature visibility, in m and t"),
+    "lag": ("experiments.lag", "detectability lag: ASR vs curvature visibility, in m and in t"),
+    "near_clone_invisible": ("experiments.near_clone_invisible", "near clones vs two detectors"),
 }
 
 
