@@ -61,7 +61,7 @@ class Config(_Config):
     fpr: float = 0.05
     eig_tol: float = 1e-6
     eig_max_iters: int = 30
-    eig_batch: int = 8
+    eig_batch: int = 1             # keep 1: see experiments/lag.py (a CPU deadlock)
     kpca_components: int = 32      # kernel-PCA features for spectral signatures
     ss_multiplier: float = 1.5     # spectral signatures flag multiplier * eps per class
     asr_level: float = 0.9         # "ASR stays high": ASR >= this

@@ -16,11 +16,9 @@ from sklearn.metrics import roc_auc_score
 
 from experiments import lag, near_clone_invisible as nci
 
-# n_eval = 11 and n_cal = 16 fill the detector's chunks of 8 exactly (2 * 11 + 2 = 24
-# inputs scored per model), so one compiled chunk shape serves the whole run.
-LAG_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=11, n_cal=16,
+LAG_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=8, n_cal=10,
                  kernels=["rbf"], m_max=60, n_m=3, n_t=3, flow_m=20, trigger_strength=3.0)
-NC_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=11, n_cal=16,
+NC_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=8, n_cal=10,
                 kernels=["rbf"], m=20, n_r=3, kpca_components=16)
 PNG = b"\x89PNG\r\n\x1a\n"
 
