@@ -259,10 +259,10 @@ def from_stax(kernel_fn: Callable, kind: str = "ntk", *, name: str = "stax",
 
 @register("nt_fc")
 def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "ntk",
-          parameterization: str = "ntk") -> Kernel:
-    """The infinite-width kernel of a fully connected ReLU network (neural-tangents).
+          parameterization: str = "ntk", activation: str = "relu") -> Kernel:
+    """The infinite-width kernel of a fully connected network (neural-tangents).
 
-    Architecture: ``depth x (Dense, Relu)`` then ``Dense(1)``, every Dense with
+    Architecture: ``depth x (Dense, act)`` then ``Dense(1)``, every Dense with
     weight std ``W_std`` and bias std ``b_std``. In the NTK parameterisation a layer
     computes ``W_std / sqrt(fan_in) * W x + b_std * b`` with standard-normal W and b.
     The NNGP is the arc-cosine recursion (Cho & Saul 2009):
@@ -278,6 +278,10 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     Note: the ReLU NTK has a cusp at ``x = x'`` (the ``kappa_0`` term is linear in the
     angle), unlike the RBF kernel; its input gradient at a near clone does not
     vanish.
+
+    ``activation="erf"`` uses ``stax.Erf()`` (the arcsine kernel of Williams 1997):
+    a smooth kernel, so the input-gradient functionals of :mod:`ntk_poison.flow` are
+    defined; it is the limit of ``nets.init(..., activation="erf")``.
     """
     from neural_tangents import stax
 
@@ -288,14 +292,19 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     if parameterization not in ("ntk", "standard"):
         raise ValueError("`parameterization` must be 'ntk' or 'standard', got "
                          f"{parameterization!r}.")
+    acts = {"relu": stax.Relu, "erf": stax.Erf}
+    if activation not in acts:
+        raise ValueError(f"`activation` must be one of {sorted(acts)}, got {activation!r}.")
     layers = []
     for _ in range(depth):
         layers += [stax.Dense(512, W_std=W_std, b_std=b_std,
-                              parameterization=parameterization), stax.Relu()]
+                              parameterization=parameterization), acts[activation]()]
     layers += [stax.Dense(1, W_std=W_std, b_std=b_std, parameterization=parameterization)]
     _, _, kernel_fn = stax.serial(*layers)
     params = (("depth", depth), ("W_std", W_std), ("b_std", b_std),
               ("parameterization", parameterization))
+    if activation != "relu":                     # the ReLU kernel keeps its old identity
+        params += (("activation", activation),)
     return from_stax(kernel_fn, kind, name="nt_fc", params=params)
 
 

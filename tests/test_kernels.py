@@ -226,6 +226,25 @@ def test_nt_fc_matches_arccos_recursion(depth, W_std, b_std, kind, rng):
 
 
 @pytest.mark.parametrize("kind", ["ntk", "nngp"])
+@pytest.mark.parametrize("depth,W_std,b_std", [(1, 1.0, 0.0), (2, 1.5, 0.1), (3, 0.8, 0.3)])
+def test_nt_fc_erf_matches_arcsine_recursion(depth, W_std, b_std, kind, rng):
+    """activation="erf" against Williams' (1997) arcsine recursion, diagonal included."""
+    x1 = rng.standard_normal((6, 5))
+    x1[1] *= 3.0
+    x2 = np.concatenate([rng.standard_normal((3, 5)) * 0.5, x1[:1]])
+    k = kernels.nt_fc(depth=depth, W_std=W_std, b_std=b_std, kind=kind, activation="erf")
+    nngp, ntk = arccos.erf_kernels(x1, x2, depth, W_std, b_std)
+    K = np.asarray(k(jnp.asarray(x1), jnp.asarray(x2)))
+    np.testing.assert_allclose(K, ntk if kind == "ntk" else nngp, rtol=1e-10, atol=0)
+    assert k != kernels.nt_fc(depth=depth, W_std=W_std, b_std=b_std, kind=kind)
+
+
+def test_nt_fc_unknown_activation_is_a_clear_error():
+    with pytest.raises(ValueError, match="activation"):
+        kernels.nt_fc(activation="tanh")
+
+
+@pytest.mark.parametrize("kind", ["ntk", "nngp"])
 @pytest.mark.parametrize("depth", [3])
 def test_nt_fc_diagonal_matches_exact_t0_recursion(depth, kind, rng):
     """k(x, x): the arc-cosine angle is ill-conditioned at t = 0 (cos rounded to 1 - eps

@@ -68,3 +68,36 @@ def relu_nngp(x1, x2, depth, W_std=1.0, b_std=0.0):
 def relu_ntk(x1, x2, depth, W_std=1.0, b_std=0.0):
     """The neural tangent kernel (``Theta`` of the readout)."""
     return relu_kernels(x1, x2, depth, W_std, b_std)[1]
+
+
+def erf_kernels(x1, x2, depth, W_std=1.0, b_std=0.0):
+    """``(nngp, ntk)`` of ``depth x (Dense, Erf)`` then ``Dense`` (Williams 1997).
+
+    For ``(u, v) ~ N(0, [[S11, S12], [S12, S22]])``::
+
+        E[erf(u) erf(v)]   = (2/pi) arcsin(2 S12 / sqrt((1 + 2 S11)(1 + 2 S22)))
+        E[erf'(u) erf'(v)] = (4/pi) / sqrt((1 + 2 S11)(1 + 2 S22) - 4 S12^2)
+
+    and the same Dense-layer updates as the ReLU recursion above.
+    """
+    x1 = np.asarray(x1, dtype=np.float64).reshape(len(x1), -1)
+    x2 = np.asarray(x2, dtype=np.float64).reshape(len(x2), -1)
+    d = x1.shape[1]
+    w2, b2 = W_std ** 2, b_std ** 2
+    s12 = w2 * (x1 @ x2.T) / d + b2
+    s11 = w2 * np.sum(x1 * x1, axis=1) / d + b2
+    s22 = w2 * np.sum(x2 * x2, axis=1) / d + b2
+    theta = s12.copy()
+
+    def e_erf(a, b, c):                  # E[erf(u) erf(v)] for variances a, b, covariance c
+        return 2.0 / np.pi * np.arcsin(2.0 * c / np.sqrt((1.0 + 2.0 * a) * (1.0 + 2.0 * b)))
+
+    for _ in range(depth):
+        A = np.outer(1.0 + 2.0 * s11, 1.0 + 2.0 * s22)
+        e_step = 4.0 / np.pi / np.sqrt(A - 4.0 * s12 ** 2)
+        new12 = w2 * e_erf(s11[:, None], s22[None, :], s12) + b2
+        theta = new12 + w2 * e_step * theta
+        s11 = w2 * e_erf(s11, s11, s11) + b2
+        s22 = w2 * e_erf(s22, s22, s22) + b2
+        s12 = new12
+    return s12, theta
