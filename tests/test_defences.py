@@ -366,6 +366,24 @@ def test_curvature_lanczos_agrees_with_dense(spike):
     assert i_l["converged"].all()
 
 
+def test_curvature_batch_size_defaults_to_one_for_lanczos(spike):
+    """Lanczos defaults to one input a chunk (a batched eigh inside its while_loop
+    deadlocked XLA's CPU pool); dense keeps 256; an int overrides either."""
+    assert CurvatureDetector().effective_batch_size == 256
+    lanc = CurvatureDetector(method="lanczos")
+    assert lanc.batch_size is None and lanc.effective_batch_size == 1
+    assert CurvatureDetector(method="lanczos", batch_size=4).effective_batch_size == 4
+    assert CurvatureDetector(batch_size=8).effective_batch_size == 8
+    # the default follows the method through dataclasses.replace
+    assert dataclasses.replace(CurvatureDetector(), method="lanczos").effective_batch_size == 1
+    model, clean, _, x_trig = spike
+    x = np.r_[clean(3)[0], x_trig[:2]]
+    one = lanc.fit(model, x)                                 # 5 chunks of one input
+    assert one.effective_batch_size == 1                     # fit keeps the default
+    dense = CurvatureDetector().fit(model, x)
+    np.testing.assert_allclose(one.clean_scores, dense.clean_scores, rtol=1e-8)
+
+
 def test_curvature_detector_accepts_a_trigger_object(spike):
     model, clean, _, x_trig = spike
     trig = triggers.CrossTrigger(strength=1.0, image_shape=(2, 2))

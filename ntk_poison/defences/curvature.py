@@ -24,6 +24,18 @@ Cost per input: ``"dense"`` forms the ``d x d`` Hessian (``spectra.loss_hessian`
 time. ``"lanczos"`` runs ``spectra.top_eigenpairs(..., method="lanczos")`` on
 Hessian-vector products, ``jax.vmap``'d over the points of a chunk (its
 ``while_loop`` then runs until the slowest point of the chunk converges).
+
+Chunk size. ``batch_size=None`` (the default) means 256 inputs a chunk for
+``"dense"`` and ONE input a chunk for ``"lanczos"``. Under ``vmap`` the small
+Rayleigh-Ritz ``eigh`` inside the Lanczos ``while_loop`` becomes a batched ``eigh``,
+which jaxlib's CPU backend runs through ``ParallelBatchMap`` on XLA's intra-op
+thread pool; nested in the loop, that deadlocked (jax 0.10.2, CPU) twice in about
+15 experiment runs with 8 inputs a chunk. With 1 input a chunk the batch holds one
+matrix, so there is nothing to fan out over the pool, and no hang has been seen.
+It costs little: at d = 784 one point's Lanczos run takes ~20 ms, mostly
+Hessian-vector products. An explicit
+``batch_size`` still overrides the default for either method (at your own risk for
+``"lanczos"`` on CPU).
 """
 
 from __future__ import annotations
@@ -44,6 +56,8 @@ Array = Any
 __all__ = ["CurvatureDetector"]
 
 _METHODS = ("dense", "lanczos")
+#: inputs a chunk when ``batch_size`` is None (lanczos: 1, see the module docstring)
+_DEFAULT_BATCH = {"dense": 256, "lanczos": 1}
 
 
 def _fn_of(model: Any):
@@ -87,8 +101,11 @@ class CurvatureDetector:
       tol: the Lanczos relative residual tolerance (default: spectra's, 1e-8 in
         float64, 1e-4 in float32).
       max_iters: the Lanczos iteration cap (default: spectra's).
-      batch_size: inputs processed at once (bounds the memory of the dense
-        Hessians, ``batch_size * d^2`` floats).
+      batch_size: inputs processed at once, or None (default) for the method's
+        default, :attr:`effective_batch_size`: 256 for ``"dense"`` (bounds the
+        memory of the dense Hessians, ``batch_size * d^2`` floats) and 1 for
+        ``"lanczos"`` (a batched ``eigh`` inside the Lanczos loop can deadlock
+        XLA's CPU thread pool; see the module docstring). An int overrides it.
       threshold: set by :meth:`fit`: a score above it is flagged.
       clean_scores: set by :meth:`fit`: the clean scores it was set from.
 
@@ -102,7 +119,7 @@ class CurvatureDetector:
     key: Any = 0
     tol: Optional[float] = None
     max_iters: Optional[int] = None
-    batch_size: int = 256
+    batch_size: Optional[int] = None
     threshold: Optional[float] = None
     clean_scores: Optional[np.ndarray] = None
 
@@ -114,14 +131,22 @@ class CurvatureDetector:
         _validate.nonneg("fpr", self.fpr, positive=True)
         if not self.fpr < 1:
             raise ValueError(f"`fpr` must be in (0, 1), got {self.fpr}.")
-        if not _validate.is_int_scalar(self.batch_size) or self.batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive int, got "
-                             f"{self.batch_size!r}.")
+        if self.batch_size is not None and (not _validate.is_int_scalar(self.batch_size)
+                                            or self.batch_size < 1):
+            raise ValueError(f"`batch_size` must be a positive int or None (the method's "
+                             f"default), got {self.batch_size!r}.")
         if self.tol is not None:
             _validate.nonneg("tol", self.tol, positive=True)
         td = self.trigger_direction
         if td is not None and not hasattr(td, "direction"):
             _validate.array("trigger_direction", td)
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Inputs a chunk: ``batch_size``, or 256 (dense) / 1 (lanczos) if None."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return _DEFAULT_BATCH[self.method]
 
     # ----------------------------------------------------------------- internals
 
@@ -156,7 +181,7 @@ class CurvatureDetector:
         return x, y
 
     def _chunk(self, model, x, y):
-        """Eigenpairs at one chunk of at most ``batch_size`` inputs.
+        """Eigenpairs at one chunk of at most ``effective_batch_size`` inputs.
 
         The chunk is padded (with copies of its first input) to a power of two, capped
         at ``batch_size``, so that the compiled Hessian and eigen-solver are reused
@@ -166,7 +191,7 @@ class CurvatureDetector:
         d = int(np.prod(x.shape[1:]))
         if self.k > d:
             raise ValueError(f"`k` = {self.k} exceeds the flat input size d = {d}.")
-        bucket = max(m, min(self.batch_size, 1 << (m - 1).bit_length()))
+        bucket = max(m, min(self.effective_batch_size, 1 << (m - 1).bit_length()))
         if bucket > m:
             x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (bucket - m,) + x.shape[1:])])
             y = jnp.concatenate([y, jnp.broadcast_to(y[:1], (bucket - m,))])
@@ -209,8 +234,8 @@ class CurvatureDetector:
         """
         pseudo = y is None
         x, y = self._inputs(model, x, y, "x")
-        parts = [self._chunk(model, x[i:i + self.batch_size], y[i:i + self.batch_size])
-                 for i in range(0, x.shape[0], self.batch_size)]
+        b = self.effective_batch_size
+        parts = [self._chunk(model, x[i:i + b], y[i:i + b]) for i in range(0, x.shape[0], b)]
         out = {"eigenvalues": np.concatenate([np.asarray(p[0]) for p in parts]),
                "vectors": np.concatenate([np.asarray(p[1]) for p in parts]),
                "labels": np.asarray(y), "pseudo_labels": pseudo, "method": self.method,
