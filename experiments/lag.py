@@ -32,17 +32,16 @@ products are reused): the m identical clone rows of a refit are merged into one 
 of ``[X; zeta]`` carrying the sum of their dual weights (the same function), and the
 clean model is the same row set with weight 0 on zeta.
 
-The flow. ``flow.kernel_flow`` assembles the joint value-and-gradient Gram matrix of
-size n(1+d) even at kappa = 0 (n = 450, d = 784 would be 3.5e5 rows), so the flow at
-kappa = 0 is computed here from its closed form (flow.py's module docstring)::
+The flow. ``flow.kernel_flow`` at kappa = 0 (plain MSE gradient flow; it needs only
+the n x n Gram)::
 
     alpha(t) = Q diag((1 - exp(-e t / n)) / e) Q^T y,   K + n lam I = Q diag(e) Q^T
 
-which tests/test_experiments_spectral.py checks against ``flow.kernel_flow`` on small
-digits data. Time is in units of learning rate 1 on ``(1/2n) sum (f - y)^2 +
-(lam/2)||f||^2``. The clean comparison flows on the clean points with the same
-absolute ridge n lam and the same 1/n, so both reach the KRR models of the m-sweep
-as t -> inf.
+Time is in units of learning rate 1 on ``(1/2n) sum (f - y)^2 + (lam/2)||f||^2``.
+The clean comparison flows on the clean points with the same absolute ridge n lam
+and the same 1/n (:func:`flow_pair`), so both reach the KRR models of the m-sweep as
+t -> inf. ``flow_alpha`` is a numpy version of the same closed form, kept as the
+tests' oracle.
 
 Run: ``ntk-poison run lag --out results/lag``.
 """
@@ -322,11 +321,32 @@ def interp_at(xs, vals, x, log=True) -> float:
     return float(np.interp(x, xs, v))
 
 
+def flow_pair(k, X, y, Xp, yp, lam, times) -> Tuple[np.ndarray, np.ndarray]:
+    """Dual weights of the poisoned and the clean MSE gradient flows at ``times``.
+
+    Both by ``flow.kernel_flow`` at kappa = 0 (the n x n closed form). The poisoned
+    flow trains on the n = N + m points of ``(Xp, yp)`` at relative ridge lam. The
+    clean flow trains on the N clean points with the same ABSOLUTE ridge n lam
+    (relative ``n lam / N``); kernel_flow normalises its loss by 1/N where the
+    poisoned flow has 1/n, so the clean flow's clock runs at ``t N / n``: then both
+    solve ``dc/dt = -(1/n) [(K + n lam I) c - y]`` and reach the KRR models of the
+    m sweep as t -> inf. Returns ``(T, n)`` and ``(T, N)`` float64 arrays.
+    """
+    from ntk_poison import flow
+    N, n = len(X), len(Xp)
+    times = np.asarray(times, float)
+    pois = flow.kernel_flow(k, Xp, yp, lam, 0.0, times)
+    clean = flow.kernel_flow(k, X, y, lam * n / N, 0.0, times * N / n)
+    return np.asarray(pois.alpha, np.float64), np.asarray(clean.alpha, np.float64)
+
+
 def flow_alpha(K, y, lam_abs, n_norm, times) -> np.ndarray:
     """Dual weights (T, n) of MSE gradient flow from f = 0 (module docstring).
 
     ``dc/dt = -(1/n_norm) [(K + lam_abs I) c - y]`` so that
-    ``c(t) = Q diag((1 - exp(-e t / n_norm)) / e) Q^T y``.
+    ``c(t) = Q diag((1 - exp(-e t / n_norm)) / e) Q^T y``. A numpy oracle: the
+    experiment uses :func:`flow_pair` (``flow.kernel_flow``); the tests check the
+    two agree.
     """
     A = np.asarray(K, np.float64) + lam_abs * np.eye(len(y))
     e, Q = np.linalg.eigh(0.5 * (A + A.T))
@@ -413,9 +433,7 @@ def _sweep_t(k, Kb, name, prep, cfg, lam, times, det):
     N, m = len(X), int(cfg.flow_m)
     n = N + m
     Xp, yp = poison.clone_cluster(X, y, zeta, cfg.y_target, m)
-    Kp = poisoned_gram(Kb, m)
-    ap = flow_alpha(Kp, yp, n * lam, n, times)                 # (T, n)
-    ac = flow_alpha(Kp[:N, :N], y, n * lam, n, times)          # (T, N)
+    ap, ac = flow_pair(k, X, y, Xp, yp, lam, times)           # (T, n), (T, N)
     pts = np.concatenate([x0[None], prep["Xtrig_asr"], prep["Xte"]])
     idx = np.r_[np.arange(N), np.full(m, N)]
     kx = np.asarray(k(jnp.asarray(pts), jnp.asarray(np.concatenate([X, zeta[None]]))))[:, idx]
@@ -723,7 +741,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     _threshold_figure(rep, res, "t", "threshold_t")
     rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
                        x0="the first triggered non-target test point",
-                       flow="closed form of kappa = 0 gradient flow (module docstring)")
+                       flow="flow.kernel_flow at kappa = 0 (closed form; module docstring)")
     rep.text(_discussion(res, cfg, ell, time.time() - t0))
     rep.text(_agreement(res, cfg))
     rep.write()

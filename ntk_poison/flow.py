@@ -72,6 +72,9 @@ For the output penalty ``grad_u Jdata = (1/n) W (u - ybar)``: the linear ODE
 
     c(t) = S Q diag((1 - exp(-e t / n)) / e) Q^T ybar      -> S A^-1 ybar as t -> inf
 
+At kappa = 0 (S = diag(1, 0)) only the value block survives: :func:`kernel_flow`
+then uses ``K + n lam I`` alone (n x n) and sets beta = 0.
+
 *Time units*: t is the time of gradient flow on J as written, i.e. learning rate 1 on
 J (gradient descent with step eta for s steps is t ~ eta s). Along the flow
 ``dJ/dt = -v^T Kfull v <= 0`` (``v = grad_u Jdata + lam c``), for either penalty.
@@ -1191,16 +1194,20 @@ def _flow_ode(Kfull, Y, ridge, kappa, times, rate_linear, penalty: str, step_sca
     radius of the Jacobian: ``e_max(S Kfull S + n lam I) / n`` for the (linear)
     output penalty; ``lam_max(Kfull) max_i (1 + kappa (|e_i| + |grad f(x_i)|)^2) / n +
     lam`` for the loss penalty (the per-point Hessian of Jdata is bounded by that).
+    ``penalty="mse"`` is kappa = 0 with ``Kfull = K`` (n x n, values only):
+    ``dc/dt = -(1/n) [(K + n lam I) c - y]``.
     Each requested time is hit exactly (the last step of an interval is shortened).
     """
     n, r = Y.shape
 
     def rhs(c):
         u = Kfull @ c
+        if penalty == "mse":                          # kappa = 0 on the n x n Gram K
+            return -((u - Y) / n + ridge * c)
         return -(jax.grad(_data_objective)(u, Y, kappa, penalty) + ridge * c)
 
     def rate(c):
-        if penalty == "output":
+        if penalty in ("output", "mse"):
             return rate_linear
         u = Kfull @ c
         e = jnp.linalg.norm(u[:n] - Y, axis=1)
@@ -1235,6 +1242,53 @@ def _flow_ode(Kfull, Y, ridge, kappa, times, rate_linear, penalty: str, step_sca
     return cs, steps, t
 
 
+def _flow_values_only(k: Kernel, X, Y, y, scalar: bool, ridge: float, times: np.ndarray,
+                      penalty: str, method: str, step_scale: float, max_steps: int
+                      ) -> PenalizedPath:
+    """:func:`kernel_flow` at kappa = 0 on the n x n Gram (MSE gradient flow).
+
+    ``dc/dt = -(1/n) [(K + n lam I) c - y]`` from c = 0 for the value coefficients;
+    the derivative coefficients stay 0. Closed form by ``eigh`` of ``K + n lam I``
+    (the joint closed form with S = diag(1 (n), 0 (n d)) restricted to its value
+    block), or RK4 on the n-dim system.
+    """
+    n, shape, dt = X.shape[0], X.shape[1:], X.dtype
+    _validate.fits_in_memory(f"kernel_flow at kappa = 0 (the n x n Gram for n={n})",
+                             4 * n * n, dt.itemsize, "Subsample the training set "
+                             "(ntk_poison.data.subset).")
+    A = krr._gram_plus_ridge(k, X, jnp.asarray(n * ridge, dt))
+    A = 0.5 * (A + A.T)
+    tj = jnp.asarray(times.astype(dt))
+    info: Tuple[Tuple[str, Any], ...] = (("method", method), ("gram", "n x n (kappa = 0)"))
+    if method == "closed_form":
+        cs = _flow_closed_form(A, jnp.ones((n,), dt), Y, tj)
+    else:
+        K = A - n * ridge * jnp.eye(n, dtype=dt)
+        e_max = float(jnp.linalg.eigvalsh(A)[-1])
+        rate_lin = e_max / n
+        if times[-1] * rate_lin / step_scale > max_steps:
+            raise ValueError(
+                f"The ODE needs about {times[-1] * rate_lin / step_scale:.3g} RK4 steps "
+                f"(stiffness {rate_lin:.3g}, t_max {times[-1]:g}), over max_steps="
+                f"{max_steps}. Use method=\"closed_form\", smaller times, or raise "
+                "max_steps.")
+        cs, steps, t_end = _flow_ode(K, Y, jnp.asarray(ridge, dt), jnp.asarray(0.0, dt),
+                                     tj, jnp.asarray(rate_lin, dt), "mse",
+                                     jnp.asarray(step_scale, dt), jnp.asarray(e_max, dt),
+                                     int(max_steps))
+        if float(t_end) < times[-1]:
+            raise ValueError(
+                f"The ODE reached t = {float(t_end):.4g} < {times[-1]:g} within "
+                f"max_steps={max_steps} RK4 steps. Ask for smaller times or raise max_steps.")
+        info = info + (("steps", int(steps)),)
+    T, r = cs.shape[0], Y.shape[1]
+    alphas = cs[..., 0] if scalar else cs
+    betas = jnp.zeros((T, n) + tuple(shape) + (() if scalar else (r,)), dt)
+    return PenalizedPath(kernel=k, X=X, y=y, alpha=alphas, beta=betas,
+                         kappas=jnp.zeros((T,), dt), times=tj, ridge=ridge,
+                         penalty=penalty, info=info)
+
+
 def kernel_flow(k: Kernel, X: Array, y: Array, ridge: float, kappa: float, times: Any, *,
                 penalty: str = "output", method: Optional[str] = None,
                 step_scale: float = 0.05, max_steps: int = 1_000_000) -> PenalizedPath:
@@ -1267,6 +1321,15 @@ def kernel_flow(k: Kernel, X: Array, y: Array, ridge: float, kappa: float, times
       ``.input_grad(x) -> (T, m, *s)``, ``.at(i)`` a model at time index i. Cost:
       O(n^2 d^2) memory, O(N^3) time plus O(N^2) per time (closed form) or per RK4
       stage (ODE), N = n(1+d).
+
+    At kappa = 0 both penalties vanish and the flow is plain MSE gradient flow,
+    which needs only the n x n Gram K (the derivative block decouples, beta = 0)::
+
+        c(t) = Q diag((1 - exp(-e t / n)) / e) Q^T y,    K + n lam I = Q diag(e) Q^T
+
+    so no joint Gram is built: O(n^2) memory, O(n^3) time plus O(n^2) per time
+    (closed form, for either penalty) or per RK4 stage (ODE, the n-dim system).
+    ``beta`` is returned as zeros of the usual shape.
     """
     k, X, Y, y, scalar, ridge = _prepare(k, X, y, ridge)
     kappa = _check_scalar("kappa", kappa)
@@ -1280,8 +1343,10 @@ def kernel_flow(k: Kernel, X: Array, y: Array, ridge: float, kappa: float, times
                          "method=\"ode\" (the default for penalty=\"loss\").")
     _validate.nonneg("step_scale", step_scale, positive=True)
     _validate.nonneg("max_steps", max_steps, integer=True, positive=True)
-    if kappa > 0:
-        _warn_if_not_smooth(k, X)
+    if kappa == 0.0:
+        return _flow_values_only(k, X, Y, y, scalar, ridge, times, penalty, method,
+                                 step_scale, max_steps)
+    _warn_if_not_smooth(k, X)
     _check_joint_memory(X, "kernel_flow")
     n, shape, dt = X.shape[0], X.shape[1:], X.dtype
     Kfull, A, sw = _exact_system(k, X, jnp.asarray(ridge, dt), jnp.asarray(kappa, dt))

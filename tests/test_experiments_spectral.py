@@ -123,6 +123,17 @@ def test_lag_flow_closed_form_matches_kernel_flow():
     alpha = lag.flow_alpha(np.asarray(k(X, X)), y, n * ridge, n, times)
     mine = alpha @ np.asarray(k(xt, X)).T
     np.testing.assert_allclose(mine, np.asarray(path.predict(xt)), rtol=1e-8, atol=1e-10)
+    # the experiment's flow_pair (kernel_flow twice): the poisoned flow on n = N + m
+    # points, the clean one on N with the same absolute ridge n lam and the same 1/n
+    from ntk_poison import poison
+    m = 5
+    Xp, yp = poison.clone_cluster(X, y, xt[0], 1.0, m)
+    ap, ac = lag.flow_pair(k, X, y, Xp, yp, ridge, times)
+    n = n + m
+    np.testing.assert_allclose(ap, lag.flow_alpha(np.asarray(k(Xp, Xp)), yp, n * ridge, n,
+                                                  times), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ac, lag.flow_alpha(np.asarray(k(X, X)), y, n * ridge, n,
+                                                  times), rtol=1e-9, atol=1e-12)
 
 
 def test_lag_crossing_helpers():

@@ -327,6 +327,70 @@ def test_flow_at_kappa_zero_matches_neural_tangents(rbf_problem):
     assert _max_abs(np.asarray(f_train)[..., 0], ours_train) < 1e-12
 
 
+def _numpy_mse_flow(K, Y, ridge, times):
+    """Independent oracle: c(t) = Q diag((1 - exp(-e t/n))/e) Q^T y, K + n lam I = Q e Q^T."""
+    n = K.shape[0]
+    e, Q = np.linalg.eigh(K + n * ridge * np.eye(n))
+    g = -np.expm1(-np.outer(times, e) / n) / e                     # (T, n)
+    qy = Q.T @ Y.reshape(n, -1)                                     # (n, r)
+    return np.einsum("ij,tj,jr->tir", Q, g, qy)                    # (T, n, r)
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_flow_at_kappa_zero_skips_the_joint_gram(rbf_problem, vector):
+    """kappa = 0 runs on the n x n Gram; it equals the joint-Gram closed form (the old
+    path, S = diag(1, 0)) and a numpy eigh oracle to 1e-10, for either penalty and
+    method; beta is 0."""
+    k, X, y, x = rbf_problem
+    Y = np.stack([y, np.cos(X[:, 1])], 1) if vector else y
+    n, dt = len(X), jnp.float64
+    Kfull, A, sw = flow._exact_system(k, jnp.asarray(X), jnp.asarray(LAM, dt),
+                                      jnp.asarray(0.0, dt))
+    Yj = jnp.asarray(Y.reshape(n, -1))
+    old_a, old_b = flow._unpack(flow._flow_closed_form(A, sw, Yj, jnp.asarray(TIMES)),
+                                X.shape[1:], not vector)
+    oracle = _numpy_mse_flow(np.asarray(k(X, X)), Y, LAM, TIMES)
+    oracle = oracle[..., 0] if not vector else oracle
+    path = flow.kernel_flow(k, X, Y, LAM, 0.0, TIMES)
+    assert path.info_dict["gram"] == "n x n (kappa = 0)"
+    assert path.alpha.shape == old_a.shape and path.beta.shape == old_b.shape
+    assert not np.any(np.asarray(path.beta))
+    assert _max_abs(path.alpha, old_a) < 1e-10
+    assert _max_abs(path.alpha, oracle) < 1e-10
+    old = flow.PenalizedPath(kernel=k, X=jnp.asarray(X), y=jnp.asarray(Y), alpha=old_a,
+                             beta=old_b, kappas=jnp.zeros(len(TIMES)),
+                             times=jnp.asarray(TIMES), ridge=LAM)
+    assert _max_abs(path.predict(x), old.predict(x)) < 1e-10
+    ode = flow.kernel_flow(k, X, Y, LAM, 0.0, TIMES, method="ode")
+    loss = flow.kernel_flow(k, X, Y, LAM, 0.0, TIMES, penalty="loss")
+    assert ode.info_dict["method"] == loss.info_dict["method"] == "ode"
+    assert loss.penalty == "loss" and not np.any(np.asarray(ode.beta))
+    for other in (ode, loss):
+        assert _max_abs(other.predict(x), path.predict(x)) < 1e-6
+    if not vector:
+        assert _max_abs(path.input_grad(x), old.input_grad(x)) < 1e-10
+        assert path.at(1).kappa == 0.0 and path.at(1).time == TIMES[1]
+
+
+def test_flow_at_kappa_zero_is_not_limited_by_the_joint_gram():
+    """n = 300, d = 784: the joint Gram (n(1+d) = 235500 rows) is far over any memory
+    budget, so kappa > 0 raises; kappa = 0 needs only K and runs (both methods)."""
+    rng = np.random.default_rng(3)
+    n, d = 300, 784
+    X = rng.uniform(0.0, 1.0, (n, d))
+    y = np.sign(rng.standard_normal(n))
+    k = kernels.rbf(8.0)
+    times = np.array([0.5, 5.0, 50.0])
+    with pytest.raises(ValueError, match="memory budget"):
+        flow.kernel_flow(k, X, y, LAM, 0.1, times)
+    path = flow.kernel_flow(k, X, y, LAM, 0.0, times)
+    oracle = _numpy_mse_flow(np.asarray(k(X, X)), y, LAM, times)[..., 0]
+    assert _max_abs(path.alpha, oracle) < 1e-10
+    assert path.beta.shape == (len(times), n, d) and not np.any(np.asarray(path.beta))
+    ode = flow.kernel_flow(k, X, y, LAM, 0.0, times, method="ode")
+    assert _max_abs(ode.alpha, oracle) < 1e-6
+
+
 @pytest.mark.parametrize("kappa", [0.5, 5.0])
 def test_objective_decreases_along_output_flow(rbf_problem, kappa):
     k, X, y, _ = rbf_problem
