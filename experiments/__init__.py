@@ -15,6 +15,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
              "clone-poison laws on MNIST: efficacy vs m, spike vs efficacy, near clones, ASR"),
     "lag": ("experiments.lag", "detectability lag: ASR vs curvature visibility, in m and in t"),
     "near_clone_invisible": ("experiments.near_clone_invisible", "near clones vs two detectors"),
+    "defence": ("experiments.defence", "input-gradient penalty: capacity, contraction, "
+                "high-pass filter, frontier; kernels vs finite erf nets"),
 }
 
 
