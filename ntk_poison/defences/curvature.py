@@ -22,25 +22,27 @@ suits ``+-1`` targets; pass ``y`` for anything else.
 Cost per input: ``"dense"`` forms the ``d x d`` Hessian (``spectra.loss_hessian``,
 ``jax.hessian`` vmap'd over points) and a batched ``eigh``: O(d^2) memory, O(d^3)
 time. ``"lanczos"`` runs ``spectra.top_eigenpairs(..., method="lanczos")`` on
-Hessian-vector products, ``jax.vmap``'d over the points of a chunk (its
-``while_loop`` then runs until the slowest point of the chunk converges).
+Hessian-vector products inside one jit-compiled program per chunk shape and model
+structure (so its Python-side checks and tracing run once, not per input), on the
+single input of a chunk of one, or ``jax.vmap``'d over the points of a larger chunk
+(its ``while_loop`` then runs until the slowest point of the chunk converges).
 
 Chunk size. ``batch_size=None`` (the default) means 256 inputs a chunk for
 ``"dense"`` and ONE input a chunk for ``"lanczos"``. Under ``vmap`` the small
 Rayleigh-Ritz ``eigh`` inside the Lanczos ``while_loop`` becomes a batched ``eigh``,
 which jaxlib's CPU backend runs through ``ParallelBatchMap`` on XLA's intra-op
 thread pool; nested in the loop, that deadlocked (jax 0.10.2, CPU) twice in about
-15 experiment runs with 8 inputs a chunk. With 1 input a chunk the batch holds one
-matrix, so there is nothing to fan out over the pool, and no hang has been seen.
-It costs little: at d = 784 one point's Lanczos run takes ~20 ms, mostly
-Hessian-vector products. An explicit
-``batch_size`` still overrides the default for either method (at your own risk for
-``"lanczos"`` on CPU).
+15 experiment runs with 8 inputs a chunk. A chunk of one input is not vmapped, so
+no ``eigh`` is batched and none goes through that path. It costs little: at
+d = 784 (RBF KRR, n = 450) one input takes ~8 ms, mostly Hessian-vector products.
+An explicit ``batch_size`` still overrides the default for either method (at your
+own risk for ``"lanczos"`` on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
@@ -83,6 +85,29 @@ def _top_of_hessians(H):
     vals = w[:, ::-1]
     vecs = jnp.swapaxes(V[:, :, ::-1], 1, 2)        # (m, d, d): rows = eigenvectors
     return vals, vecs
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "k", "tol", "max_iters", "batched"))
+def _lanczos_chunk(spec, dynamic, x, y, key, *, k, tol, max_iters, batched):
+    """Lanczos top-k pairs of the loss input-Hessian at each input of a chunk.
+
+    One compiled program per model structure (``spec``) and chunk shape: the Python
+    work of ``spectra.top_eigenpairs`` (input checks, tracing) runs once, not once
+    per input. ``batched=False`` (a chunk of one input) calls the solver on that input
+    alone, so no ``eigh`` is batched (see the module docstring). The start block is
+    drawn by ``jax.random`` from ``key`` (deterministic).
+    """
+    predict = spectra._rebuild(spec, dynamic)
+
+    def one(xi, yi):
+        vals, vecs, info = spectra.top_eigenpairs(
+            spectra.LossFunction(predict, yi), xi, k=k, method="lanczos", key=key,
+            tol=tol, max_iters=max_iters, return_info=True)
+        return vals, vecs, info.residuals, info.scale
+
+    if batched:
+        return jax.vmap(one)(x, y)
+    return jax.tree_util.tree_map(lambda a: a[None], one(x[0], y[0]))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -209,17 +234,13 @@ class CurvatureDetector:
         tol = self.tol
         if tol is None:
             tol = 1e-8 if x.dtype == jnp.float64 else 1e-4
-        k, key, max_iters = self.k, self.key, self.max_iters
-
-        def one(xi, yi):
-            vals, vecs, info = spectra.top_eigenpairs(
-                spectra.loss_fn(model, yi), xi, k=k, method="lanczos", key=key,
-                tol=tol, max_iters=max_iters, return_info=True)
-            return vals, vecs, info.residuals, info.scale
-
-        vals, vecs, res, scale = jax.vmap(one)(x, y)
+        spec, dynamic = spectra._partition(spectra._as_scalar_fn(model, "model"))
+        key = spectra._as_key(self.key)
+        vals, vecs, res, scale = _lanczos_chunk(
+            spec, dynamic, x, y, key, k=self.k, tol=float(tol), max_iters=self.max_iters,
+            batched=m > 1)
         converged = np.asarray(res) <= tol * np.asarray(scale)[:, None]
-        return vals, vecs.reshape(m, k, d), np.asarray(res), converged
+        return vals, vecs.reshape(m, self.k, d), np.asarray(res), converged
 
     def spectrum(self, model: Any, x: Array, y: Optional[Array] = None
                  ) -> Dict[str, Any]:
