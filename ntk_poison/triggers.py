@@ -172,6 +172,15 @@ def _one_shape(shape) -> Tuple[int, ...]:
     return shp
 
 
+def _fields_dict(trigger) -> Dict[str, Any]:
+    """A dataclass trigger as ``{"kind": ..., field: value}`` (tuples as lists, for JSON)."""
+    d = {"kind": trigger.kind}
+    for f in dataclasses.fields(trigger):
+        v = getattr(trigger, f.name)
+        d[f.name] = list(v) if isinstance(v, tuple) else v
+    return d
+
+
 def _from_fields(cls, d: Dict[str, Any]):
     """Build a dataclass trigger from its ``to_dict`` (ValueError on unknown fields)."""
     if not isinstance(d, dict):
@@ -282,11 +291,7 @@ class CrossTrigger:
         return self.pattern(grid).reshape(shp)
 
     def to_dict(self) -> Dict[str, Any]:
-        d = {"kind": self.kind}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        return d
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CrossTrigger":
@@ -377,11 +382,7 @@ class PatchTrigger:
         return diff / nrm
 
     def to_dict(self) -> Dict[str, Any]:
-        d = {"kind": self.kind}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            d[f.name] = list(v) if isinstance(v, tuple) else v
-        return d
+        return _fields_dict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PatchTrigger":
