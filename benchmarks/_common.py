@@ -34,6 +34,8 @@ __all__ = [
     "least_favourable", "machine_info", "load_info",
     "env_blas_vars", "load_flat_dataset", "median_heuristic", "write_json_atomic",
     "to_jsonable", "format_table", "ratio", "error_record",
+    "log", "time_repeats", "run_cases", "contention_warning", "pca_project",
+    "relative_error", "timing_method", "limit_blas_threads",
 ]
 
 
@@ -127,6 +129,41 @@ def time_group(fns: Mapping[str, Callable[[], Any]], repeats: int, *,
     return res
 
 
+def time_repeats(name: str, fn: Callable[[], Any], repeats: int, *,
+                 warmup: Optional[Callable[[], Any]] = None,
+                 log: Optional[Callable[[str], None]] = None) -> Timing:
+    """Time one path alone: a warm-up call, then ``repeats`` timed calls of ``fn``.
+
+    For a path too slow to repeat as often as :func:`time_group` would, or with no
+    competitor to interleave with. ``warmup`` (default ``fn`` itself) must compile every
+    jitted function that ``fn`` reaches at the same shapes, e.g. the same training
+    loop for fewer steps; its wall time is ``cold_seconds``.
+    """
+    res = Timing(name)
+    res.cold_seconds, _, res.output = timed_call(warmup or fn)
+    if log:
+        log(f"    {name}: warm-up {res.cold_seconds:.3f} s")
+    for r in range(repeats):
+        wall, cpu, res.output = timed_call(fn)
+        res.times.append(wall)
+        res.cpu_times.append(cpu)
+        if log:
+            log(f"    {name}: repeat {r + 1}/{repeats} {wall:.3f} s")
+    return res
+
+
+def timing_method(**entries: str) -> Dict[str, str]:
+    """The JSON ``timing_method`` block: the shared clock and statistic, plus ``entries``
+    (warm-up, interleaving, dtype, ... as each benchmark does them)."""
+    return {
+        "clock": "time.perf_counter wall time around the call and "
+                 "jax.block_until_ready of its output; cpu_times_seconds is "
+                 "time.process_time (all threads of this process)",
+        "statistic": "median over repeats; spread_rel = (max - min) / median",
+        **entries,
+    }
+
+
 def ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
     """``num / den``, or None if either is missing or den is not positive."""
     if num is None or den is None or not den > 0 or math.isnan(num):
@@ -176,6 +213,21 @@ def env_blas_vars() -> Dict[str, str]:
     """Environment variables that change BLAS / XLA behaviour, with their values."""
     return {k: v for k, v in sorted(os.environ.items())
             if any(k.upper().startswith(p) for p in _ENV_PREFIXES)}
+
+
+def limit_blas_threads(n: int) -> List[Dict[str, Any]]:
+    """Limit every loaded BLAS/LAPACK thread pool to ``n`` threads, at run time.
+
+    Uses threadpoolctl after importing scipy.linalg (whose OpenBLAS also serves
+    jax's CPU LAPACK calls: eigh, Cholesky, triangular solves), so unlike the
+    ``OPENBLAS_NUM_THREADS`` variable it works after numpy has loaded. On a shared
+    machine one thread avoids OpenBLAS threads busy-waiting for a core that another
+    process holds. Returns the pools as threadpoolctl reports them afterwards.
+    """
+    import scipy.linalg  # noqa: F401  (loads scipy's OpenBLAS)
+    from threadpoolctl import threadpool_info, threadpool_limits
+    threadpool_limits(limits=int(n), user_api="blas")
+    return threadpool_info()
 
 
 def load_info() -> Dict[str, Any]:
@@ -304,6 +356,24 @@ def load_flat_dataset(n_train: int, n_test: int, *, name: str = "mnist", d: int 
     return out
 
 
+def pca_project(x_fit: np.ndarray, arrays: Sequence[np.ndarray], d: int
+                ) -> Tuple[List[np.ndarray], float]:
+    """Project ``arrays`` on the top-``d`` principal components of ``x_fit`` (numpy).
+
+    Centred at the mean of ``x_fit``; components from ``eigh`` of its covariance.
+    Returns the projected float64 arrays ``(m, d)`` and the fraction of the variance
+    of ``x_fit`` that the ``d`` components keep.
+    """
+    x_fit = np.asarray(x_fit, dtype=np.float64)
+    mean = x_fit.mean(axis=0)
+    xc = x_fit - mean
+    evals, evecs = np.linalg.eigh(xc.T @ xc)
+    order = np.argsort(evals)[::-1]
+    comps = evecs[:, order[:d]]
+    kept = float(evals[order[:d]].sum() / max(evals.sum(), 1e-300))
+    return [(np.asarray(a, dtype=np.float64) - mean) @ comps for a in arrays], kept
+
+
 def median_heuristic(x: np.ndarray, max_points: int = 1000) -> float:
     """Median pairwise Euclidean distance over the first ``max_points`` rows."""
     x = np.asarray(x[:max_points], dtype=np.float64)
@@ -323,6 +393,59 @@ def to_jsonable(obj: Any) -> Any:
 def write_json_atomic(path: str, obj: Any) -> str:
     """Write ``obj`` as JSON to ``path`` atomically; returns the absolute path."""
     return str(os.path.abspath(io.write_json(path, obj)))
+
+
+def log(msg: str) -> None:
+    """Progress messages go to stderr (stdout carries the final table)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+def relative_error(a: Any, ref: Any) -> float:
+    """``||a - ref||_2 / ||ref||_2`` over all entries (inf if ref is 0)."""
+    a, ref = np.asarray(a, np.float64), np.asarray(ref, np.float64)
+    den = float(np.linalg.norm(ref))
+    return float(np.linalg.norm(a - ref) / den) if den > 0 else float("inf")
+
+
+def run_cases(wanted: Sequence[str], runners: Mapping[str, Callable[[], Dict[str, Any]]]
+              ) -> Tuple[Dict[str, Any], bool]:
+    """Run the cases ``wanted`` in order; returns ``(results by name, any failed)``.
+
+    Each result gets ``wall_seconds_total`` and the load averages before and after
+    (``load_before``, ``load_after``). A case that raises is recorded
+    (``exception``, ``goal_met: False``) and the others still run.
+    """
+    cases: Dict[str, Any] = {}
+    failed = False
+    for name in wanted:
+        log(f"case {name}")
+        before = load_info()
+        t0 = time.perf_counter()
+        try:
+            res = runners[name]()
+        except Exception as e:  # record and go on with the other cases
+            failed = True
+            res = {"exception": error_record(e), "goal_met": False}
+            log(f"  FAILED: {type(e).__name__}: {e}")
+        res["wall_seconds_total"] = time.perf_counter() - t0
+        res["load_before"] = before["loadavg_1_5_15"]
+        res["load_after"] = load_info()["loadavg_1_5_15"]
+        cases[name] = res
+    return cases, failed
+
+
+def contention_warning(cases: Mapping[str, Mapping[str, Any]], advice: str
+                       ) -> Optional[str]:
+    """A warning naming the cases during which the 1-minute load average exceeded
+    the CPU count (other processes competed for the cores), or None."""
+    ncpu = os.cpu_count() or 1
+    busy = [n for n, c in cases.items() if c.get("load_before") and c.get("load_after")
+            and max(c["load_before"][0], c["load_after"][0]) > ncpu]
+    if not busy:
+        return None
+    return (f"the 1-minute load average exceeded the {ncpu} CPUs during "
+            f"{', '.join(busy)}: other processes competed for the cores, so wall times "
+            f"are inflated; {advice}")
 
 
 def error_record(e: BaseException) -> Dict[str, Any]:
