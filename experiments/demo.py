@@ -58,6 +58,8 @@ class Config(_Config):
     patch_size: int = 4
     poison: str = "prototype"      # zeta: triggered "prototype" (mean non-target image) or "image"
     y_target: float = 1.0
+    pool: int = 1                  # mean-pool the (square) images by this factor first
+                                   # (2: MNIST 28x28 -> 14x14); 1 keeps them
     seed: int = 0
     x64: bool = True
 
@@ -66,7 +68,7 @@ class Config(_Config):
         if self.dataset not in data.available():
             raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
         for name in ("n_train", "n_test", "n_trigger", "m_max", "n_m", "n_r", "patch_size",
-                     "nt_depth"):
+                     "nt_depth", "pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.near_clone_m < 0 or any(m < 0 for m in self.refit_ms):
@@ -110,6 +112,20 @@ def _median_distance(X: np.ndarray, n: int = 500) -> float:
     return float(np.median(np.sqrt(d2[np.triu_indices(len(Z), 1)])))
 
 
+def _mean_pool(x: np.ndarray, p: int) -> np.ndarray:
+    """Mean-pool flat square images ``(n, s*s)`` by ``p`` x ``p`` blocks: ``(n, (s/p)^2)``."""
+    x = np.asarray(x)
+    if p == 1:
+        return x
+    n, d = x.shape
+    s = int(round(np.sqrt(d)))
+    if s * s != d or s % p:
+        raise ValueError(f"`pool` = {p} needs square images whose side is a multiple of it; "
+                         f"the inputs have d = {d}.")
+    q = s // p
+    return x.reshape(n, q, p, q, p).mean(axis=(2, 4)).reshape(n, q * q)
+
+
 def _build_kernel(name: str, cfg: Config, ell: float):
     from ntk_poison import kernels
     if name in ("rbf", "matern52"):
@@ -124,11 +140,12 @@ def _prepare(cfg: Config):
     from ntk_poison import data, poison
     xtr, ytr, xte, yte = data.load(cfg.dataset)
     X, yl = data.subset(xtr, ytr, cfg.n_train, seed=cfg.seed)
-    X = X.astype(np.float64)
+    X = _mean_pool(X.astype(np.float64), cfg.pool)
+    pool = lambda a: _mean_pool(np.asarray(a, np.float64), cfg.pool)
     y = data.binary_targets(yl, cfg.positive_classes).astype(np.float64)
     rng = np.random.default_rng(cfg.seed + 1)
     perm = rng.permutation(len(xte))
-    Xte = xte[perm[:cfg.n_test]].astype(np.float64)
+    Xte = pool(xte[perm[:cfg.n_test]])
     yte_b = data.binary_targets(yte[perm[:cfg.n_test]], cfg.positive_classes)
     neg_idx = perm[~np.isin(yte[perm], cfg.positive_classes)][:cfg.n_trigger]
     side = int(round(np.sqrt(X.shape[1])))
@@ -143,13 +160,13 @@ def _prepare(cfg: Config):
         trig = lambda x: poison.apply_patch(x, mask, pattern)
         trig_at = lambda x, s: trig(x).astype(np.float64)
         direction = (mask * pattern).reshape(-1)
-    Xtrig = trig(xte[neg_idx].astype(np.float64)).astype(np.float64)
+    Xtrig = trig(pool(xte[neg_idx])).astype(np.float64)
     neg_train = X[y < 0]
     base = neg_train.mean(0) if cfg.poison == "prototype" else neg_train[0]
     zeta = trig(base[None])[0].astype(np.float64)
     return dict(X=X, y=y, Xte=Xte, yte=yte_b, Xtrig=Xtrig, zeta=zeta, ell=ell,
                 trigger_direction=direction, trigger_at=trig_at,
-                x0_clean=xte[neg_idx[0]].astype(np.float64))
+                x0_clean=pool(xte[neg_idx[:1]])[0])
 
 
 # --------------------------------------------------------------------------- measurements

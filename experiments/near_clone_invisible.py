@@ -18,6 +18,10 @@ attack artefact (``artefact.clone_attack``). For each r and kernel it measures:
   artefact's training set, eps = the poison fraction: AUROC at separating the clones
   from the clean training points.
 
+Kernels and data as in :mod:`experiments.lag`: RBF and nt_fc on flat inputs, nt_cnn
+on its own small image subset (``cnn_n_train``, ``cnn_pool``) as ``(n, H, W, 1)``
+images, with the same smoothness check of the input Hessian (here at x0p).
+
 Run: ``ntk-poison run near_clone_invisible --out results/near_clone_invisible``.
 """
 
@@ -47,7 +51,12 @@ class Config(_Config):
     n_eval: int = 30               # triggered AND clean test inputs scored by the detector
     n_cal: int = 30                # clean test inputs that set the detector's threshold
     positive_classes: Tuple[int, ...] = (5, 6, 7, 8, 9)
-    kernels: Tuple[str, ...] = ("rbf", "nt_fc")
+    kernels: Tuple[str, ...] = ("rbf", "nt_fc", "nt_cnn")
+    cnn_n_train: int = 100         # image kernels (nt_cnn): their own subset of this many
+    cnn_pool: int = 4              # training images, mean-pooled by this factor (MNIST
+                                   # 28x28 -> 7x7), as (n, H, W, 1) images (cost: see lag);
+                                   # their m is scaled by cnn_n_train / n_train (the same
+                                   # poison fraction)
     ridge: float = 2e-2            # relative ridge in units of k(x0p, x0p)
     length_scale: Optional[float] = None   # RBF l (and the unit of r); None: median distance
     nt_depth: int = 2
@@ -62,6 +71,7 @@ class Config(_Config):
     eig_tol: float = 1e-6
     eig_max_iters: int = 30
     eig_batch: int = 1             # keep 1: see experiments/lag.py (a CPU deadlock)
+    smooth_deltas: Tuple[float, ...] = (1e-6, 1e-3)  # smoothness check at x0p (units of l)
     kpca_components: int = 32      # kernel-PCA features for spectral signatures
     ss_multiplier: float = 1.5     # spectral signatures flag multiplier * eps per class
     asr_level: float = 0.9         # "ASR stays high": ASR >= this
@@ -74,13 +84,16 @@ class Config(_Config):
         if self.dataset not in data.available():
             raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
         for name in ("n_train", "n_trigger", "n_eval", "n_cal", "m", "n_r", "nt_depth",
-                     "eig_max_iters", "eig_batch", "kpca_components"):
+                     "eig_max_iters", "eig_batch", "kpca_components", "cnn_n_train",
+                     "cnn_pool"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
         if self.n_eval < 2 or self.n_cal < 2:
             raise ValueError("`n_eval` and `n_cal` must be >= 2 (an AUROC and a quantile).")
-        if self.kpca_components > self.n_train + self.m:
-            raise ValueError("`kpca_components` must be <= n_train + m.")
+        if self.kpca_components > min(self.n_train, self.cnn_n_train) + self.m:
+            raise ValueError("`kpca_components` must be <= n_train + m (and cnn_n_train + m).")
+        if any(d <= 0 for d in self.smooth_deltas):
+            raise ValueError("`smooth_deltas` must be > 0 (units of l).")
         if self.ridge <= 0:
             raise ValueError(f"`ridge` must be > 0, got {self.ridge}.")
         if self.length_scale is not None and self.length_scale <= 0:
@@ -101,9 +114,6 @@ class Config(_Config):
             if k not in kernels.available():
                 raise ValueError(f"Unknown kernel {k!r} in `kernels`; known: "
                                  f"{kernels.available()}.")
-            if k == "nt_cnn":
-                raise ValueError("`nt_cnn` needs image inputs; this experiment uses flat "
-                                 "inputs (use 'rbf', 'nt_fc', 'matern52' or 'linear').")
         if self.trigger_strength < 0:
             raise ValueError("`trigger_strength` must be >= 0.")
         if self.poison not in ("prototype", "image"):
@@ -111,13 +121,10 @@ class Config(_Config):
         if not self.positive_classes:
             raise ValueError("`positive_classes` must name at least one class.")
 
-    def demo_config(self) -> demo.Config:
-        return demo.Config(
-            dataset=self.dataset, n_train=self.n_train, n_test=self.n_eval + self.n_cal,
-            n_trigger=max(self.n_trigger, self.n_eval), positive_classes=self.positive_classes,
-            kernels=self.kernels, ridge=self.ridge, length_scale=self.length_scale,
-            nt_depth=self.nt_depth, trigger="cross", trigger_strength=self.trigger_strength,
-            poison=self.poison, y_target=self.y_target, seed=self.seed, x64=self.x64)
+    def demo_config(self, images: bool = False) -> demo.Config:
+        """The demo's data/trigger/poison config (image kernels: ``cnn_n_train`` points,
+        mean-pooled by ``cnn_pool``)."""
+        return lag.demo_config(self, images)
 
 
 # --------------------------------------------------------------------------- one kernel
@@ -128,7 +135,7 @@ def _sweep(k, name, prep, cfg, lam, rs, det):
     from ntk_poison.defences import (SpectralSignatures, evaluate_artefact,
                                      kernel_pca_features)
     X, y, x0p, ell = prep["X"], prep["y"], prep["zeta"], prep["ell"]
-    N, m = len(X), int(cfg.m)
+    N, m = len(X), lag.clone_count(cfg, cfg.m, prep)
     trig = triggers.get("cross", strength=cfg.trigger_strength * ell)
     clean_fit = krr.fit(k, X, y, lam * (N + m) / N)           # same absolute ridge
     a_clean = np.asarray(clean_fit.alpha)
@@ -136,6 +143,7 @@ def _sweep(k, name, prep, cfg, lam, rs, det):
     lam_clean_x0p = lag.top_eig(det, clean0, x0p)
     fc_trig = np.asarray(clean_fit.predict(prep["Xtrig_asr"]))
     fc_x0p = float(clean_fit.predict(x0p[None])[0])
+    acc0 = float(np.mean(np.sign(np.asarray(clean_fit.predict(prep["Xte"]))) == prep["yte"]))
     rows = []
     for r in progress(rs, f"{name}: r sweep"):
         zeta = poison.near_clone(x0p, float(r) * ell, seed=cfg.seed)
@@ -159,7 +167,8 @@ def _sweep(k, name, prep, cfg, lam, rs, det):
         ss = SpectralSignatures(eps=eps, multiplier=cfg.ss_multiplier)
         ss_scores, ss_flagged = ss.detect(feats, art.y)
         ss_ev = evaluate_artefact((ss_scores, ss_flagged), art, fpr=cfg.fpr)
-        dist = np.linalg.norm(prep["x_trig_eval"] - zeta[None], axis=1) / ell
+        diff = (prep["x_trig_eval"] - zeta[None]).reshape(len(prep["x_trig_eval"]), -1)
+        dist = np.linalg.norm(diff, axis=1) / ell
         rows.append(dict(
             r_over_l=float(r), asr=float(np.mean(np.sign(f_trig) == np.sign(cfg.y_target))),
             clean_acc=float(np.mean(np.sign(f_te) == prep["yte"])),
@@ -177,6 +186,13 @@ def _sweep(k, name, prep, cfg, lam, rs, det):
             convergence_warnings=s["convergence_warnings"]))
     out = {key: np.asarray([row[key] for row in rows]) for key in rows[0]}
     out["lambda_clean_x0p"] = lam_clean_x0p
+    out["clean_acc_unpoisoned"] = acc0
+    out["m"] = m
+    out["smoothness"] = lag.smoothness(det, clean0, x0p, ell, cfg.smooth_deltas, cfg.seed)
+    # ... and at a triggered test input (the detector scores those): x0
+    clean_x0 = lag.merged_model(k, X, a_clean, 0.0, prep["x0"], lam)
+    out["smoothness_x0"] = lag.smoothness(det, clean_x0, prep["x0"], ell, cfg.smooth_deltas,
+                                          cfg.seed)
     out["is_poison"] = np.r_[np.zeros(N, bool), np.ones(m, bool)]
     out["lanczos_converged"] = float(np.mean(out["lanczos_converged"]))
     out["convergence_warnings"] = int(np.sum(out["convergence_warnings"]))
@@ -198,7 +214,8 @@ def _claims(rep, name, s, cfg):
               f"ASR {asr[0]:.3f} at r/l = {r[0]:.0e}, {asr[-1]:.3f} at r/l = {r[-1]:.3g}; "
               f"r*/l {r_star_txt} (the largest grid r with ASR >= {cfg.asr_level:g} at "
               f"every r' <= r); clean accuracy {np.min(s['clean_acc']):.3f} .. "
-              f"{np.max(s['clean_acc']):.3f}.", ["near_clone.png"])
+              f"{np.max(s['clean_acc']):.3f} ({s['clean_acc_unpoisoned']:.3f} unpoisoned).",
+              ["near_clone.png"])
     a0, a1 = float(s["auroc"][0]), float(s["auroc"][-1])
     ok_auc = abs(a0 - 0.5) <= cfg.auroc_tol
     theory_note = ("THEORY.md's prediction for the RBF kernel." if name in ("rbf", "matern52")
@@ -260,7 +277,7 @@ def _figures(rep, res, cfg):
         ax.axhline(0.5, color="k", lw=0.5)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("r / l (clones at x0p + r u)")
-        ax.set_title(f"{name}: m = {cfg.m}")
+        ax.set_title(f"{name}: m = {s['m']}")
         ax.legend(fontsize=7)
     rep.figure(fig, "near_clone")
 
@@ -292,21 +309,24 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     t0 = time.time()
     rep = Report(f"ntk-poison near_clone_invisible: near clones vs two detectors "
                  f"({cfg.dataset.upper()})", out_dir, cfg)
-    prep = lag.prepare(cfg)
-    x0p, ell = prep["zeta"], prep["ell"]
     rs = np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r)
-    det = lag.make_detector(cfg, prep["trigger_direction"])
-    res = {}
+    preps, res = {}, {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
-        k = demo._build_kernel(name, cfg.demo_config(), ell)
+        prep = lag.prep_for(preps, cfg, name)
+        x0p, ell = prep["zeta"], prep["ell"]
+        det = lag.make_detector(cfg, prep["trigger_direction"])
+        k = lag.build_kernel(name, cfg, ell)
         k_pp = float(k.diag(jax.numpy.asarray(x0p[None]))[0])
         lam = cfg.ridge * k_pp
         s = _sweep(k, name, prep, cfg, lam, rs, det)
         res[name] = dict(kernel=repr(k), lam=lam, k_x0p=k_pp, sweep=s,
-                         seconds=time.time() - tk)
+                         data=lag.data_info(prep, cfg), seconds=time.time() - tk)
+        lag.smooth_claim(rep, name, s["smoothness"], "spike.png", where="x0p")
+        lag.smooth_claim(rep, name, s["smoothness_x0"], "near_clone.png", where="x0")
         _claims(rep, name, s, cfg)
     _figures(rep, res, cfg)
+    ell = preps[False]["ell"] if False in preps else preps[True]["ell"]
     rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
                        x0p="the triggered prototype (mean non-target training image + "
                            "trigger)", r_unit="the RBF length scale l")
@@ -318,13 +338,16 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
 
 def _discussion(res, cfg, ell, secs) -> str:
     lines = [f"""## Set-up
-{cfg.n_train} stratified {cfg.dataset} training points; trigger x + s p with the unit cross
-p and s = {cfg.trigger_strength:g} l (l = {ell:.4g}). x0p is the triggered {cfg.poison}
-of the non-target training images; the m = {cfg.m} clones (label {cfg.y_target:+g}) sit at
+{lag._data_lines(res, cfg)} Trigger x + s p with the unit cross p and
+s = {cfg.trigger_strength:g} l (l = the median pairwise distance of that kernel's training
+subset). x0p is the triggered {cfg.poison}
+of the non-target training images; the m = {cfg.m} clones (image kernels: m scaled by
+{cfg.cnn_n_train}/{cfg.n_train}, the same poison fraction; label {cfg.y_target:+g}) sit at
 x0p + r u, u a fixed random unit vector (seed {cfg.seed}), r/l in [{cfg.r_min:g},
 {cfg.r_max:g}] ({cfg.n_r} log-spaced values). Each poisoned set is an
 `artefact.clone_attack` artefact; the model is KRR refitted on it (ridge {cfg.ridge:g} x
-k(x0p, x0p), absolute (N + m) x that). ASR on {cfg.n_trigger} triggered non-target test
+k(x0p, x0p), absolute (N + m) x that). x0 is the first triggered non-target test input
+(for the smoothness check). ASR on {cfg.n_trigger} triggered non-target test
 points. Curvature detector: top loss-Hessian eigenvalue (Lanczos, pseudo-labels
 sign f), threshold from {cfg.n_cal} clean test inputs at {cfg.fpr:g} FPR, AUROC over
 {cfg.n_eval} triggered vs {cfg.n_eval} clean test inputs. Spectral signatures: per class,
@@ -335,7 +358,7 @@ poison fraction. Total time {secs:.1f} s.
     for name, r in res.items():
         s = r["sweep"]
         lines.append(f"""
-**{name}.** ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
+**{name}** ({lag.data_text(r['data'])}; m = {s['m']}). ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
 (r/l = {cfg.r_max:g}); curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
 spectral-signature AUROC {np.min(s['ss_auroc']):.3f} .. {np.max(s['ss_auroc']):.3f}; at x0p
 the poison's GN spike goes {s['spike_x0p'][0]:.3g} -> {s['spike_x0p'][-1]:.3g} and the top
@@ -351,6 +374,11 @@ def _agreement(res, cfg) -> str:
         s = r["sweep"]
         rr = s["r_over_l"]
         rbf_like = name in ("rbf", "matern52")
+        sm_chk = s.get("smoothness_x0")                 # where the detector scores
+        for key, where in (("smoothness", "x0p"), ("smoothness_x0", "x0")):
+            if key in s:
+                (agree if s[key]["smooth"] else disagree).append(
+                    lag.smoothness_text(name, s[key], where))
         if s["asr"][0] >= cfg.asr_level:
             agree.append(f"{name}: efficacy stays O(1) for near clones: ASR "
                          f"{s['asr'][0]:.2f} and Delta f(x0p) = {s['delta_f_x0p'][0]:.3g} at "
@@ -364,8 +392,11 @@ def _agreement(res, cfg) -> str:
                 f"{name}: the poison's GN spike at x0p scales as r^{sl:.2f} for r/l <= 0.1 "
                 "(THEORY: r^2).")
         else:
-            agree.append(f"{name}: the GN spike at x0p scales as r^{sl:.2f}: the ReLU NTK's "
-                         "cusp keeps it (THEORY.md's r^2 law is for exponential kernels).")
+            other.append(f"{name}: the poison's GN spike at x0p scales as r^{sl:.2f} for "
+                         "r/l <= 0.1" + (": it does not vanish as r -> 0 (the ReLU kernel's "
+                                         "cusp at x = x' keeps it)" if abs(sl) <= 0.5 else "")
+                         + ". THEORY.md's r^2 law is for exponential kernels and makes no "
+                         "prediction for a ReLU NTK.")
         a0 = float(s["auroc"][0])
         if abs(a0 - 0.5) > cfg.auroc_tol:
             disagree.append(
@@ -373,9 +404,14 @@ def _agreement(res, cfg) -> str:
                 f"as r -> 0: it is {a0:.2f} at r/l = {rr[0]:.0e} and {s['auroc'][-1]:.2f} at "
                 f"r/l = {rr[-1]:.3g}. The triggered test points are not near clones (median "
                 f"distance {s['dist_trig_to_zeta_median'][0]:.2f} l to the clones at every r; "
-                "one cluster cannot sit within r << l of every triggered input), and an AUROC "
-                "below 0.5 means triggered inputs are FLATTER than clean ones: far from the "
-                "data the clean curvature is small, whatever the poison does.")
+                "one cluster cannot sit within r << l of every triggered input)"
+                + ("; for this kernel the curvature scores at test inputs are set by the "
+                   "kernel's kinks (see the smoothness line at x0), not by the poison."
+                   if sm_chk is not None and not sm_chk["smooth"] else
+                   "; an AUROC below 0.5 means triggered inputs are FLATTER than clean ones: "
+                   "far from the data the clean curvature is small, whatever the poison does."
+                   if a0 < 0.5 else "; an AUROC above 0.5 means triggered inputs are MORE "
+                   "curved than clean ones whatever r is."))
         else:
             agree.append(f"{name}: the curvature AUROC is {a0:.2f} at r/l = {rr[0]:.0e}.")
         r0, r1 = float(s["ratio_x0p"][0]), float(s["ratio_x0p"][-1])
@@ -401,11 +437,23 @@ def _agreement(res, cfg) -> str:
                 + (": near clones are MORE visible at x0p, through the residual term "
                    "(f - y) hess_x f and the kernel's input Hessian near x = x'."
                    if r0 > 2 * r1 else "."))
+        acc0, acc_min = float(s["clean_acc_unpoisoned"]), float(np.min(s["clean_acc"]))
+        if acc0 - acc_min >= 0.1:
+            other.append(f"{name}: the clones are not a clean backdoor for this kernel: clean "
+                         f"accuracy {acc0:.2f} unpoisoned, {acc_min:.2f} .. "
+                         f"{float(np.max(s['clean_acc'])):.2f} poisoned (m = {s['m']}); ASR at "
+                         f"r/l = {rr[-1]:.3g} is still {s['asr'][-1]:.2f}. Their effect "
+                         "m alpha_p kt(x, zeta) is not local for this kernel.")
         ss = s["ss_auroc"]
-        other.append(f"{name}: spectral signatures separate the clones from clean training "
-                     f"points with AUROC {np.min(ss):.3f} .. {np.max(ss):.3f} at every r: "
-                     "identical clones are a dense, aligned cluster in feature space however "
-                     "close they sit to x0p.")
+        if np.min(ss) >= 0.9:
+            other.append(f"{name}: spectral signatures separate the clones from clean "
+                         f"training points with AUROC {np.min(ss):.3f} .. {np.max(ss):.3f} "
+                         "at every r: identical clones are a dense, aligned cluster in "
+                         "feature space however close they sit to x0p.")
+        else:
+            other.append(f"{name}: spectral signatures do NOT reliably separate the clones "
+                         f"from clean training points: AUROC {np.min(ss):.3f} .. "
+                         f"{np.max(ss):.3f} over r/l = {rr[0]:.0e} .. {rr[-1]:.3g}.")
     out = ["## Agreement with THEORY.md", "", "Agrees:"]
     out += [f"- {a}" for a in agree] or ["- (nothing tested agreed)"]
     out += ["", "Does not agree:"]

@@ -5,7 +5,8 @@ tests then check the written files and a few properties from an independent angl
 AUROCs recomputed with scikit-learn from the stored scores, the merged refits
 against the rank-one law, the Lanczos eigenvalue against a dense ``eigh``, the
 closed-form flow against ``flow.kernel_flow``, the ASR against a fresh refit, and
-determinism (same seed, identical numbers).
+determinism (same seed, identical numbers). The CNN kernel (``nt_cnn``) runs through
+both experiments on 8x8 digits images, as ``(n, 8, 8, 1)`` inputs.
 """
 
 import json
@@ -20,6 +21,10 @@ LAG_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=8, n_cal=10
                  kernels=["rbf"], m_max=60, n_m=3, n_t=3, flow_m=20, trigger_strength=3.0)
 NC_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=8, n_cal=10,
                 kernels=["rbf"], m=20, n_r=3, kpca_components=16)
+CNN_DATA = dict(dataset="digits", n_train=60, cnn_n_train=60, cnn_pool=1, n_trigger=40,
+                n_eval=6, n_cal=8, kernels=["nt_cnn"])      # n_train = cnn_n_train: m unscaled
+LAG_CNN = dict(CNN_DATA, m_max=40, n_m=3, n_t=3, flow_m=10)
+NC_CNN = dict(CNN_DATA, m=10, n_r=3, kpca_components=12)
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
@@ -106,6 +111,9 @@ def test_lag_refits_law_dense_and_spike_regime(lag_run):
     # the GN spike follows R_k Delta f^2 (THEORY.md) to within the kt/k0 correction
     df2 = np.array(s["delta_f_x0"][1:]) ** 2
     np.testing.assert_allclose(np.array(s["spike_x0"][1:]) / (s["R_k"] * df2), 1.0, atol=0.2)
+    # the RBF kernel is smooth: the clean curvature at x0 is stable under tiny shifts
+    sm = res["kernels"]["rbf"]["smoothness"]
+    assert sm["smooth"] and np.allclose(sm["ratios"], 1.0, atol=1e-2)
 
 
 def test_lag_flow_closed_form_matches_kernel_flow():
@@ -230,5 +238,128 @@ def test_near_clone_config_validation():
         nci.Config(r_min=2.0, r_max=1.0)
     with pytest.raises(ValueError, match="kpca_components"):
         nci.Config(n_train=10, m=5, kpca_components=100)
-    with pytest.raises(ValueError, match="nt_cnn"):
-        nci.Config(kernels=("nt_cnn",))
+    with pytest.raises(ValueError, match="cnn_pool"):
+        nci.Config(cnn_pool=0)
+    with pytest.raises(ValueError, match="cnn_n_train"):
+        lag.Config(cnn_n_train=0)
+    assert "nt_cnn" in nci.Config().kernels and "nt_cnn" in lag.Config().kernels
+    # image kernels see the same poison fraction: m scaled by cnn_n_train / n_train
+    cfg = lag.Config(n_train=400, cnn_n_train=100)
+    assert [lag.clone_count(cfg, m, {"images": True}) for m in (0, 1, 50, 200)] == [0, 1, 12, 50]
+    assert lag.clone_count(cfg, 50, {"images": False}) == 50
+
+
+# --------------------------------------------------------------------------- the CNN kernel
+
+def _finite(tree):
+    for key, val in _leaves(tree):
+        if isinstance(val, (int, float)) and not isinstance(val, bool):
+            assert np.isfinite(val), key
+        elif isinstance(val, list) and val and all(isinstance(v, (int, float)) for v in
+                                                   np.ravel(np.array(val, dtype=object))):
+            assert np.all(np.isfinite(np.array(val, dtype=float))), key
+
+
+@pytest.fixture(scope="module")
+def lag_cnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lag_cnn")
+    cfg = lag.Config(**LAG_CNN)
+    lag.run(cfg, out)
+    return out, cfg
+
+
+def test_lag_runs_the_cnn_kernel_on_images(lag_cnn_run):
+    import jax
+    from ntk_poison import krr, poison
+    jax.config.update("jax_enable_x64", True)
+    out, cfg = lag_cnn_run
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"]["kernels"]["nt_cnn"]
+    assert r["data"] == dict(n_train=60, input_shape=[8, 8, 1], images=True, pool=1,
+                             length_scale=pytest.approx(r["data"]["length_scale"]))
+    s, st = r["m_sweep"], r["t_sweep"]
+    _finite({"m": {k: v for k, v in s.items() if k != "dense_check"}, "t": st})
+    # the exact rank-one law == dense refits on image-shaped inputs; flow -> KRR
+    np.testing.assert_allclose(s["refit_delta_f_x0"], s["delta_f_x0"], rtol=1e-8, atol=1e-10)
+    assert st["krr_limit_error"] < 1e-8
+    for c in s["dense_check"]:
+        assert c["lanczos"] == pytest.approx(c["dense"], rel=1e-6)
+    for sweep in (s, st):                               # AUROCs from the stored scores
+        for i in range(len(sweep["auroc"])):
+            sc_t, sc_c = np.array(sweep["scores_trig"][i]), np.array(sweep["scores_clean"][i])
+            want = roc_auc_score(np.r_[np.ones(sc_t.size), np.zeros(sc_c.size)],
+                                 np.r_[sc_t, sc_c])
+            assert sweep["auroc"][i] == pytest.approx(want, abs=1e-12)
+    # independent recomputation on (n, 8, 8, 1) images: the prep, the ASR of a fresh
+    # KRR fit at m_max, and the flow at x0 from the numpy closed form
+    prep = lag.prepare(cfg, images=True)
+    assert prep["X"].shape == (60, 8, 8, 1) and prep["x0"].shape == (8, 8, 1)
+    k = lag.build_kernel("nt_cnn", cfg, prep["ell"])
+    assert k.input_rank == 3
+    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], prep["zeta"], cfg.y_target,
+                                  int(s["ms"][-1]))
+    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(prep["Xtrig_asr"]))
+    assert s["asr"][-1] == pytest.approx(np.mean(f > 0), abs=1e-12)
+    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], prep["zeta"], cfg.y_target, cfg.flow_m)
+    n = len(Xp)
+    a = lag.flow_alpha(np.asarray(k(Xp, Xp)), yp, n * r["lam"], n, np.array(st["times"]))
+    np.testing.assert_allclose(st["f_x0"], a @ np.asarray(k(prep["x0"][None], Xp))[0],
+                               rtol=1e-8, atol=1e-10)
+    # the ReLU CNN NTK has kinks at blank patches: the curvature at x0 is not defined,
+    # and the report says so
+    sm = r["smoothness"]
+    assert not sm["smooth"] and min(sm["ratios"]) < 0.5
+    md = (out / "report.md").read_text()
+    for text in ("nt_cnn: input Hessian defined at x0", "nt_cnn: lag in m",
+                 "nt_cnn: refits match the law", "8x8x1 images", "NOT stable"):
+        assert text in md
+    claims = {c["name"]: c["verdict"] for c in res["claims"]}
+    assert claims["nt_cnn: refits match the law"] == "supported"
+    assert claims["nt_cnn: input Hessian defined at x0"] == "NOT supported"
+
+
+@pytest.fixture(scope="module")
+def nc_cnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nc_cnn")
+    cfg = nci.Config(**NC_CNN)
+    nci.run(cfg, out)
+    return out, cfg
+
+
+def test_near_clone_runs_the_cnn_kernel_on_images(nc_cnn_run):
+    import jax
+    from ntk_poison import krr, poison
+    jax.config.update("jax_enable_x64", True)
+    out, cfg = nc_cnn_run
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"]["kernels"]["nt_cnn"]
+    assert r["data"]["input_shape"] == [8, 8, 1] and r["data"]["n_train"] == 60
+    s = r["sweep"]
+    _finite(s)
+    truth = np.array(s["is_poison"])
+    assert truth.sum() == cfg.m and truth.size == 60 + cfg.m
+    for i in range(cfg.n_r):
+        assert s["ss_auroc"][i] == pytest.approx(
+            roc_auc_score(truth, np.array(s["ss_scores"][i])), abs=1e-12)
+        st, sc = np.array(s["scores_trig"][i]), np.array(s["scores_clean"][i])
+        want = roc_auc_score(np.r_[np.ones(st.size), np.zeros(sc.size)], np.r_[st, sc])
+        assert s["auroc"][i] == pytest.approx(want, abs=1e-12)
+    # a fresh refit on image-shaped inputs reproduces the ASR at the smallest r
+    prep = lag.prepare(cfg, images=True)
+    k = lag.build_kernel("nt_cnn", cfg, prep["ell"])
+    zeta = poison.near_clone(prep["zeta"], s["r_over_l"][0] * prep["ell"], seed=cfg.seed)
+    assert zeta.shape == (8, 8, 1)
+    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], zeta, cfg.y_target, cfg.m)
+    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(prep["Xtrig_asr"]))
+    assert s["asr"][0] == pytest.approx(np.mean(f > 0), abs=1e-12)
+    # distances to the clones are over the flattened image
+    d = np.linalg.norm((prep["x_trig_eval"] - zeta[None]).reshape(cfg.n_eval, -1), axis=1)
+    assert s["dist_trig_to_zeta_median"][0] == pytest.approx(np.median(d) / prep["ell"])
+    md = (out / "report.md").read_text()
+    for text in ("nt_cnn: ASR stays high for near clones", "nt_cnn: input Hessian defined at x0p",
+                 "nt_cnn: input Hessian defined at x0**",
+                 "nt_cnn: spectral signatures see the clones", "8x8x1 images"):
+        assert text in md
+    assert s["m"] == cfg.m
+    # the detector scores triggered test inputs, where the CNN NTK has kinks
+    assert not s["smoothness_x0"]["smooth"]
