@@ -33,6 +33,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/krr_bench.py --out benchmarks/results/krr_bench.json
+	$(BIN)/python benchmarks/spectra_bench.py --out benchmarks/results/spectra_bench.json
 	$(BIN)/python benchmarks/flow_bench.py --blas-threads 1 --out benchmarks/results/flow_bench.json
 
 clean:

@@ -775,18 +775,22 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
     if penalty == "loss":
         tol = (1e-10 if f64 else 1e-4) if tol is None else float(tol)
         maxiter = 100 if maxiter is None else int(maxiter)
-        c, it, g, g0, conv = _newton_loss(Kfull, Y, jnp.asarray(ridge, dt),
-                                          jnp.asarray(kappa, dt), c, jnp.asarray(tol, dt),
-                                          maxiter)
-        it, g, g0, conv = int(it), float(g), float(g0), bool(conv)
+        c, it, g, g0, conv, stalled = _newton_loss(
+            Kfull, Y, jnp.asarray(ridge, dt), jnp.asarray(kappa, dt), c,
+            jnp.asarray(tol, dt), maxiter)
+        it, g, g0, conv, stalled = int(it), float(g), float(g0), bool(conv), bool(stalled)
         info = (("solver", "newton"), ("iterations", it), ("grad_norm", g),
-                ("grad_norm0", g0), ("converged", conv))
+                ("grad_norm0", g0), ("converged", conv), ("stalled", stalled))
         if not conv:
+            rel = g / max(g0, 1e-300)
+            why = (f"J stopped decreasing in {dt} (the rounding floor of this problem) "
+                   f"at relative |grad J| {rel:.3g}; pass tol >= {rel:.2g} to accept "
+                   "that, or raise `ridge`" if stalled else
+                   f"relative |grad J| {rel:.3g}; raise `maxiter` or `ridge`, or lower "
+                   "`kappa`")
             warnings.warn(
-                f"fit_penalized(penalty=\"loss\") did not converge in {it} Newton "
-                f"iterations: |grad J| = {g:.3g} (relative {g / max(g0, 1e-300):.3g}, "
-                f"tol {tol:g}). Raise `maxiter` or `ridge`, or lower `kappa`.",
-                ConvergenceWarning, stacklevel=2)
+                f"fit_penalized(penalty=\"loss\") did not reach tol {tol:g} in {it} "
+                f"Newton iterations: {why}.", ConvergenceWarning, stacklevel=2)
     alpha, beta = _unpack(c, shape, scalar)
     return PenalizedModel(kernel=k, X=X, y=y, alpha=alpha, beta=beta, ridge=ridge,
                           kappa=kappa, penalty=penalty, info=info)
@@ -805,10 +809,12 @@ def _newton_loss(Kfull, Y, ridge, kappa, c0, tol, maxiter):
     ``mu >= -min eig(H_u)`` (Gershgorin bound) makes it a descent direction
     (``Kfull ((H_u + mu) Kfull + lam)^-1 = (H_u + mu + lam Kfull^-1)^-1`` is then
     positive definite). Levenberg-Marquardt control: a step is kept if J does not
-    increase (mu /= 4), else mu grows (x 8). Nothing is factorised from Kfull, so
-    no null directions are truncated; at the fixed point ``c = -grad_u Jdata / lam``
-    (the representer form). Returns c, iterations, ``||grad J||_H``, its value at
-    f = 0, converged.
+    increase (mu /= 4), else mu grows (x 8). The loop also stops when a kept step no
+    longer lowers J by more than a few ulps of J (the rounding floor: further steps
+    only move c by noise). Nothing is factorised from Kfull, so no null directions
+    are truncated; at the fixed point ``c = -grad_u Jdata / lam`` (the representer
+    form). Returns c, iterations, ``||grad J||_H``, its value at f = 0, converged,
+    stalled.
     """
     N, r = c0.shape
     Kb = jnp.kron(Kfull, jnp.eye(r, dtype=Kfull.dtype))       # acts on c.ravel()
@@ -831,12 +837,14 @@ def _newton_loss(Kfull, Y, ridge, kappa, c0, tol, maxiter):
     cv0 = c0.ravel()
     g0 = hnorm(v_of(jnp.zeros_like(cv0)))
 
+    eps = jnp.finfo(Kfull.dtype).eps
+
     def cond(st):
-        cv, Jv, v, mu, it, fails = st
-        return (hnorm(v) > tol * g0) & (it < maxiter) & (fails < 60)
+        cv, Jv, v, mu, it, fails, stalled = st
+        return (hnorm(v) > tol * g0) & (it < maxiter) & (fails < 60) & ~stalled
 
     def body(st):
-        cv, Jv, v, mu, it, fails = st
+        cv, Jv, v, mu, it, fails, _ = st
         H = hess(Kb @ cv)
         dc = jnp.linalg.solve((H + mu * I) @ Kb + ridge * I, -v)
         ok = jnp.all(jnp.isfinite(dc)) & (v @ (Kb @ dc) < 0)
@@ -848,15 +856,16 @@ def _newton_loss(Kfull, Y, ridge, kappa, c0, tol, maxiter):
         scale = jnp.maximum(jnp.max(jnp.abs(jnp.diag(H))), 1e-30)
         mu_up = jnp.maximum(8.0 * mu, floor + 1e-8 * scale)
         mu_down = jnp.where(mu / 4.0 < 1e-12 * scale, 0.0, mu / 4.0)
+        stalled = accept & (Jv - J_new <= 4.0 * eps * jnp.abs(Jv))
         cv_new = jnp.where(accept, cv + dc, cv)
         return (cv_new, jnp.where(accept, J_new, Jv),
                 jnp.where(accept, v_of(cv_new), v), jnp.where(accept, mu_down, mu_up),
-                it + 1, jnp.where(accept, 0, fails + 1))
+                it + 1, jnp.where(accept, 0, fails + 1), stalled)
 
-    st0 = (cv0, J(cv0), v_of(cv0), jnp.zeros((), cv0.dtype), 0, 0)
-    cv, Jv, v, mu, it, fails = jax.lax.while_loop(cond, body, st0)
+    st0 = (cv0, J(cv0), v_of(cv0), jnp.zeros((), cv0.dtype), 0, 0, jnp.zeros((), bool))
+    cv, Jv, v, mu, it, fails, stalled = jax.lax.while_loop(cond, body, st0)
     gn = hnorm(v)
-    return cv.reshape(N, r), it, gn, g0, gn <= tol * g0
+    return cv.reshape(N, r), it, gn, g0, gn <= tol * g0, stalled
 
 
 # --------------------------------------------------------------------------- CG solver

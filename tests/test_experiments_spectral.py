@@ -6,7 +6,8 @@ AUROCs recomputed with scikit-learn from the stored scores, the merged refits
 against the rank-one law, the Lanczos eigenvalue against a dense ``eigh``, the
 closed-form flow against ``flow.kernel_flow``, the ASR against a fresh refit, and
 determinism (same seed, identical numbers). The CNN kernel (``nt_cnn``) runs through
-both experiments on 8x8 digits images, as ``(n, 8, 8, 1)`` inputs.
+both experiments on 8x8 digits images, as ``(n, 8, 8, 1)`` inputs (the lag one is
+marked slow: ``make test-slow``).
 """
 
 import json
@@ -268,6 +269,9 @@ def lag_cnn_run(tmp_path_factory):
     return out, cfg
 
 
+# ~30 s, mostly XLA compiles (the training set grows with m, so each m compiles anew);
+# the near-clone test below keeps the experiments' image path in the fast suite
+@pytest.mark.slow
 def test_lag_runs_the_cnn_kernel_on_images(lag_cnn_run):
     import jax
     from ntk_poison import krr, poison
