@@ -120,37 +120,20 @@ class Config(_Config):
     x64: bool = True
 
     def validate(self) -> None:
-        from ntk_poison import data
-        if self.dataset not in data.available():
-            raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
-        for name in ("n_train", "n_test", "n_trigger", "m", "n_directions", "n_filter_dirs",
-                     "n_times", "net_depth", "net_seeds", "max_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        demo.check_shared_fields(self)
+        self.check_min(1, "n_train", "n_test", "n_trigger", "m", "n_directions",
+                       "n_filter_dirs", "n_times", "net_depth", "net_seeds", "max_steps")
         if not 2 <= self.dim:
             raise ValueError(f"`dim` must be >= 2 (PCs plus the trigger), got {self.dim}.")
         if 2 * self.n_filter_dirs > self.dim:
             raise ValueError("`n_filter_dirs` must be <= dim / 2 (two disjoint subspaces).")
-        for name in ("ridge", "net_time", "lr_factor", "fd_step", "augment_sigma"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)}.")
-        if self.augment_copies < 0 or self.weak_m < 0:
-            raise ValueError("`augment_copies` and `weak_m` must be >= 0.")
-        if self.trigger_strength < 0:
-            raise ValueError("`trigger_strength` must be >= 0.")
-        if self.poison not in ("prototype", "image"):
-            raise ValueError("`poison` must be 'prototype' or 'image'.")
-        for name in ("kappas", "contraction_kappas", "net_kappas", "r_over_l", "widths",
-                     "loss_kappas", "positive_classes"):
-            vals = getattr(self, name)
-            if not vals and name not in ("widths", "loss_kappas"):
-                raise ValueError(f"`{name}` must not be empty.")
-            if name != "positive_classes" and not all(v > 0 for v in vals):
-                raise ValueError(f"every value of `{name}` must be > 0, got {vals}.")
+        self.check_positive("net_time", "lr_factor", "fd_step", "augment_sigma",
+                            "fit_growth_max", "kappas", "contraction_kappas", "net_kappas",
+                            "r_over_l")
+        self.check_positive("widths", "loss_kappas", allow_empty=True)   # () skips a part
+        self.check_min(0, "augment_copies", "weak_m")
         if list(self.kappas) != sorted(set(self.kappas)):
             raise ValueError("`kappas` must be strictly increasing.")
-        if self.fit_growth_max <= 0:
-            raise ValueError("`fit_growth_max` must be > 0.")
 
     def demo_config(self) -> demo.Config:
         """The demo's config for the shared pixel-space data/trigger/poison preparation."""

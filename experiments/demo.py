@@ -64,35 +64,41 @@ class Config(_Config):
     x64: bool = True
 
     def validate(self) -> None:
-        from ntk_poison import data, kernels
-        if self.dataset not in data.available():
-            raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
-        for name in ("n_train", "n_test", "n_trigger", "m_max", "n_m", "n_r", "patch_size",
-                     "nt_depth", "pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
+        check_shared_fields(self)
+        self.check_min(1, "n_train", "n_test", "n_trigger", "m_max", "n_m", "n_r",
+                       "patch_size", "nt_depth", "pool")
         if self.near_clone_m < 0 or any(m < 0 for m in self.refit_ms):
             raise ValueError("clone counts (`near_clone_m`, `refit_ms`) must be >= 0.")
-        if self.ridge <= 0:
-            raise ValueError(f"`ridge` must be > 0, got {self.ridge}.")
-        if self.length_scale is not None and self.length_scale <= 0:
-            raise ValueError("`length_scale` must be > 0 or null (median heuristic).")
         if not self.near_clone_strengths or min(self.near_clone_strengths) < 0:
             raise ValueError("`near_clone_strengths` must be a non-empty list of values >= 0.")
         if not 0 < self.r_min < self.r_max:
             raise ValueError("need 0 < `r_min` < `r_max`.")
-        for k in self.kernels:
+        self.check_choice("trigger", ("cross", "patch"))
+
+
+def check_shared_fields(cfg: _Config) -> None:
+    """The checks of the data/trigger/poison fields that the experiments share.
+
+    ``dataset``, ``positive_classes``, ``trigger_strength``, ``poison`` and ``ridge``
+    always; ``kernels`` and ``length_scale`` where the config has them.
+    """
+    from ntk_poison import data, kernels
+    cfg.check_choice("dataset", data.available())
+    if not cfg.positive_classes:
+        raise ValueError("`positive_classes` must name at least one class.")
+    cfg.check_min(0, "trigger_strength")
+    cfg.check_choice("poison", ("prototype", "image"))
+    cfg.check_positive("ridge")
+    if hasattr(cfg, "length_scale") and cfg.length_scale is not None \
+            and not cfg.length_scale > 0:
+        raise ValueError("`length_scale` must be > 0 or null (median heuristic).")
+    if hasattr(cfg, "kernels"):
+        if not cfg.kernels:
+            raise ValueError("`kernels` must name at least one kernel.")
+        for k in cfg.kernels:
             if k not in kernels.available():
                 raise ValueError(f"Unknown kernel {k!r} in `kernels`; known: "
                                  f"{kernels.available()}.")
-        if self.trigger not in ("cross", "patch"):
-            raise ValueError("`trigger` must be 'cross' or 'patch'.")
-        if self.trigger_strength < 0:
-            raise ValueError("`trigger_strength` must be >= 0.")
-        if self.poison not in ("prototype", "image"):
-            raise ValueError("`poison` must be 'prototype' or 'image'.")
-        if not self.positive_classes:
-            raise ValueError("`positive_classes` must name at least one class.")
 
 
 # --------------------------------------------------------------------------- helpers

@@ -118,48 +118,29 @@ class Config(_Config):
     x64: bool = True
 
     def validate(self) -> None:
-        from ntk_poison import data, kernels
-        if self.dataset not in data.available():
-            raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
-        for name in ("n_train", "n_trigger", "n_eval", "n_cal", "m_max", "n_m", "n_t",
-                     "nt_depth", "eig_max_iters", "eig_batch", "cnn_n_train", "cnn_pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.n_eval < 2 or self.n_cal < 2:
-            raise ValueError("`n_eval` and `n_cal` must be >= 2 (an AUROC and a quantile).")
-        if self.flow_m < 0:
-            raise ValueError(f"`flow_m` must be >= 0, got {self.flow_m}.")
-        if self.ridge <= 0:
-            raise ValueError(f"`ridge` must be > 0, got {self.ridge}.")
-        if self.length_scale is not None and self.length_scale <= 0:
-            raise ValueError("`length_scale` must be > 0 or null (median heuristic).")
+        check_detector_fields(self)
+        self.check_min(1, "m_max", "n_m", "n_t")
+        self.check_min(0, "flow_m")
         if not 0 < self.t_min < self.t_max:
             raise ValueError("need 0 < `t_min` < `t_max`.")
-        if not 0 < self.fpr < 1:
-            raise ValueError(f"`fpr` must be in (0, 1), got {self.fpr}.")
-        if self.eig_tol <= 0:
-            raise ValueError(f"`eig_tol` must be > 0, got {self.eig_tol}.")
-        if self.visibility_factor < 1:
-            raise ValueError("`visibility_factor` must be >= 1.")
-        if not self.kernels:
-            raise ValueError("`kernels` must name at least one kernel.")
-        for k in self.kernels:
-            if k not in kernels.available():
-                raise ValueError(f"Unknown kernel {k!r} in `kernels`; known: "
-                                 f"{kernels.available()}.")
-        if self.trigger_strength < 0:
-            raise ValueError("`trigger_strength` must be >= 0.")
-        if self.poison not in ("prototype", "image"):
-            raise ValueError("`poison` must be 'prototype' or 'image'.")
-        if not self.positive_classes:
-            raise ValueError("`positive_classes` must name at least one class.")
-        if any(d <= 0 for d in self.smooth_deltas):
-            raise ValueError("`smooth_deltas` must be > 0 (units of l).")
+        self.check_min(1, "visibility_factor")
 
     def demo_config(self, images: bool = False) -> demo.Config:
         """The demo's config for the shared data/trigger/poison preparation (for image
         kernels: ``cnn_n_train`` points, mean-pooled by ``cnn_pool``)."""
         return demo_config(self, images)
+
+
+def check_detector_fields(cfg) -> None:
+    """The checks that lag and near_clone_invisible share (data, detector, CNN subset)."""
+    demo.check_shared_fields(cfg)
+    cfg.check_min(1, "n_train", "n_trigger", "nt_depth", "eig_max_iters", "eig_batch",
+                  "cnn_n_train", "cnn_pool")
+    if cfg.n_eval < 2 or cfg.n_cal < 2:
+        raise ValueError("`n_eval` and `n_cal` must be >= 2 (an AUROC and a quantile).")
+    if not 0 < cfg.fpr < 1:
+        raise ValueError(f"`fpr` must be in (0, 1), got {cfg.fpr}.")
+    cfg.check_positive("eig_tol", "smooth_deltas")
 
 
 def demo_config(cfg, images: bool = False) -> demo.Config:

@@ -80,44 +80,15 @@ class Config(_Config):
     x64: bool = True
 
     def validate(self) -> None:
-        from ntk_poison import data, kernels
-        if self.dataset not in data.available():
-            raise ValueError(f"`dataset` must be one of {data.available()}, got {self.dataset!r}.")
-        for name in ("n_train", "n_trigger", "n_eval", "n_cal", "m", "n_r", "nt_depth",
-                     "eig_max_iters", "eig_batch", "kpca_components", "cnn_n_train",
-                     "cnn_pool"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}.")
-        if self.n_eval < 2 or self.n_cal < 2:
-            raise ValueError("`n_eval` and `n_cal` must be >= 2 (an AUROC and a quantile).")
+        lag.check_detector_fields(self)
+        self.check_min(1, "m", "n_r", "kpca_components")
         if self.kpca_components > min(self.n_train, self.cnn_n_train) + self.m:
             raise ValueError("`kpca_components` must be <= n_train + m (and cnn_n_train + m).")
-        if any(d <= 0 for d in self.smooth_deltas):
-            raise ValueError("`smooth_deltas` must be > 0 (units of l).")
-        if self.ridge <= 0:
-            raise ValueError(f"`ridge` must be > 0, got {self.ridge}.")
-        if self.length_scale is not None and self.length_scale <= 0:
-            raise ValueError("`length_scale` must be > 0 or null (median heuristic).")
         if not 0 < self.r_min < self.r_max:
             raise ValueError("need 0 < `r_min` < `r_max`.")
-        if not 0 < self.fpr < 1:
-            raise ValueError(f"`fpr` must be in (0, 1), got {self.fpr}.")
-        if self.eig_tol <= 0:
-            raise ValueError(f"`eig_tol` must be > 0, got {self.eig_tol}.")
         if not 0 < self.asr_level <= 1 or not 0 < self.auroc_tol < 0.5:
             raise ValueError("need 0 < `asr_level` <= 1 and 0 < `auroc_tol` < 0.5.")
-        if self.ss_multiplier < 0:
-            raise ValueError("`ss_multiplier` must be >= 0.")
-        if not self.kernels:
-            raise ValueError("`kernels` must name at least one kernel.")
-        for k in self.kernels:
-            if k not in kernels.available():
-                raise ValueError(f"Unknown kernel {k!r} in `kernels`; known: "
-                                 f"{kernels.available()}.")
-        if self.trigger_strength < 0:
-            raise ValueError("`trigger_strength` must be >= 0.")
-        if self.poison not in ("prototype", "image"):
-            raise ValueError("`poison` must be 'prototype' or 'image'.")
+        self.check_min(0, "ss_multiplier")
         if not self.positive_classes:
             raise ValueError("`positive_classes` must name at least one class.")
 

@@ -91,6 +91,35 @@ class Config:
     def validate(self) -> None:
         """Range checks; subclasses raise ValueError naming the field and the fix."""
 
+    # ----------------------------------------------------------------- checks for validate
+    # Small composable checks for subclasses' ``validate``; each raises a ValueError that
+    # names the field, the rule and the value it got.
+
+    def check_min(self, low: float, *names: str) -> None:
+        """Every named (scalar) field is ``>= low``."""
+        for name in names:
+            v = getattr(self, name)
+            if not v >= low:
+                raise ValueError(f"`{name}` must be >= {low}, got {v!r}.")
+
+    def check_positive(self, *names: str, allow_empty: bool = False) -> None:
+        """Every named field is ``> 0``: a scalar, or every value of a (non-empty) list."""
+        for name in names:
+            v = getattr(self, name)
+            if isinstance(v, tuple):
+                if not v and not allow_empty:
+                    raise ValueError(f"`{name}` must not be empty.")
+                if not all(x > 0 for x in v):
+                    raise ValueError(f"every value of `{name}` must be > 0, got {list(v)}.")
+            elif not v > 0:
+                raise ValueError(f"`{name}` must be > 0, got {v!r}.")
+
+    def check_choice(self, name: str, choices: Sequence[Any]) -> None:
+        """The named field is one of ``choices``."""
+        v = getattr(self, name)
+        if v not in choices:
+            raise ValueError(f"`{name}` must be one of {list(choices)}, got {v!r}.")
+
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v)
                 for f in dataclasses.fields(self)}
