@@ -89,8 +89,6 @@ class Config(_Config):
         if not 0 < self.asr_level <= 1 or not 0 < self.auroc_tol < 0.5:
             raise ValueError("need 0 < `asr_level` <= 1 and 0 < `auroc_tol` < 0.5.")
         self.check_min(0, "ss_multiplier")
-        if not self.positive_classes:
-            raise ValueError("`positive_classes` must name at least one class.")
 
     def demo_config(self, images: bool = False) -> demo.Config:
         """The demo's data/trigger/poison config (image kernels: ``cnn_n_train`` points,

@@ -721,6 +721,8 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
     output-penalty solution. ``info`` reports the iterations and ``grad_norm`` (the
     RKHS norm of the gradient of J; ``grad_norm0`` its value at f = 0); a
     :class:`ConvergenceWarning` is issued if their ratio did not reach ``tol``.
+    ``info["stalled"]`` is True when Newton stopped because J no longer decreased in
+    the working precision (the rounding floor; the warning names the reachable tol).
 
     Args:
       k: the kernel (twice continuously differentiable across x = x'; see module
