@@ -785,9 +785,11 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
                 ("grad_norm0", g0), ("converged", conv), ("stalled", stalled))
         if not conv:
             rel = g / max(g0, 1e-300)
+            e = math.floor(math.log10(rel)) - 1        # rel rounded UP to 2 digits
+            reachable = math.ceil(rel / 10.0 ** e) * 10.0 ** e
             why = (f"J stopped decreasing in {dt} (the rounding floor of this problem) "
-                   f"at relative |grad J| {rel:.3g}; pass tol >= {rel:.2g} to accept "
-                   "that, or raise `ridge`" if stalled else
+                   f"at relative |grad J| {rel:.3g}; pass tol >= {reachable:.2g} to "
+                   "accept that, or raise `ridge`" if stalled else
                    f"relative |grad J| {rel:.3g}; raise `maxiter` or `ridge`, or lower "
                    "`kappa`")
             warnings.warn(
