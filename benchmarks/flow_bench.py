@@ -4,8 +4,8 @@ Cases (float64 everywhere; see ``--help``):
 
 1. ``kappa_sweep``: the exact output-penalty model (RBF kernel, THEORY.md section 3)
    at 32 log-spaced penalty weights ``kappa = (1e-4 .. 1e2) l^2``:
-   ``flow.fit_penalized_sweep`` (one Cholesky and one eigendecomposition serve every
-   kappa) against a Python loop of 32 ``flow.fit_penalized`` calls, each followed by
+   ``penalized.fit_penalized_sweep`` (one Cholesky and one eigendecomposition serve every
+   kappa) against a Python loop of 32 ``penalized.fit_penalized`` calls, each followed by
    ``predict`` on the test points. Data: the first n MNIST training points, PCA-reduced
    to d dimensions (components of the first 5000 training points), so that the joint
    Gram has N = n(1 + d) rows (full run: n = 100, d = 9, N = 1000); +-1 targets
@@ -83,7 +83,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from ntk_poison import data, flow, kernels, nets  # noqa: E402  (runs the nt compat shim)
+from ntk_poison import data, flow, kernels, nets, penalized  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "flow_bench.json")
@@ -162,10 +162,10 @@ def case_kappa_sweep(prob: Dict[str, Any], repeats: int) -> Dict[str, Any]:
     kappas = np.geomspace(*KAPPA_RANGE, N_KAPPAS) * ls ** 2
 
     def sweep():
-        return flow.fit_penalized_sweep(k, X, y, LAM, kappas).predict(Xt)
+        return penalized.fit_penalized_sweep(k, X, y, LAM, kappas).predict(Xt)
 
     def loop():
-        return jnp.stack([flow.fit_penalized(k, X, y, LAM, float(kap)).predict(Xt)
+        return jnp.stack([penalized.fit_penalized(k, X, y, LAM, float(kap)).predict(Xt)
                           for kap in kappas])
 
     tm = C.time_group({"sweep": sweep, "loop": loop}, repeats, log=C.log)
@@ -178,14 +178,14 @@ def case_kappa_sweep(prob: Dict[str, Any], repeats: int) -> Dict[str, Any]:
     cross = C.ratios_by_statistic(tm, {"loop_over_sweep": ("loop", "sweep")})
     acc_ok = diff <= SWEEP_TOL * max(1.0, scale)
     return {
-        "description": "flow.fit_penalized_sweep (one eigendecomposition, all kappas) vs "
-                       f"a loop of {N_KAPPAS} flow.fit_penalized calls; each + predict",
+        "description": "penalized.fit_penalized_sweep (one eigendecomposition, all kappas) vs "
+                       f"a loop of {N_KAPPAS} penalized.fit_penalized calls; each + predict",
         "params": dict(prob["params"], n_kappas=N_KAPPAS,
                        kappa_rule=f"np.geomspace({KAPPA_RANGE[0]:g}, {KAPPA_RANGE[1]:g}, "
                                   f"{N_KAPPAS}) * length_scale^2",
                        kappas=kappas),
-        "methods": {"sweep": "flow.fit_penalized_sweep(k, X, y, lam, kappas).predict(Xt)",
-                    "loop": "[flow.fit_penalized(k, X, y, lam, kappa).predict(Xt) for "
+        "methods": {"sweep": "penalized.fit_penalized_sweep(k, X, y, lam, kappas).predict(Xt)",
+                    "loop": "[penalized.fit_penalized(k, X, y, lam, kappa).predict(Xt) for "
                             "kappa in kappas]"},
         "timings": {n_: t.as_dict() for n_, t in tm.items()},
         "ratios": {"loop_over_sweep": speed},

@@ -8,7 +8,7 @@ Cases (all float64 unless a row says otherwise; see ``--help``):
    +-1 targets (even vs odd digit). l is the median heuristic (median pairwise
    distance / sqrt(2), so k = e^-1 at the median distance).
 2. ``clone_effect_vs_refit``: ``theory.clone_effect`` for 20 distinct clone counts m
-   against (a) a naive refit (``krr.fit`` on ``poison.clone_cluster`` + ``krr.fit`` of
+   against (a) a naive refit (``krr.fit`` on ``attacks.clone_cluster`` + ``krr.fit`` of
    the clean set at the same absolute ridge, per m) and (b) a shared-Gram refit (clean
    Gram once; per m one Cholesky of ``K_c + (N+m) lam I`` and the block-Cholesky
    solve of the bordered poisoned system), in scipy and in jax; N = 2000 clean MNIST
@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from ntk_poison import kernels, krr, poison, theory  # noqa: E402
+from ntk_poison import attacks, kernels, krr, theory  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join("benchmarks", "results", "krr_bench.json")
@@ -244,7 +244,7 @@ def case_clone_effect(ds: Dict[str, Any], cfg: Dict[str, int], repeats: int,
     x0 = ds["x_test"][0]
     y0 = float(pm1_targets(ds["labels_test"][:1])[0])
     r = 0.1 * length_scale
-    zeta = poison.near_clone(x0, r, seed=0)
+    zeta = attacks.near_clone(x0, r, seed=0)
     y_t = -y0
     ms = distinct_geom_ints(1, cfg["clone_m_max"], cfg["n_ms"])
     k = kernels.rbf(length_scale)
@@ -255,7 +255,7 @@ def case_clone_effect(ds: Dict[str, Any], cfg: Dict[str, int], repeats: int,
     def naive():
         out = []
         for m in ms:
-            Xp, yp = poison.clone_cluster(Xc, yc, zeta, y_t, int(m))
+            Xp, yp = attacks.clone_cluster(Xc, yc, zeta, y_t, int(m))
             fp = krr.fit(k, Xp, yp, LAM).predict(x0[None])
             fc = krr.fit(k, Xc, yc, (N + int(m)) * LAM / N).predict(x0[None])
             out.append(fp[0] - fc[0])
@@ -318,12 +318,12 @@ def case_clone_effect(ds: Dict[str, Any], cfg: Dict[str, int], repeats: int,
             "length_scale": length_scale, "ridge_relative": LAM,
             "absolute_ridge": "(N + m) * lam for both the poisoned and the clean fit",
             "ms": ms.tolist(), "n_ms": int(len(ms)),
-            "x0": "first test point", "zeta": f"poison.near_clone(x0, r={r:g}, seed=0)",
+            "x0": "first test point", "zeta": f"attacks.near_clone(x0, r={r:g}, seed=0)",
             "r_over_l": 0.1, "y_target": y_t,
         },
         "methods": {
             "clone_effect": "theory.clone_effect(k, X, y, lam, zeta, y_t, ms, x0)",
-            "naive_refit": "per m: krr.fit on poison.clone_cluster(X, y, zeta, y_t, m) "
+            "naive_refit": "per m: krr.fit on attacks.clone_cluster(X, y, zeta, y_t, m) "
                            "(relative ridge lam) and krr.fit of the clean set at relative "
                            "ridge (N+m) lam / N; predict at x0; subtract",
             "shared_gram_refit_jax": "clean Gram K_c, k(X, zeta), k(x0, X) once (library "

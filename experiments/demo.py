@@ -21,30 +21,26 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
-from ntk_poison.config import Config as _Config
+from ntk_poison import attacks, krr, metrics, scenario, theory
+from ntk_poison import x64_scope
 from ntk_poison.report import Report, new_figure, progress
 
 NAME = "demo"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(_Config):
+class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart):
     """Configuration of the demo (all fields validated; saved in results.json)."""
 
-    dataset: str = "mnist"
     n_train: int = 2000            # clean training points (stratified subset)
     n_test: int = 1000             # clean test points for clean accuracy
     n_trigger: int = 500           # triggered non-target test points for ASR
-    positive_classes: Tuple[int, ...] = (5, 6, 7, 8, 9)   # the target class is +1
-    kernels: Tuple[str, ...] = ("rbf", "nt_fc")
     ridge: float = 2e-2            # relative ridge, in units of k(zeta, zeta): the
                                    # saturation scale N*ridge clones is then kernel-free
-    length_scale: Optional[float] = None   # RBF l; None: median pairwise distance
-    nt_depth: int = 2
     m_max: int = 2000
     n_m: int = 40                  # clone counts on a log grid 1 .. m_max, plus 0
     refit_ms: Tuple[int, ...] = (0, 2, 20, 200)
@@ -56,17 +52,12 @@ class Config(_Config):
     trigger: str = "cross"         # "cross": x + s*pattern (additive, rank one); "patch": BadNets
     trigger_strength: float = 2.0  # cross trigger norm, in units of the RBF length scale l
     patch_size: int = 4
-    poison: str = "prototype"      # zeta: triggered "prototype" (mean non-target image) or "image"
-    y_target: float = 1.0
     pool: int = 1                  # mean-pool the (square) images by this factor first
                                    # (2: MNIST 28x28 -> 14x14); 1 keeps them
-    seed: int = 0
-    x64: bool = True
 
     def validate(self) -> None:
-        check_shared_fields(self)
-        self.check_min(1, "n_train", "n_test", "n_trigger", "m_max", "n_m", "n_r",
-                       "patch_size", "nt_depth", "pool")
+        super().validate()
+        self.check_min(1, "n_test", "m_max", "n_m", "n_r", "patch_size", "pool")
         if self.near_clone_m < 0 or any(m < 0 for m in self.refit_ms):
             raise ValueError("clone counts (`near_clone_m`, `refit_ms`) must be >= 0.")
         if not self.near_clone_strengths or min(self.near_clone_strengths) < 0:
@@ -76,116 +67,16 @@ class Config(_Config):
         self.check_choice("trigger", ("cross", "patch"))
 
 
-def check_shared_fields(cfg: _Config) -> None:
-    """The checks of the data/trigger/poison fields that the experiments share.
-
-    ``dataset``, ``positive_classes``, ``trigger_strength``, ``poison`` and ``ridge``
-    always; ``kernels`` and ``length_scale`` where the config has them.
-    """
-    from ntk_poison import data, kernels
-    cfg.check_choice("dataset", data.available())
-    if not cfg.positive_classes:
-        raise ValueError("`positive_classes` must name at least one class.")
-    cfg.check_min(0, "trigger_strength")
-    cfg.check_choice("poison", ("prototype", "image"))
-    cfg.check_positive("ridge")
-    if hasattr(cfg, "length_scale") and cfg.length_scale is not None \
-            and not cfg.length_scale > 0:
-        raise ValueError("`length_scale` must be > 0 or null (median heuristic).")
-    if hasattr(cfg, "kernels"):
-        if not cfg.kernels:
-            raise ValueError("`kernels` must name at least one kernel.")
-        for k in cfg.kernels:
-            if k not in kernels.available():
-                raise ValueError(f"Unknown kernel {k!r} in `kernels`; known: "
-                                 f"{kernels.available()}.")
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _loglog_slope(x, y) -> float:
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    ok = (x > 0) & (y > 0)
-    if ok.sum() < 2:
-        return float("nan")
-    return float(np.polyfit(np.log(x[ok]), np.log(y[ok]), 1)[0])
-
-
-def _median_distance(X: np.ndarray, n: int = 500) -> float:
-    Z = X[:n].astype(np.float64)
-    sq = (Z * Z).sum(1)
-    d2 = np.maximum(sq[:, None] + sq[None, :] - 2 * Z @ Z.T, 0)
-    return float(np.median(np.sqrt(d2[np.triu_indices(len(Z), 1)])))
-
-
-def _mean_pool(x: np.ndarray, p: int) -> np.ndarray:
-    """Mean-pool flat square images ``(n, s*s)`` by ``p`` x ``p`` blocks: ``(n, (s/p)^2)``."""
-    x = np.asarray(x)
-    if p == 1:
-        return x
-    n, d = x.shape
-    s = int(round(np.sqrt(d)))
-    if s * s != d or s % p:
-        raise ValueError(f"`pool` = {p} needs square images whose side is a multiple of it; "
-                         f"the inputs have d = {d}.")
-    q = s // p
-    return x.reshape(n, q, p, q, p).mean(axis=(2, 4)).reshape(n, q * q)
-
-
-def _build_kernel(name: str, cfg: Config, ell: float):
-    from ntk_poison import kernels
-    if name in ("rbf", "matern52"):
-        return kernels.get(name, length_scale=ell)
-    if name in ("nt_fc",):
-        return kernels.get(name, depth=cfg.nt_depth)
-    return kernels.get(name)
-
-
-def _prepare(cfg: Config):
-    """Data, trigger and poison. The RBF length scale l is the median distance."""
-    from ntk_poison import data, poison
-    xtr, ytr, xte, yte = data.load(cfg.dataset)
-    X, yl = data.subset(xtr, ytr, cfg.n_train, seed=cfg.seed)
-    X = _mean_pool(X.astype(np.float64), cfg.pool)
-    pool = lambda a: _mean_pool(np.asarray(a, np.float64), cfg.pool)
-    y = data.binary_targets(yl, cfg.positive_classes).astype(np.float64)
-    rng = np.random.default_rng(cfg.seed + 1)
-    perm = rng.permutation(len(xte))
-    Xte = pool(xte[perm[:cfg.n_test]])
-    yte_b = data.binary_targets(yte[perm[:cfg.n_test]], cfg.positive_classes)
-    neg_idx = perm[~np.isin(yte[perm], cfg.positive_classes)][:cfg.n_trigger]
-    side = int(round(np.sqrt(X.shape[1])))
-    ell = cfg.length_scale or _median_distance(X)
-    if cfg.trigger == "cross":
-        pattern = poison.cross_pattern((side, side))
-        trig_at = lambda x, s: poison.apply_additive(x, pattern, s * ell).astype(np.float64)
-        trig = lambda x: trig_at(x, cfg.trigger_strength)
-        direction = pattern.reshape(-1)
-    else:
-        mask, pattern = poison.patch_trigger((side, side), size=cfg.patch_size)
-        trig = lambda x: poison.apply_patch(x, mask, pattern)
-        trig_at = lambda x, s: trig(x).astype(np.float64)
-        direction = (mask * pattern).reshape(-1)
-    Xtrig = trig(pool(xte[neg_idx])).astype(np.float64)
-    neg_train = X[y < 0]
-    base = neg_train.mean(0) if cfg.poison == "prototype" else neg_train[0]
-    zeta = trig(base[None])[0].astype(np.float64)
-    return dict(X=X, y=y, Xte=Xte, yte=yte_b, Xtrig=Xtrig, zeta=zeta, ell=ell,
-                trigger_direction=direction, trigger_at=trig_at,
-                x0_clean=pool(xte[neg_idx[:1]])[0])
-
-
 # --------------------------------------------------------------------------- measurements
 
 def _efficacy_and_spike(k, X, y, lam, zeta, x0, cfg, ms):
-    from ntk_poison import krr, poison, theory
     law = theory.clone_law(k, X, y, lam, zeta, cfg.y_target, ms, x0, with_grad=True)
     N = len(X)
     approx = theory.efficacy_law(ms, N + ms, lam, float(law.k0), float(law.k_zz), cfg.y_target)
     R_k = float(theory.spike_factor(k, x0, zeta))
     refit = []
     for m in progress(cfg.refit_ms, "refits"):
-        Xp, yp = poison.clone_cluster(X, y, zeta, cfg.y_target, m)
+        Xp, yp = attacks.clone_cluster(X, y, zeta, cfg.y_target, m)
         fp = krr.fit(k, Xp, yp, lam).predict(x0[None])[0]
         fc = krr.fit(k, X, y, lam * (N + m) / N).predict(x0[None])[0]
         refit.append(float(fp - fc))
@@ -205,9 +96,8 @@ def _efficacy_and_spike(k, X, y, lam, zeta, x0, cfg, ms):
 
 def _near_clone(k, X, y, lam, x0, ell, cfg):
     """zeta at distance r from x0 along a random direction, r/l on a log grid."""
-    from ntk_poison import poison, theory
     rs = np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r)
-    Z = np.stack([poison.near_clone(x0, r * ell, seed=cfg.seed) for r in rs])
+    Z = np.stack([attacks.near_clone(x0, r * ell, seed=cfg.seed) for r in rs])
     law = theory.clone_law(k, X, y, lam, Z, cfg.y_target, [cfg.near_clone_m], x0,
                            with_grad=True)
     eff = np.asarray(law.delta_f[0])
@@ -223,16 +113,17 @@ def _near_clone(k, X, y, lam, x0, ell, cfg):
                 s2=np.asarray(law.s2[0]), k_zz=np.asarray(law.k_zz))
 
 
-def _asr(k, X, y, lam, zeta, prep, cfg, ms):
-    from ntk_poison import theory
-    P = len(prep["Xtrig"])
-    pts = np.concatenate([prep["Xtrig"], prep["Xte"]])
+def _asr(k, X, y, lam, zeta, sc, cfg, ms):
+    """ASR, the trigger-alone ASR (the clean model at the same ridge) and clean
+    accuracy for every m, from the exact law (metrics' definitions)."""
+    P = len(sc.X_trig)
+    pts = np.concatenate([sc.X_trig, sc.X_test])
     law = theory.clone_law(k, X, y, lam, zeta, cfg.y_target, ms, pts)
     fp = np.asarray(law.f_poisoned)
-    target_sign = np.sign(cfg.y_target)
-    asr = (np.sign(fp[:, :P]) == target_sign).mean(1)
-    acc = (np.sign(fp[:, P:]) == prep["yte"][None]).mean(1)
-    return dict(ms=ms, asr=asr, clean_acc=acc)
+    return dict(ms=ms, asr=metrics.attack_success_rate(fp[:, :P], cfg.y_target),
+                trigger_alone_asr=metrics.trigger_alone_asr(
+                    np.asarray(law.f_clean)[:, :P], cfg.y_target),
+                clean_acc=metrics.clean_accuracy(fp[:, P:], sc.y_test[None]))
 
 
 # --------------------------------------------------------------------------- claims
@@ -277,7 +168,7 @@ def _claims(rep: Report, name: str, e, ncs, a, cfg):
               f"{float(e['s2'][-1]):.3g}, fc(zeta)={float(e['fc_zeta'][-1]):.3g}. The law "
               "assumes s2 -> k_zz and fc -> 0 (no clean data near zeta).", ["efficacy.png"])
     pos = ms > 0
-    sl = _loglog_slope(np.abs(df[pos]), e["spike_poison"][pos])
+    sl = metrics.loglog_slope(np.abs(df[pos]), e["spike_poison"][pos])
     c = float(np.sum(df[pos] ** 2 * e["spike_poison"][pos]) / np.sum(df[pos] ** 4))
     rep.claim(f"{name}: spike quadratic in efficacy",
               "The poison's GN spike ||grad Delta f||^2 grows as Delta f^2.",
@@ -293,13 +184,13 @@ def _claims(rep: Report, name: str, e, ncs, a, cfg):
     nc = ncs[st]
     r, eff, sp = nc["r_over_l"], nc["delta_f"], nc["spike_poison"]
     near = r <= 0.1
-    sl_r = _loglog_slope(r[near], sp[near])
+    sl_r = metrics.loglog_slope(r[near], sp[near])
     eff_keep = float(eff[0] / np.max(np.abs(eff)))
     if name in ("rbf", "matern52"):
         # The exact spike is the paper's r^2 term plus a floor from the clean smoother
         # of k(., zeta); fit the slope where the r^2 term dominates the floor 10:1.
         dom = (r <= 0.2) & (nc["spike_paper"] >= 10 * nc["spike_floor"])
-        sl_dom = _loglog_slope(r[dom], sp[dom]) if dom.sum() >= 3 else float("nan")
+        sl_dom = metrics.loglog_slope(r[dom], sp[dom]) if dom.sum() >= 3 else float("nan")
         i_l = int(np.argmin(np.abs(r - 1)))
         drop = float(sp[0] / sp[i_l])
         floor_ratio = float(nc["spike_floor"][0] / sp[i_l])
@@ -418,34 +309,49 @@ def _figures(rep: Report, res):
 
 # --------------------------------------------------------------------------- entry point
 
+def _at_strength(trigger, strength):
+    """The cross trigger at another strength (a patch has none: itself)."""
+    if hasattr(trigger, "strength"):
+        return dataclasses.replace(trigger, strength=strength)
+    return trigger
+
+
 def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the demo and write results.json, figures and report.md into ``out_dir``."""
+    """Run the demo and write results.json, figures and report.md into ``out_dir``.
+
+    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
+    with x64_scope(cfg.x64):
+        return _run(cfg, out_dir)
+
+
+def _run(cfg: Config, out_dir: str | Path) -> Report:
     import jax
-    jax.config.update("jax_enable_x64", cfg.x64)
     t0 = time.time()
     rep = Report("ntk-poison demo: the clone-poison laws on " + cfg.dataset.upper(), out_dir,
                  cfg)
-    prep = _prepare(cfg)
-    X, y, zeta = prep["X"], prep["y"], prep["zeta"]
-    ell = prep["ell"]
-    x0 = prep["Xtrig"][0]
+    sc = scenario.build(cfg, pool=cfg.pool, trigger=cfg.trigger, patch_size=cfg.patch_size)
+    art = sc.clone_attack(cfg.m_max, cfg.y_target, cfg.seed)     # the attack, at m_max
+    (X, y), zeta = art.clean(), art.poisons()[0][0]
+    ell = sc.length_scale
+    x0 = sc.x0
     ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, cfg.m_max, cfg.n_m))])
                    ).astype(np.int64)
     res = {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
-        k = _build_kernel(name, cfg, ell)
+        k = scenario.kernel_for(name, cfg, ell)
         mean_diag = float(np.mean(np.asarray(k.diag(jax.numpy.asarray(X[:200])))))
         k_zz = float(k.diag(jax.numpy.asarray(zeta[None]))[0])
         lam = cfg.ridge * k_zz
         e = _efficacy_and_spike(k, X, y, lam, zeta, x0, cfg, ms)
         e["lam"] = lam
         t1 = time.time()
-        trig_at, x0c = prep["trigger_at"], prep["x0_clean"][None]
-        nc = {f"{st:g}": _near_clone(k, X, y, lam, trig_at(x0c, st)[0], ell, cfg)
+        x0c = sc.x0_clean[None]
+        nc = {f"{st:g}": _near_clone(k, X, y, lam, _at_strength(sc.trigger, st * ell)
+                                     .apply(x0c)[0], ell, cfg)
               for st in cfg.near_clone_strengths}
         t2 = time.time()
-        a = _asr(k, X, y, lam, zeta, prep, cfg, ms)
+        a = _asr(k, X, y, lam, zeta, sc, cfg, ms)
         t3 = time.time()
         res[name] = dict(kernel=repr(k), lam=lam, mean_diag=mean_diag, k_zz=k_zz, efficacy=e,
                          near_clone=nc, asr=a, seconds=dict(

@@ -1,10 +1,10 @@
 """Near clones are invisible (THEORY.md section 2): efficacy stays, the spike goes.
 
 The clone cluster is placed at distance r from the triggered prototype x0p (the
-triggered mean non-target training image, the poison of :mod:`experiments.demo`):
-``zeta = x0p + r u`` with u a random unit vector (``poison.near_clone``), for r/l on a
-log grid from ``r_min`` to ``r_max``, at a fixed m. Each poisoned training set is an
-attack artefact (``artefact.clone_attack``). For each r and kernel it measures:
+triggered mean non-target training image, ``attacks.prototype_poison``):
+``zeta = x0p + r u`` with u a random unit vector, for r/l on a log grid from ``r_min``
+to ``r_max``, at a fixed m. Each poisoned training set is an attack artefact
+(``attacks.near_clone_attack``). For each r and kernel it measures:
 
 * **attack success**: ASR on triggered non-target test points (KRR refit on the
   artefact), clean accuracy;
@@ -18,7 +18,7 @@ attack artefact (``artefact.clone_attack``). For each r and kernel it measures:
   artefact's training set, eps = the poison fraction: AUROC at separating the clones
   from the clean training points.
 
-Kernels and data as in :mod:`experiments.lag`: RBF and nt_fc on flat inputs, nt_cnn
+Kernels and data as in the lag experiment: RBF and nt_fc on flat inputs, nt_cnn
 on its own small image subset (``cnn_n_train``, ``cnn_pool``) as ``(n, H, W, 1)``
 images, with the same smoothness check of the input Hessian (here at x0p).
 
@@ -30,57 +30,41 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 
-from experiments import demo, lag
-from ntk_poison.config import Config as _Config
+from ntk_poison import attacks, krr, metrics, scenario, spectra, x64_scope
+from ntk_poison.defences import SpectralSignatures, evaluate_artefact, kernel_pca_features
+from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
 from ntk_poison.report import Report, new_figure, progress
 
 NAME = "near_clone_invisible"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(_Config):
-    """Configuration of the near-clone experiment (validated; saved in results.json)."""
+class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart,
+             scenario.ImagePart, scenario.DetectorPart):
+    """Configuration of the near-clone experiment (validated; saved in results.json).
 
-    dataset: str = "mnist"
-    n_train: int = 400             # clean training points (stratified subset)
-    n_trigger: int = 300           # triggered non-target test points for the ASR
+    The shared parts are :mod:`ntk_poison.scenario`'s; the ridge is in units of
+    k(x0p, x0p), and ``length_scale`` is also the unit of r.
+    """
+
     n_eval: int = 30               # triggered AND clean test inputs scored by the detector
     n_cal: int = 30                # clean test inputs that set the detector's threshold
-    positive_classes: Tuple[int, ...] = (5, 6, 7, 8, 9)
     kernels: Tuple[str, ...] = ("rbf", "nt_fc", "nt_cnn")
-    cnn_n_train: int = 100         # image kernels (nt_cnn): their own subset of this many
-    cnn_pool: int = 4              # training images, mean-pooled by this factor (MNIST
-                                   # 28x28 -> 7x7), as (n, H, W, 1) images (cost: see lag);
-                                   # their m is scaled by cnn_n_train / n_train (the same
-                                   # poison fraction)
-    ridge: float = 2e-2            # relative ridge in units of k(x0p, x0p)
-    length_scale: Optional[float] = None   # RBF l (and the unit of r); None: median distance
-    nt_depth: int = 2
-    trigger_strength: float = 3.0  # cross trigger norm in units of l
-    poison: str = "prototype"      # x0p: the triggered "prototype" or one "image"
-    y_target: float = 1.0
-    m: int = 50                    # clones
+    m: int = 50                    # clones (image kernels: scaled to the same fraction)
     r_min: float = 1e-3            # r / l
     r_max: float = 1.0
     n_r: int = 7
-    fpr: float = 0.05
-    eig_tol: float = 1e-6
-    eig_max_iters: int = 30
-    eig_batch: int = 1             # keep 1: see experiments/lag.py (a CPU deadlock)
-    smooth_deltas: Tuple[float, ...] = (1e-6, 1e-3)  # smoothness check at x0p (units of l)
     kpca_components: int = 32      # kernel-PCA features for spectral signatures
     ss_multiplier: float = 1.5     # spectral signatures flag multiplier * eps per class
     asr_level: float = 0.9         # "ASR stays high": ASR >= this
     auroc_tol: float = 0.1         # "AUROC -> 0.5": |AUROC - 0.5| <= this at r_min
-    seed: int = 0
-    x64: bool = True
 
     def validate(self) -> None:
-        lag.check_detector_fields(self)
+        super().validate()
         self.check_min(1, "m", "n_r", "kpca_components")
         if self.kpca_components > min(self.n_train, self.cnn_n_train) + self.m:
             raise ValueError("`kpca_components` must be <= n_train + m (and cnn_n_train + m).")
@@ -90,63 +74,57 @@ class Config(_Config):
             raise ValueError("need 0 < `asr_level` <= 1 and 0 < `auroc_tol` < 0.5.")
         self.check_min(0, "ss_multiplier")
 
-    def demo_config(self, images: bool = False) -> demo.Config:
-        """The demo's data/trigger/poison config (image kernels: ``cnn_n_train`` points,
-        mean-pooled by ``cnn_pool``)."""
-        return lag.demo_config(self, images)
-
 
 # --------------------------------------------------------------------------- one kernel
 
-def _sweep(k, name, prep, cfg, lam, rs, det):
+def _sweep(k, name, sc, splits, cfg, lam, rs, det):
     import jax.numpy as jnp
-    from ntk_poison import artefact, krr, poison, triggers
-    from ntk_poison.defences import (SpectralSignatures, evaluate_artefact,
-                                     kernel_pca_features)
-    X, y, x0p, ell = prep["X"], prep["y"], prep["zeta"], prep["ell"]
-    N, m = len(X), lag.clone_count(cfg, cfg.m, prep)
-    trig = triggers.get("cross", strength=cfg.trigger_strength * ell)
+    X, y, x0p, ell = sc.X, sc.y, sc.zeta, sc.length_scale
+    x_trig_asr = sc.X_trig[:cfg.n_trigger]
+    N, m = len(X), scenario.clone_count(cfg, cfg.m, sc.images)
     clean_fit = krr.fit(k, X, y, lam * (N + m) / N)           # same absolute ridge
     a_clean = np.asarray(clean_fit.alpha)
-    clean0 = lag.merged_model(k, X, a_clean, 0.0, x0p, lam)
-    lam_clean_x0p = lag.top_eig(det, clean0, x0p)
-    fc_trig = np.asarray(clean_fit.predict(prep["Xtrig_asr"]))
+    clean0 = krr.clone_model(k, X, a_clean, 0.0, x0p, lam)
+    lam_clean_x0p = det.top_eigenvalue(clean0, x0p)
+    fc_trig = np.asarray(clean_fit.predict(x_trig_asr))
     fc_x0p = float(clean_fit.predict(x0p[None])[0])
-    acc0 = float(np.mean(np.sign(np.asarray(clean_fit.predict(prep["Xte"]))) == prep["yte"]))
+    acc0 = float(metrics.clean_accuracy(clean_fit.predict(sc.X_test), sc.y_test))
     rows = []
     for r in progress(rs, f"{name}: r sweep"):
-        zeta = poison.near_clone(x0p, float(r) * ell, seed=cfg.seed)
-        art = artefact.clone_attack(X, y, zeta, cfg.y_target, m, trigger=trig, seed=cfg.seed,
-                                    meta={"r_over_l": float(r), "kernel": name,
-                                          "dataset": cfg.dataset})
+        art = attacks.near_clone_attack(X, y, x0p, float(r) * ell, cfg.y_target, m,
+                                        trigger=sc.trigger, seed=cfg.seed,
+                                        meta={"r_over_l": float(r), "kernel": name,
+                                              "dataset": cfg.dataset})
+        zeta = art.poisons()[0][0]
         a = np.asarray(krr.fit(k, art.x, art.y, lam).alpha)
-        model = lag.merged_model(k, X, a[:N], a[N:].sum(), zeta, lam)
-        clean = lag.merged_model(k, X, a_clean, 0.0, zeta, lam)
-        f_trig = np.asarray(model.predict(prep["Xtrig_asr"]))
-        f_te = np.asarray(model.predict(prep["Xte"]))
+        model = krr.clone_model(k, X, a[:N], a[N:].sum(), zeta, lam)
+        clean = krr.clone_model(k, X, a_clean, 0.0, zeta, lam)
+        f_trig = np.asarray(model.predict(x_trig_asr))
+        f_te = np.asarray(model.predict(sc.X_test))
         f_x0p = float(model.predict(x0p[None])[0])
-        s = lag.score(det, model, prep["x_cal"], prep["x_trig_eval"], prep["x_clean_eval"],
-                      extra=x0p[None])
+        s = det.assess(model, splits.x_cal, splits.x_trig, splits.x_clean, extra=x0p[None])
         lam_x0p = float(s["extra_vals"][0])
         pct = float(np.mean(s["scores_clean"] < lam_x0p) + 0.5 * np.mean(
             s["scores_clean"] == lam_x0p))
-        gn = lag._gn_parts(model, clean, x0p)
+        gn = spectra.poison_spike(model, clean, x0p)
         feats = kernel_pca_features(k, jnp.asarray(art.x), cfg.kpca_components)
         eps = m / art.n
         ss = SpectralSignatures(eps=eps, multiplier=cfg.ss_multiplier)
         ss_scores, ss_flagged = ss.detect(feats, art.y)
         ss_ev = evaluate_artefact((ss_scores, ss_flagged), art, fpr=cfg.fpr)
-        diff = (prep["x_trig_eval"] - zeta[None]).reshape(len(prep["x_trig_eval"]), -1)
+        diff = (splits.x_trig - zeta[None]).reshape(len(splits.x_trig), -1)
         dist = np.linalg.norm(diff, axis=1) / ell
         rows.append(dict(
-            r_over_l=float(r), asr=float(np.mean(np.sign(f_trig) == np.sign(cfg.y_target))),
-            clean_acc=float(np.mean(np.sign(f_te) == prep["yte"])),
+            r_over_l=float(r), asr=float(metrics.attack_success_rate(f_trig, cfg.y_target)),
+            trigger_alone_asr=float(metrics.trigger_alone_asr(fc_trig, cfg.y_target)),
+            clean_acc=float(metrics.clean_accuracy(f_te, sc.y_test)),
             delta_f_x0p=f_x0p - fc_x0p, delta_f_trig_median=float(np.median(f_trig - fc_trig)),
             auroc=s["auroc"], tpr=s["tpr"], threshold=s["threshold"],
             scores_trig=s["scores_trig"], scores_clean=s["scores_clean"],
             lambda_x0p=lam_x0p, ratio_x0p=lam_x0p / lam_clean_x0p, percentile_x0p=pct,
-            align_x0p_trigger=lag.sqcos(s["extra_vecs"][0], prep["trigger_direction"]),
-            align_x0p_zeta=lag.sqcos(s["extra_vecs"][0], x0p - zeta),
+            align_x0p_trigger=float(spectra.alignment(s["extra_vecs"][0],
+                                                      sc.trigger_direction)),
+            align_x0p_zeta=float(spectra.alignment(s["extra_vecs"][0], x0p - zeta)),
             spike_x0p=gn["spike_x0"], gn_x0p=gn["gn_x0"],
             dist_trig_to_zeta_median=float(np.median(dist)),
             ss_auroc=ss_ev["auroc"], ss_recall=ss_ev["recall"],
@@ -157,11 +135,10 @@ def _sweep(k, name, prep, cfg, lam, rs, det):
     out["lambda_clean_x0p"] = lam_clean_x0p
     out["clean_acc_unpoisoned"] = acc0
     out["m"] = m
-    out["smoothness"] = lag.smoothness(det, clean0, x0p, ell, cfg.smooth_deltas, cfg.seed)
+    out["smoothness"] = det.smoothness(clean0, x0p, ell, cfg.smooth_deltas, cfg.seed)
     # ... and at a triggered test input (the detector scores those): x0
-    clean_x0 = lag.merged_model(k, X, a_clean, 0.0, prep["x0"], lam)
-    out["smoothness_x0"] = lag.smoothness(det, clean_x0, prep["x0"], ell, cfg.smooth_deltas,
-                                          cfg.seed)
+    clean_x0 = krr.clone_model(k, X, a_clean, 0.0, sc.x0, lam)
+    out["smoothness_x0"] = det.smoothness(clean_x0, sc.x0, ell, cfg.smooth_deltas, cfg.seed)
     out["is_poison"] = np.r_[np.zeros(N, bool), np.ones(m, bool)]
     out["lanczos_converged"] = float(np.mean(out["lanczos_converged"]))
     out["convergence_warnings"] = int(np.sum(out["convergence_warnings"]))
@@ -177,7 +154,7 @@ def _claims(rep, name, s, cfg):
     bad = np.nonzero(asr < cfg.asr_level)[0]
     r_star = float(r[-1]) if not len(bad) else (float(r[bad[0] - 1]) if bad[0] > 0 else None)
     r_star_txt = (f">= {r[-1]:.3g} (the whole grid)" if not len(bad)
-                  else f"= {lag._fmt(r_star)}")
+                  else f"= {_fmt(r_star)}")
     rep.claim(f"{name}: ASR stays high for near clones",
               f"ASR >= {cfg.asr_level:g} for every r <= some r*.", ok_asr,
               f"ASR {asr[0]:.3f} at r/l = {r[0]:.0e}, {asr[-1]:.3f} at r/l = {r[-1]:.3g}; "
@@ -203,7 +180,7 @@ def _claims(rep, name, s, cfg):
               f"{s['percentile_x0p'][0]:.0%} / {s['percentile_x0p'][-1]:.0%} percentile of the "
               f"clean test inputs' scores. {theory_note}", ["near_clone.png"])
     near = r <= 0.1
-    sl = demo._loglog_slope(r[near], s["spike_x0p"][near])
+    sl = metrics.loglog_slope(r[near], s["spike_x0p"][near])
     if name in ("rbf", "matern52"):
         ok = abs(sl - 2) <= 0.3 if np.isfinite(sl) else None
         stmt = "At x0p the poison's GN spike falls like r^2 (RBF: R_k = r^2 / l^4)."
@@ -272,30 +249,47 @@ def _figures(rep, res, cfg):
 # --------------------------------------------------------------------------- entry point
 
 def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the near-clone experiment; write results.json, figures and report.md."""
+    """Run the near-clone experiment; write results.json, figures and report.md.
+
+    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
+    with x64_scope(cfg.x64):
+        return _run(cfg, out_dir)
+
+
+def _fmt(x) -> str:
+    return "never" if x is None else f"{x:.3g}"
+
+
+def _run(cfg: Config, out_dir: str | Path) -> Report:
     import jax
-    jax.config.update("jax_enable_x64", cfg.x64)
     t0 = time.time()
     rep = Report(f"ntk-poison near_clone_invisible: near clones vs two detectors "
                  f"({cfg.dataset.upper()})", out_dir, cfg)
     rs = np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r)
-    preps, res = {}, {}
+    built, res = {}, {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
-        prep = lag.prep_for(preps, cfg, name)
-        x0p, ell = prep["zeta"], prep["ell"]
-        det = lag.make_detector(cfg, prep["trigger_direction"])
-        k = lag.build_kernel(name, cfg, ell)
+        images = scenario.is_image_kernel(name)
+        if images not in built:
+            built[images] = scenario.build_for_detection(cfg, images)
+        sc, splits = built[images]
+        x0p, ell = sc.zeta, sc.length_scale
+        det = scenario.detector_for(cfg, sc.trigger_direction)
+        k = scenario.kernel_for(name, cfg, ell)
         k_pp = float(k.diag(jax.numpy.asarray(x0p[None]))[0])
         lam = cfg.ridge * k_pp
-        s = _sweep(k, name, prep, cfg, lam, rs, det)
+        s = _sweep(k, name, sc, splits, cfg, lam, rs, det)
         res[name] = dict(kernel=repr(k), lam=lam, k_x0p=k_pp, sweep=s,
-                         data=lag.data_info(prep, cfg), seconds=time.time() - tk)
-        lag.smooth_claim(rep, name, s["smoothness"], "spike.png", where="x0p")
-        lag.smooth_claim(rep, name, s["smoothness_x0"], "near_clone.png", where="x0")
+                         data=sc.info(), seconds=time.time() - tk)
+        for key, where, fig in (("smoothness", "x0p", "spike.png"),
+                                ("smoothness_x0", "x0", "near_clone.png")):
+            sm = s[key]
+            rep.claim(f"{name}: input Hessian defined at {where}",
+                      smoothness_statement(where, sm["deltas"]), sm["smooth"],
+                      smoothness_text(name, sm, where), [fig])
         _claims(rep, name, s, cfg)
     _figures(rep, res, cfg)
-    ell = preps[False]["ell"] if False in preps else preps[True]["ell"]
+    ell = built[False][0].length_scale if False in built else built[True][0].length_scale
     rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
                        x0p="the triggered prototype (mean non-target training image + "
                            "trigger)", r_unit="the RBF length scale l")
@@ -307,14 +301,14 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
 
 def _discussion(res, cfg, ell, secs) -> str:
     lines = [f"""## Set-up
-{lag._data_lines(res, cfg)} Trigger x + s p with the unit cross p and
+{scenario.describe_kernels(res, cfg.dataset)} Trigger x + s p with the unit cross p and
 s = {cfg.trigger_strength:g} l (l = the median pairwise distance of that kernel's training
 subset). x0p is the triggered {cfg.poison}
 of the non-target training images; the m = {cfg.m} clones (image kernels: m scaled by
 {cfg.cnn_n_train}/{cfg.n_train}, the same poison fraction; label {cfg.y_target:+g}) sit at
 x0p + r u, u a fixed random unit vector (seed {cfg.seed}), r/l in [{cfg.r_min:g},
 {cfg.r_max:g}] ({cfg.n_r} log-spaced values). Each poisoned set is an
-`artefact.clone_attack` artefact; the model is KRR refitted on it (ridge {cfg.ridge:g} x
+`attacks.near_clone_attack` artefact; the model is KRR refitted on it (ridge {cfg.ridge:g} x
 k(x0p, x0p), absolute (N + m) x that). x0 is the first triggered non-target test input
 (for the smoothness check). ASR on {cfg.n_trigger} triggered non-target test
 points. Curvature detector: top loss-Hessian eigenvalue (Lanczos, pseudo-labels
@@ -327,7 +321,7 @@ poison fraction. Total time {secs:.1f} s.
     for name, r in res.items():
         s = r["sweep"]
         lines.append(f"""
-**{name}** ({lag.data_text(r['data'])}; m = {s['m']}). ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
+**{name}** ({scenario.describe(r['data'])}; m = {s['m']}). ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
 (r/l = {cfg.r_max:g}); curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
 spectral-signature AUROC {np.min(s['ss_auroc']):.3f} .. {np.max(s['ss_auroc']):.3f}; at x0p
 the poison's GN spike goes {s['spike_x0p'][0]:.3g} -> {s['spike_x0p'][-1]:.3g} and the top
@@ -347,7 +341,7 @@ def _agreement(res, cfg) -> str:
         for key, where in (("smoothness", "x0p"), ("smoothness_x0", "x0")):
             if key in s:
                 (agree if s[key]["smooth"] else disagree).append(
-                    lag.smoothness_text(name, s[key], where))
+                    smoothness_text(name, s[key], where))
         if s["asr"][0] >= cfg.asr_level:
             agree.append(f"{name}: efficacy stays O(1) for near clones: ASR "
                          f"{s['asr'][0]:.2f} and Delta f(x0p) = {s['delta_f_x0p'][0]:.3g} at "
@@ -355,7 +349,7 @@ def _agreement(res, cfg) -> str:
         else:
             disagree.append(f"{name}: ASR is only {s['asr'][0]:.2f} at r/l = {rr[0]:.0e}.")
         near = rr <= 0.1
-        sl = demo._loglog_slope(rr[near], s["spike_x0p"][near])
+        sl = metrics.loglog_slope(rr[near], s["spike_x0p"][near])
         if rbf_like:
             (agree if abs(sl - 2) <= 0.3 else disagree).append(
                 f"{name}: the poison's GN spike at x0p scales as r^{sl:.2f} for r/l <= 0.1 "
@@ -396,7 +390,7 @@ def _agreement(res, cfg) -> str:
             else:
                 agree.append(txt + ".")
         else:
-            sl_lam = demo._loglog_slope(rr[near], np.abs(s["lambda_x0p"][near]))
+            sl_lam = metrics.loglog_slope(rr[near], np.abs(s["lambda_x0p"][near]))
             (disagree if r0 > 2 * r1 else agree).append(
                 f"{name}: at x0p the top eigenvalue is {r0:.3g}x the clean model's at "
                 f"r/l = {rr[0]:.0e} and {r1:.3g}x at r/l = {rr[-1]:.3g} (log-log slope in r "

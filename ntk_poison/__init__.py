@@ -7,6 +7,8 @@ and the input-gradient-penalty defence in that exact model (see THEORY.md).
 x64 is the user's switch: call :func:`enable_x64` or set ``JAX_ENABLE_X64=1``.
 """
 
+import contextlib
+
 from ntk_poison import _compat
 
 _compat.patch()  # before anything imports neural_tangents
@@ -14,6 +16,20 @@ _compat.patch()  # before anything imports neural_tangents
 from ntk_poison import kernels, krr, poison, theory  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+@contextlib.contextmanager
+def x64_scope(enable: bool = True):
+    """A context in which JAX's x64 switch is ``enable``; the old value is restored on
+    exit (every experiment's ``run`` uses it, so a run leaves the global config as it
+    found it)."""
+    import jax
+    old = bool(jax.config.read("jax_enable_x64"))
+    jax.config.update("jax_enable_x64", bool(enable))
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
 
 
 def enable_x64(enable: bool = True) -> None:
@@ -26,6 +42,7 @@ def __getattr__(name):
     # Lazily import the modules that pull in heavier dependencies.
     import importlib
     if name in ("data", "report", "spectra", "flow", "nets", "defences", "cli", "artefact",
-                "triggers", "config", "io"):
+                "triggers", "config", "io", "linalg", "models", "joint", "penalty",
+                "penalized", "metrics", "attacks", "scenario"):
         return importlib.import_module(f"ntk_poison.{name}")
     raise AttributeError(f"module 'ntk_poison' has no attribute {name!r}")

@@ -127,3 +127,65 @@ def fits_in_memory(what: str, n_elements: int, itemsize: int, fix: str) -> None:
         raise ValueError(
             f"{what} needs {need / 2**30:.1f} GiB, over the memory budget of "
             f"{budget / 2**30:.1f} GiB (NTK_POISON_MEMORY_BUDGET). {fix}")
+
+
+# --------------------------------------------------------------------------- shared checks
+
+def default_tol(dtype: Any) -> float:
+    """The one default relative tolerance of the iterative solvers, per dtype.
+
+    ``1e-10`` in float64 and ``1e-4`` in float32 (about ``eps^0.6`` of each): the
+    relative residual of conjugate gradients, the relative RKHS gradient norm of the
+    Newton-LM fits and the relative eigen-residual of block Lanczos
+    (:mod:`ntk_poison.linalg`) all stop there unless the caller passes ``tol``.
+    """
+    return 1e-10 if np.dtype(dtype) == np.float64 else 1e-4
+
+
+def float_array(name: str, x: Any, *, ndim: Optional[int | Sequence[int]] = None) -> Any:
+    """Check an array argument and return it as a jax array of a float dtype.
+
+    Integer or boolean inputs become the default float dtype (float64 under x64).
+    """
+    array(name, x, ndim=ndim)
+    x = jax.numpy.asarray(x)
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+        x = x.astype(jax.numpy.result_type(float))
+    return x
+
+
+def as_key(key: Any, name: str = "key") -> Any:
+    """A jax PRNG key from a key or an int seed (None: ``PRNGKey(0)``)."""
+    if key is None:
+        return jax.random.PRNGKey(0)
+    if is_int_scalar(key):
+        return jax.random.PRNGKey(int(key))
+    if not isinstance(key, jax.Array):
+        raise ValueError(f"`{name}` must be a jax PRNG key (jax.random.PRNGKey(seed) or "
+                         f"jax.random.key(seed)) or an int seed, got {type(key).__name__}.")
+    return key
+
+
+def choice(name: str, value: Any, allowed: Sequence[Any]) -> Any:
+    """Check ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {tuple(allowed)}, got {value!r}.")
+    return value
+
+
+def scalar(name: str, value: Any, hint: str = "") -> float:
+    """A real scalar >= 0, as a float."""
+    if np.ndim(value) != 0:
+        raise ValueError(f"`{name}` must be a scalar, got shape {np.shape(value)}{hint}.")
+    nonneg(name, value)
+    return float(value)
+
+
+def positive_int(name: str, value: Any, *, allow_none: bool = False) -> Any:
+    """An int >= 1 (or None where allowed)."""
+    if value is None and allow_none:
+        return None
+    if not is_int_scalar(value) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1"
+                         f"{' or None' if allow_none else ''}, got {value!r}.")
+    return int(value)

@@ -47,6 +47,7 @@ import hashlib
 import importlib
 import importlib.util
 import io
+import math
 import os
 import pickle
 import zlib
@@ -63,8 +64,11 @@ __all__ = [
     "available",
     "binary_targets",
     "clear_cache",
+    "jitter",
     "load",
+    "mean_pool",
     "one_hot",
+    "pca_reduction",
     "subset",
 ]
 
@@ -323,6 +327,55 @@ def subset(x: Any, y: Any, n: int, seed: int = 0, stratified: bool = True, *,
     if return_indices:
         return x_sub, y_sub, idx
     return x_sub, y_sub
+
+
+def mean_pool(x: Any, p: int) -> np.ndarray:
+    """Mean-pool flat square images ``(n, s*s)`` by ``p x p`` blocks: ``(n, (s/p)^2)``.
+
+    ``p = 1`` returns ``x`` unchanged (MNIST 28x28 by 4 gives 7x7).
+    """
+    x = np.asarray(x)
+    if p == 1:
+        return x
+    n, d = x.shape
+    s = int(round(np.sqrt(d)))
+    if s * s != d or s % p:
+        raise ValueError(f"`pool` = {p} needs square images whose side is a multiple of it; "
+                         f"the inputs have d = {d}.")
+    q = s // p
+    return x.reshape(n, q, p, q, p).mean(axis=(2, 4)).reshape(n, q * q)
+
+
+def pca_reduction(X: Any, keep: Any, dim: int):
+    """A linear map to ``dim`` coordinates: the top ``dim - 1`` principal components of
+    ``X`` plus the direction ``keep`` (e.g. an additive trigger pattern).
+
+    Returns ``reduce(A) = scale (A - mean) B^T`` with orthonormal rows B (the last row
+    ``keep`` orthogonalised against the PCs) and ``scale`` such that the mean squared
+    norm of the reduced X is ``dim``. An additive trigger ``x + s p`` with p = keep
+    maps to ``reduce(x) + s scale B p`` and keeps its whole norm (p is in span(B)).
+    A ValueError if ``keep`` lies in the span of the components.
+    """
+    X = np.asarray(X, np.float64)
+    mu = X.mean(0)
+    _, _, Vt = np.linalg.svd(X - mu, full_matrices=False)
+    B = Vt[:dim - 1]
+    p = np.asarray(keep, np.float64).ravel()
+    t = p - B.T @ (B @ p)
+    if np.linalg.norm(t) < 1e-9 * np.linalg.norm(p):
+        raise ValueError("The trigger pattern lies in the span of the principal components; "
+                         "lower `dim`.")
+    B = np.vstack([B, t / np.linalg.norm(t)])
+    Z = (X - mu) @ B.T
+    scale = math.sqrt(dim / float(np.mean((Z ** 2).sum(1))))
+    return lambda A: ((np.asarray(A, np.float64) - mu) @ B.T) * scale
+
+
+def jitter(A: Any, copies: int, sd: float, rng: np.random.Generator) -> np.ndarray:
+    """``A`` followed by ``copies`` Gaussian-jittered copies ``A + sd N(0, I)`` (drawn
+    from ``rng`` in order): the kernel-regime stand-in for input augmentation."""
+    A = np.asarray(A)
+    return np.vstack([A] + [A + sd * rng.standard_normal(A.shape) for _ in range(copies)])
 
 
 # ------------------------------------------------------------------ argument checks

@@ -25,12 +25,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_poison import _validate
+from ntk_poison import _validate, linalg, models
 from ntk_poison.kernels import Kernel
 
 Array = Any
 
-__all__ = ["KRRModel", "fit", "solve_psd", "check_kernel", "as_inputs"]
+__all__ = ["KRRModel", "KRRFunction", "fit", "solve", "clone_gram", "clone_model",
+           "fit_clones", "fit_clean", "check_kernel", "as_inputs", "model_inputs",
+           "gram_plus_ridge", "solve_psd"]
 
 
 def check_kernel(k: Any) -> Kernel:
@@ -63,90 +65,55 @@ def model_inputs(k: Kernel, X: jax.Array, dtype, x: Array) -> jax.Array:
     return x.astype(dtype)
 
 
-def map_batches(fn, args, x: jax.Array, batch_size: Optional[int], axis: int = 0):
-    """``fn(*args, x)`` over row blocks of ``x`` of at most ``batch_size`` points,
-    concatenated along ``axis`` (bounds memory; each block size compiles once)."""
-    if batch_size is not None:
-        _validate.nonneg("batch_size", batch_size, integer=True, positive=True)
-    if batch_size is None or x.shape[0] <= batch_size:
-        return fn(*args, x)
-    return jnp.concatenate([fn(*args, x[i:i + batch_size])
-                            for i in range(0, x.shape[0], batch_size)], axis=axis)
-
-
 def solve_psd(A: Array, b: Array, *, what: str = "the kernel matrix K + n*ridge*I"
               ) -> jax.Array:
-    """Solve ``A x = b`` for symmetric positive-definite ``A`` by Cholesky.
-
-    Raises a ValueError (not NaNs) if ``A`` is not numerically positive definite.
-    """
-    L, ok = _cholesky(A)
-    if not bool(ok):
-        raise ValueError(
-            f"{what} is not positive definite in {A.dtype} (Cholesky failed). Increase "
-            "`ridge`, check the kernel is positive definite, or enable float64 with "
-            "ntk_poison.enable_x64().")
-    return _cho_solve(L, b)
-
-
-@jax.jit
-def _cholesky(A):
-    """The Cholesky factor and whether it is finite (one compiled program)."""
-    L = jnp.linalg.cholesky(A)
-    return L, jnp.all(jnp.isfinite(L))
-
-
-@jax.jit
-def _cho_solve(L, b):
-    return jax.scipy.linalg.cho_solve((L, True), b)
+    """Deprecated alias of :func:`ntk_poison.linalg.cholesky_solve` (kept one release)."""
+    return linalg.cholesky_solve(A, b, what=what)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _gram_plus_ridge(k: Kernel, X, shift):
+def gram_plus_ridge(k: Kernel, X, shift):
+    """``k(X, X) + shift I`` (one compiled program per kernel and shape)."""
     K = k.fn(X, X)
     return K + shift * jnp.eye(K.shape[0], dtype=K.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(k: Kernel, X, alpha, x):
-    return k.fn(x, X) @ alpha
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha"],
+                   meta_fields=["kernel"])
+@dataclasses.dataclass(frozen=True)
+class KRRFunction(models.Function):
+    """``f(x) = k(x, X) alpha`` at ONE input (no batch axis): a callable pytree."""
+
+    kernel: Kernel
+    X: jax.Array
+    alpha: jax.Array
+
+    def __call__(self, x):
+        return (self.kernel.fn(x[None], self.X) @ self.alpha)[0]
 
 
-def _scalar_fn(k: Kernel, X, alpha):
-    """The prediction at one input (no batch axis)."""
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha"],
+                   meta_fields=["kernel"])
+@dataclasses.dataclass(frozen=True)
+class KRRBatchFunction(models.Function):
+    """``f(x) = k(x, X) alpha`` for a batch ``x (m, *s)``: one Gram block and a GEMM."""
 
-    def f(x):
-        return (k.fn(x[None], X) @ alpha)[0]
+    kernel: Kernel
+    X: jax.Array
+    alpha: jax.Array
 
-    return f
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _input_grad(k: Kernel, X, alpha, x):
-    return jax.vmap(jax.grad(_scalar_fn(k, X, alpha)))(x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _input_jacobian(k: Kernel, X, alpha, x):
-    return jax.vmap(jax.jacrev(_scalar_fn(k, X, alpha)))(x)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _input_hessian(k: Kernel, X, alpha, x):
-    f = _scalar_fn(k, X, alpha)
-    shape = x.shape[1:]
-
-    def f_flat(v):
-        return f(v.reshape(shape))
-
-    return jax.vmap(jax.hessian(f_flat))(x.reshape(x.shape[0], -1))
+    def __call__(self, x):
+        return self.kernel.fn(x, self.X) @ self.alpha
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["X", "alpha"], meta_fields=["kernel", "ridge"])
 @dataclasses.dataclass(frozen=True)
-class KRRModel:
-    """A fitted kernel ridge regression model (immutable pytree).
+class KRRModel(models.Model):
+    """A fitted kernel ridge regression model (immutable pytree; the model protocol).
+
+    ``predict``, ``input_grad``, ``input_jacobian`` and ``input_hessian`` come from
+    :class:`ntk_poison.models.Model` (one ``batch_size`` convention).
 
     Attributes:
       kernel: the kernel (static).
@@ -168,63 +135,24 @@ class KRRModel:
     def scalar_output(self) -> bool:
         return self.alpha.ndim == 1
 
-    def as_function(self):
+    @property
+    def dtype(self):
+        return self.alpha.dtype
+
+    def as_function(self) -> KRRFunction:
         """The prediction as a pure function of ONE input (no batch axis).
 
-        Returns ``f(x) -> scalar`` (or ``(c,)``), built from jax ops only, so
-        ``jax.grad``, ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply to it. This is
-        the interface :mod:`ntk_poison.spectra` consumes (a Flax model offers the same).
+        Returns ``f(x) -> scalar`` (or ``(c,)``), a callable pytree built from jax ops
+        only, so ``jax.grad``, ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply to
+        it. This is the interface :mod:`ntk_poison.spectra` consumes.
         """
-        return _scalar_fn(self.kernel, self.X, self.alpha)
+        return KRRFunction(self.kernel, self.X, self.alpha)
 
-    def _inputs(self, x, batch_size: Optional[int]) -> jax.Array:
+    def batch_function(self) -> KRRBatchFunction:
+        return KRRBatchFunction(self.kernel, self.X, self.alpha)
+
+    def check_inputs(self, x: Array) -> jax.Array:
         return model_inputs(self.kernel, self.X, self.alpha.dtype, x)
-
-    def _batched(self, fn, x, batch_size):
-        return map_batches(fn, (self.kernel, self.X, self.alpha), x, batch_size)
-
-    def predict(self, x: Array, *, batch_size: Optional[int] = 4096) -> jax.Array:
-        """``f(x) = k(x, X) alpha``: ``(m,)`` for scalar targets, ``(m, c)`` otherwise."""
-        x = self._inputs(x, batch_size)
-        return self._batched(_predict, x, batch_size)
-
-    def input_grad(self, x: Array, *, batch_size: Optional[int] = 1024) -> jax.Array:
-        """``grad_x f(x)`` for scalar outputs, shape ``(m, *input_shape)``.
-
-        For vector outputs use :meth:`input_jacobian`.
-        """
-        if not self.scalar_output:
-            raise ValueError("input_grad is for scalar outputs (y of shape (n,)); this "
-                             "model has vector outputs: use input_jacobian.")
-        x = self._inputs(x, batch_size)
-        return self._batched(_input_grad, x, batch_size)
-
-    def input_jacobian(self, x: Array, *, batch_size: Optional[int] = 256) -> jax.Array:
-        """``d f / d x`` of shape ``(m, c, *input_shape)`` (``(m, *input_shape)`` if scalar)."""
-        x = self._inputs(x, batch_size)
-        return self._batched(_input_jacobian, x, batch_size)
-
-    def input_hessian(self, x: Array, *, batch_size: Optional[int] = None) -> jax.Array:
-        """``hess_x f(x)`` for scalar outputs, shape ``(m, d, d)`` with d the flat size.
-
-        ``batch_size`` bounds the points differentiated at once; by default it is
-        chosen so that the forward-over-reverse intermediates (about n*d per point)
-        stay within the memory budget.
-        """
-        if not self.scalar_output:
-            raise ValueError("input_hessian is for scalar outputs (y of shape (n,)).")
-        x = self._inputs(x, batch_size)
-        d = int(np.prod(x.shape[1:]))
-        item = x.dtype.itemsize
-        _validate.fits_in_memory(
-            "input_hessian's output (m, d, d)", x.shape[0] * d * d, item,
-            "Ask for fewer points at once, or use ntk_poison.spectra's matrix-free "
-            "eigen-solver instead of the dense Hessian.")
-        if batch_size is None:
-            per_point = 4 * d * (self.n + d) * item
-            batch_size = max(1, min(x.shape[0], _validate.memory_budget_bytes() // 4
-                                    // max(per_point, 1)))
-        return self._batched(_input_hessian, x, batch_size)
 
 
 def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:
@@ -246,15 +174,68 @@ def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:
     _validate.array("y", y, ndim=(1, 2), floating=True)
     _validate.same_rows("X", X, "y", y)
     _validate.nonneg("ridge", ridge)
-    n = X.shape[0]
-    if n == 0:
+    if X.shape[0] == 0:
         raise ValueError("`X` is empty; pass at least one training point.")
     dtype = jnp.result_type(X.dtype, jnp.asarray(y).dtype)
-    X = X.astype(dtype)
-    y = jnp.asarray(y, dtype)
+    return solve(k, X.astype(dtype), jnp.asarray(y, dtype), float(ridge))
+
+
+def solve(k: Kernel, X: jax.Array, y: jax.Array, ridge: float) -> KRRModel:
+    """:func:`fit` without its input checks, for callers that have validated already:
+    ``X`` and ``y`` arrays of one float dtype, ``ridge`` a float >= 0."""
+    n = X.shape[0]
     _validate.fits_in_memory(
-        f"The Gram matrix for n={n} training points", 3 * n * n, dtype.itemsize,
+        f"The Gram matrix for n={n} training points", 3 * n * n, X.dtype.itemsize,
         "Subsample the training set (ntk_poison.data.subset) or use a smaller n.")
-    A = _gram_plus_ridge(k, X, jnp.asarray(n * float(ridge), dtype))
-    alpha = solve_psd(A, y)
-    return KRRModel(kernel=k, X=X, alpha=alpha, ridge=float(ridge))
+    A = gram_plus_ridge(k, X, jnp.asarray(n * ridge, X.dtype))
+    alpha = linalg.cholesky_solve(A, y)
+    return KRRModel(kernel=k, X=X, alpha=alpha, ridge=ridge)
+
+
+# --------------------------------------------------------------------------- clone clusters
+
+def clone_gram(k: Kernel, X: Array, zeta: Array) -> np.ndarray:
+    """The Gram matrix of ``[X; zeta]`` (float64 numpy, symmetrised): every Gram of a
+    clone-poisoned set (N clean rows, then m copies of zeta) is a re-indexing of it,
+    so no new shapes are compiled per m (:func:`fit_clones`)."""
+    Xb = jnp.asarray(np.concatenate([np.asarray(X), np.asarray(zeta)[None]]))
+    K = np.asarray(k(Xb, Xb), np.float64)
+    return 0.5 * (K + K.T)
+
+
+def clone_model(k: Kernel, X: Array, alpha_clean: Array, w_poison: float, zeta: Array,
+                ridge: float) -> KRRModel:
+    """The KRR function ``k(x, X) a_c + w k(x, zeta)`` as a model on ``[X; zeta]``: m
+    identical clone rows merged into one row carrying the sum of their dual weights
+    (the same function, one shape for every m). ``ridge`` is only recorded; keeping
+    it fixed keeps the model's static structure, hence compiled code, the same."""
+    Xm = np.concatenate([np.asarray(X), np.asarray(zeta)[None]])
+    a = np.concatenate([np.asarray(alpha_clean, np.float64), [float(w_poison)]])
+    return KRRModel(kernel=k, X=jnp.asarray(Xm), alpha=jnp.asarray(a), ridge=float(ridge))
+
+
+def fit_clones(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,
+               y_target: float, m: int, ridge: float) -> KRRModel:
+    """KRR refitted on ``X`` plus ``m`` clones of ``(zeta, y_target)`` at relative ridge
+    ``ridge`` (absolute ``(N + m) ridge``), by a dense solve of the (N+m)-point system
+    (scipy; independent of the rank-one law of :mod:`ntk_poison.theory`), as a
+    :func:`clone_model`. ``Kb`` is :func:`clone_gram`."""
+    import scipy.linalg
+    N = len(X)
+    idx = np.r_[np.arange(N), np.full(int(m), N)]
+    yp = np.r_[np.asarray(y, np.float64), np.full(int(m), float(y_target))]
+    A = Kb[np.ix_(idx, idx)] + (N + m) * ridge * np.eye(N + int(m))
+    a = scipy.linalg.solve(A, yp, assume_a="pos")
+    return clone_model(k, X, a[:N], a[N:].sum(), zeta, ridge)
+
+
+def fit_clean(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,
+              ridge_abs: float, ridge: float) -> KRRModel:
+    """The clean KRR model at ABSOLUTE ridge ``ridge_abs``, as a :func:`clone_model`
+    with weight 0 on zeta (the same shapes as the poisoned ones); ``ridge`` is
+    recorded (see :func:`clone_model`)."""
+    import scipy.linalg
+    N = len(X)
+    a = scipy.linalg.solve(Kb[:N, :N] + ridge_abs * np.eye(N), np.asarray(y, np.float64),
+                           assume_a="pos")
+    return clone_model(k, X, a, 0.0, zeta, ridge)

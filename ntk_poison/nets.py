@@ -85,7 +85,8 @@ import optax
 from flax import nnx
 
 from ntk_poison import _compat
-from ntk_poison import _validate
+from ntk_poison import _validate, models
+from ntk_poison import penalty as penalty_mod
 
 _compat.patch()
 
@@ -93,13 +94,13 @@ Array = Any
 ApplyFn = Callable[[Any, Array], Array]
 
 __all__ = [
-    "NTKDense", "MLP", "init", "apply_fn", "as_function", "NetModel",
+    "NTKDense", "MLP", "init", "apply_fn", "as_function", "NetModel", "NetFunction",
     "empirical_ntk", "empirical_ntk_kernel", "objective", "train", "TrainHistory",
     "augment_flip_crop", "PENALTIES", "ACTIVATIONS",
 ]
 
 #: The input-gradient penalties :func:`train` knows (THEORY.md section 3).
-PENALTIES = ("output", "loss")
+PENALTIES = penalty_mod.PENALTIES
 
 #: Hidden nonlinearities: ReLU (the twin of ``kernels.nt_fc``) and erf (the twin of
 #: neural-tangents' ``stax.Erf()``, smooth, so input-derivative functionals of the
@@ -257,31 +258,38 @@ def as_function(params: Any, params0: Optional[Any] = None, *,
     ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply; the same role as
     ``KRRModel.as_function`` (the interface of :mod:`ntk_poison.spectra`).
     """
-    g = _centred(apply_fn, params, params0)
-
-    def f(x):
-        return g(x[None])[0]
-
-    return f
+    return NetFunction(params, params0, apply_fn)
 
 
 # --------------------------------------------------------------------------- model object
 
-@functools.partial(jax.jit, static_argnums=0)
-def _predict(apply, params, params0, x):
-    return _centred(apply, params, params0)(x)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "params0"],
+                   meta_fields=["apply_fn"])
+@dataclasses.dataclass(frozen=True)
+class NetFunction(models.Function):
+    """``g(x) = apply(params, x[None])[0] - apply(params0, x[None])[0]`` at ONE input (or
+    ``f`` alone if ``params0`` is None): a callable pytree (the parameters are leaves)."""
+
+    params: Any
+    params0: Any
+    apply_fn: ApplyFn
+
+    def __call__(self, x):
+        return _centred(self.apply_fn, self.params, self.params0)(x[None])[0]
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _input_grad(apply, params, params0, x):
-    return jax.vmap(jax.grad(as_function(params, params0, apply_fn=apply)))(x)
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["params", "params0"],
+                   meta_fields=["apply_fn"])
+@dataclasses.dataclass(frozen=True)
+class NetBatchFunction(models.Function):
+    """The centred network on a batch ``x (m, *s) -> (m,)`` (one forward pass each)."""
 
+    params: Any
+    params0: Any
+    apply_fn: ApplyFn
 
-@functools.partial(jax.jit, static_argnums=0)
-def _input_hessian(apply, params, params0, x):
-    f = as_function(params, params0, apply_fn=apply)
-    shape = x.shape[1:]
-    return jax.vmap(jax.hessian(lambda v: f(v.reshape(shape))))(x.reshape(x.shape[0], -1))
+    def __call__(self, x):
+        return _centred(self.apply_fn, self.params, self.params0)(x)
 
 
 def _check_apply(apply: Any, params: Any, x: Array, name: str = "x") -> None:
@@ -304,10 +312,7 @@ def _check_apply(apply: Any, params: Any, x: Array, name: str = "x") -> None:
 
 
 def _as_batch(name: str, x: Array, dtype: Any = None) -> jax.Array:
-    _validate.array(name, x, ndim=(2, 3, 4))
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
+    x = _validate.float_array(name, x, ndim=(2, 3, 4))
     return x if dtype is None else x.astype(dtype)
 
 
@@ -319,13 +324,16 @@ def _param_dtype(params: Any):
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["params", "params0"], meta_fields=["apply_fn"])
 @dataclasses.dataclass(frozen=True)
-class NetModel:
-    """A trained network with the ``KRRModel`` interface (immutable pytree).
+class NetModel(models.Model):
+    """A trained network as a model of the protocol (immutable pytree).
 
     It represents ``g(x) = apply(params, x) - apply(params0, x)`` (the centred
     function :func:`train` fits), or ``f(x) = apply(params, x)`` if ``params0`` is
-    None. ``predict``, ``input_grad``, ``input_hessian`` and ``as_function`` match
-    :class:`ntk_poison.krr.KRRModel`, so spectra and defences run on either.
+    None. ``predict``, ``input_grad``, ``input_jacobian`` and ``input_hessian`` come
+    from :class:`ntk_poison.models.Model`, so spectra and defences run on it as on a
+    kernel model. For a ReLU network the input Hessian is 0 almost everywhere (g is
+    piecewise linear), so the loss Hessian is its Gauss-Newton term alone; an erf
+    network has a non-zero one.
 
     Attributes:
       params: the trained parameters.
@@ -339,36 +347,25 @@ class NetModel:
 
     scalar_output = True
 
-    def as_function(self) -> Callable[[Array], jax.Array]:
+    def as_function(self) -> NetFunction:
         """The prediction at ONE input (no batch axis) -> scalar; see :func:`as_function`."""
-        return as_function(self.params, self.params0, apply_fn=self.apply_fn)
+        return NetFunction(self.params, self.params0, self.apply_fn)
 
-    def _inputs(self, x):
-        x = _as_batch("x", x, _param_dtype(self.params))
+    def batch_function(self) -> NetBatchFunction:
+        return NetBatchFunction(self.params, self.params0, self.apply_fn)
+
+    @property
+    def dtype(self):
+        return _param_dtype(self.params)
+
+    @property
+    def input_shape(self):
+        return None
+
+    def check_inputs(self, x: Array) -> jax.Array:
+        x = _as_batch("x", x, self.dtype)
         _check_apply(self.apply_fn, self.params, x)
         return x
-
-    def predict(self, x: Array) -> jax.Array:
-        """``g(x)`` for a batch ``x (m, *input_shape)``, shape ``(m,)``."""
-        return _predict(self.apply_fn, self.params, self.params0, self._inputs(x))
-
-    def input_grad(self, x: Array) -> jax.Array:
-        """``grad_x g(x)``, shape ``(m, *input_shape)``."""
-        return _input_grad(self.apply_fn, self.params, self.params0, self._inputs(x))
-
-    def input_hessian(self, x: Array) -> jax.Array:
-        """``hess_x g(x)``, shape ``(m, d, d)`` with d the flattened input size.
-
-        For a ReLU network it is 0 almost everywhere (g is piecewise linear), so the
-        loss Hessian is its Gauss-Newton term ``grad g grad g^T`` alone (THEORY.md
-        section 1); an erf network has a non-zero one.
-        """
-        x = self._inputs(x)
-        d = int(np.prod(x.shape[1:]))
-        _validate.fits_in_memory("input_hessian's output (m, d, d)", x.shape[0] * d * d,
-                                 x.dtype.itemsize, "Ask for fewer points at once, or "
-                                 "use ntk_poison.spectra's matrix-free eigen-solver.")
-        return _input_hessian(self.apply_fn, self.params, self.params0, x)
 
 
 # --------------------------------------------------------------------------- empirical NTK
@@ -426,11 +423,14 @@ def empirical_ntk_kernel(apply_fn: ApplyFn, params: Any):
 
 # --------------------------------------------------------------------------- training
 
-def _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty):
-    """(data term, penalty term, ||w - w0||^2) of the objective; see the module doc.
+def _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty, kappa):
+    """(J without the ridge term, data term, kappa-free penalty term, ||w - w0||^2).
 
-    ``penalty=None`` skips the input gradients (penalty term 0): the train step at
-    kappa = 0 then costs one forward and one backward pass, not a second-order one.
+    The objective is :func:`ntk_poison.penalty.data_objective` of the residuals
+    ``e_i = g(x_i) - y_i`` and input gradients ``grad_x g(x_i)``, the one the kernel
+    fits minimise too. ``penalty=None`` skips the input gradients (penalty term 0):
+    the train step at kappa = 0 then costs one forward and one backward pass, not a
+    second-order one.
 
     ``f0_X (n,)`` and ``gx0_X (n, *s)`` are the initial outputs and input gradients
     at the training points (constants; zeros when not centring), so the centred
@@ -442,19 +442,19 @@ def _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty):
         return apply(params, x[None])[0]
 
     if penalty is None:                                   # kappa = 0: skip grad_x
-        resid = (apply(params, X) - f0_X) - y
-        pen = jnp.zeros((), resid.dtype)
+        e = ((apply(params, X) - f0_X) - y)[:, None]
+        g = None
+        pen = jnp.zeros((), e.dtype)
     else:
         f_X, gx_X = jax.vmap(jax.value_and_grad(f_one))(X)   # grad_x through the net
-        resid = (f_X - f0_X) - y
-        gx = (gx_X - gx0_X).reshape(n, -1)
-        if penalty == "loss":
-            gx = resid[:, None] * gx                      # grad_x L_i = (g - y) grad_x g
-        pen = 0.5 * jnp.mean(jnp.sum(gx ** 2, axis=-1))
-    data = 0.5 * jnp.mean(resid ** 2)
+        e = ((f_X - f0_X) - y)[:, None]
+        g = (gx_X - gx0_X).reshape(n, -1, 1)
+        pen = (0.5 / n) * penalty_mod.penalty_sum(e, g, penalty)
+    J = penalty_mod.data_objective(e, g, kappa, penalty)
+    data = penalty_mod.data_objective(e, None, 0.0, None)
     sq = sum(jnp.sum((a - b) ** 2) for a, b in
              zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(params0)))
-    return data, pen, sq
+    return J, data, pen, sq
 
 
 def _init_offsets(apply, params0, X, centre, X_eval=None):
@@ -492,8 +492,8 @@ def objective(params: Any, X: Array, y: Array, *, kappa: float = 0.0,
     X, y, kappa, ridge, params0 = _check_train_args(
         apply, params, X, y, kappa, penalty, ridge, params0)
     f0_X, gx0_X, _ = _init_offsets(apply, params0, X, centre)
-    data, pen, sq = _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty)
-    return data + kappa * pen + 0.5 * ridge * sq
+    J, _, _, sq = _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty, kappa)
+    return J + 0.5 * ridge * sq
 
 
 @functools.partial(jax.jit, static_argnames=("apply", "penalty", "n_steps"))
@@ -502,8 +502,8 @@ def _run_chunk(params, params0, X, y, f0_X, gx0_X, lr, kappa, ridge, *, apply,
     opt = optax.sgd(lr)
 
     def J(p):
-        data, pen, sq = _terms(p, params0, apply, X, y, f0_X, gx0_X, penalty)
-        return data + kappa * pen + 0.5 * ridge * sq
+        Jd, _, _, sq = _terms(p, params0, apply, X, y, f0_X, gx0_X, penalty, kappa)
+        return Jd + 0.5 * ridge * sq
 
     def step(carry, _):
         p, state = carry
@@ -518,9 +518,9 @@ def _run_chunk(params, params0, X, y, f0_X, gx0_X, lr, kappa, ridge, *, apply,
 @functools.partial(jax.jit, static_argnames=("apply", "penalty"))
 def _record(params, params0, X, y, f0_X, gx0_X, X_eval, eval0, kappa, ridge, *,
             apply, penalty):
-    data, pen, sq = _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty)
+    Jd, data, pen, sq = _terms(params, params0, apply, X, y, f0_X, gx0_X, penalty, kappa)
     preds = None if X_eval is None else apply(params, X_eval) - eval0
-    return data, pen, data + kappa * pen + 0.5 * ridge * sq, preds
+    return data, pen, Jd + 0.5 * ridge * sq, preds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -553,9 +553,7 @@ class TrainHistory:
 
 
 def _check_train_args(apply, params, X, y, kappa, penalty, ridge, params0):
-    if penalty not in PENALTIES:
-        raise ValueError(f"`penalty` must be one of {PENALTIES} ('output': ||grad_x f||^2, "
-                         f"'loss': ||grad_x L||^2), got {penalty!r}.")
+    penalty_mod.check_penalty(penalty)
     _validate.nonneg("kappa", kappa)
     _validate.nonneg("ridge", ridge)
     dtype = _param_dtype(params)

@@ -21,85 +21,39 @@ over reverse) and calls ``eigh``: O(d) HVPs, O(d^2) memory, O(d^3) time.
 ``jax.grad``, i.e. ``jvp(grad f)`` with the primal pass done once), vmap'd over a
 block of vectors, with full reorthogonalisation; no ``d x d`` matrix is ever formed.
 
-Design (Lanczos): our own jitted block Lanczos (one ``lax.while_loop``, static block
-size and cap), not ``jax.experimental.sparse.linalg.lobpcg_standard``. That exists in
-jax 0.10.2 and was accurate in float64 when tried here, but it finds only the
-algebraically largest pairs (no ``"LM"``), needs ``5k < d``, returns no residuals or
-convergence flag, and its stop rule ``|r| < tol*10*d*(theta + |Av|)`` never fires when
-the top eigenvalues are negative (it then runs all ``m`` iterations). matfree is not
-installed. Ours reports ``||H v - lambda v||`` per pair and handles exhausted Krylov
-spaces (deflation).
+Design (Lanczos): the solver itself is :func:`ntk_poison.linalg.block_lanczos`, our
+block Lanczos on any matrix-vector product (full reorthogonalisation, deflation of
+exhausted Krylov directions, residuals per pair; ``benchmarks/lanczos_bench.py``
+compares it with matfree's). This module builds the operator, the Hessian-vector
+product of a model at a point, and keeps the model-facing checks. A model's
+function is split into arrays (jit arguments) and the rest (static) by equinox
+(``eqx.filter_jit``), so compiled code is shared across models of the same shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import warnings
-from typing import Any, Callable, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Optional, Tuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_poison import _validate
+from ntk_poison import _validate, linalg, models
+from ntk_poison.linalg import ConvergenceError, ConvergenceWarning, SpectrumInfo
 
 Array = Any
 
 __all__ = [
     "top_eigenpairs", "hvp", "loss_fn", "loss_hessian", "input_fisher",
     "gauss_newton_top", "alignment", "SpectrumInfo", "ConvergenceWarning",
-    "ConvergenceError", "PredictionFunction", "LossFunction",
+    "ConvergenceError", "PredictionFunction", "LossFunction", "lanczos_hessian",
+    "flat_function", "poison_spike",
 ]
 
-_WHICH = ("LA", "LM")
 _METHODS = ("dense", "lanczos")
-_DEFAULT_MAX_ITERS = 100
-
-
-class ConvergenceWarning(UserWarning):
-    """Block Lanczos stopped at ``max_iters`` before every residual met ``tol``."""
-
-
-class ConvergenceError(RuntimeError, ValueError):
-    """Raised instead of :class:`ConvergenceWarning` when ``strict=True``.
-
-    It is a RuntimeError and, like numpy's ``LinAlgError``, also a ValueError (the
-    project's error type), so ``except ValueError`` catches every failure here.
-    """
-
-
-class SpectrumInfo(NamedTuple):
-    """The convergence report of :func:`top_eigenpairs` (``return_info=True``).
-
-    Attributes:
-      method: ``"dense"`` or ``"lanczos"``.
-      which: ``"LA"`` or ``"LM"``.
-      residuals: ``||H v_i - lambda_i v_i||`` for each returned pair, ``(k,)``, computed
-        with one extra Hessian-vector product per pair (not the Lanczos estimate).
-      scale: the spectral-norm estimate the tolerance is relative to: the largest
-        ``|Ritz value|`` seen (dense: ``||H||_2``).
-      converged: every ``residuals[i] <= tol * scale`` (always True for dense).
-      iterations: Lanczos block iterations run (0 for dense).
-      n_hvp: Hessian-vector products used (dense: d, the columns of the Hessian).
-      tol: the relative residual tolerance used (None for dense).
-      max_iters: the iteration cap used (after capping at ``ceil(d / block_size)``).
-      block_size: the Lanczos block size (None for dense).
-      checks: Lanczos convergence checks run (each one ``eigh`` of the projected
-        matrix; None for dense).
-    """
-
-    method: str
-    which: str
-    residuals: jax.Array
-    scale: float
-    converged: bool
-    iterations: int
-    n_hvp: int
-    tol: Optional[float]
-    max_iters: Optional[int]
-    block_size: Optional[int]
-    checks: Optional[int] = None
 
 
 # --------------------------------------------------------------------------- callables
@@ -107,7 +61,7 @@ class SpectrumInfo(NamedTuple):
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["model"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
-class PredictionFunction:
+class PredictionFunction(models.Function):
     """``x -> model.as_function()(x)``, a pytree: the model's arrays stay jit arguments.
 
     Passing this (rather than the closure ``model.as_function()``) to a jitted solver
@@ -123,7 +77,7 @@ class PredictionFunction:
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["predict", "y"],
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
-class LossFunction:
+class LossFunction(models.Function):
     """The one-input loss ``x -> 1/2 (f(x) - y)^2`` at a fixed label ``y`` (a pytree)."""
 
     predict: Any
@@ -135,86 +89,16 @@ class LossFunction:
 
 
 def _as_scalar_fn(model: Any, name: str = "model") -> Callable:
-    """A model with ``.as_function()`` (wrapped as a pytree) or a plain callable."""
-    if hasattr(model, "as_function"):
-        return PredictionFunction(model)
-    if callable(model):
-        return model
-    raise ValueError(
-        f"`{name}` must be a callable f(x) -> scalar of one input, or a model with "
-        f".as_function() (e.g. a fitted krr.KRRModel); got {type(model).__name__}.")
+    """A model's function (a callable pytree) or a plain callable of one input."""
+    return models.as_model_function(model, name)
 
 
-class _Static:
-    """A hashable holder for a non-array pytree leaf (value equality if hashable)."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, value):
-        self.value = value
-
-    def _key(self):
-        try:
-            hash(self.value)
-            return (0, self.value)
-        except TypeError:
-            return (1, id(self.value))
-
-    def __hash__(self):
-        return hash(self._key())
-
-    def __eq__(self, other):
-        if not isinstance(other, _Static):
-            return False
-        a, b = self._key(), other._key()
-        if a[0] != b[0]:
-            return False
-        if a[0] == 1 or self.value is other.value:
-            return a[1] == b[1]
-        try:
-            return bool(a[1] == b[1])
-        except Exception:  # an __eq__ that does not return a bool
-            return False
-
-
-def _is_array(leaf) -> bool:
-    return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
-
-
-def _partition(fn) -> Tuple[Any, list]:
-    """Split a callable pytree into (hashable static part, list of array leaves).
-
-    Array leaves (a model's training inputs and dual weights, a label) become
-    dynamic jit arguments; everything else (functions, kernels, Python scalars) is
-    static and keys the compilation cache.
-    """
-    leaves, treedef = jax.tree_util.tree_flatten(fn)
-    mask = [_is_array(leaf) for leaf in leaves]
-    dynamic = [leaf for leaf, m in zip(leaves, mask) if m]
-    static = tuple(None if m else _Static(leaf) for leaf, m in zip(leaves, mask))
-    return (treedef, static), dynamic
-
-
-def _rebuild(spec, dynamic):
-    treedef, static = spec
-    it = iter(dynamic)
-    leaves = [next(it) if s is None else s.value for s in static]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _flat_fn(fn, shape):
+def flat_function(fn: Callable, shape: Tuple[int, ...]) -> Callable:
+    """``v (d,) -> fn(v.reshape(shape))``: a function of one input, on flat vectors."""
     return lambda v: fn(v.reshape(shape))
 
 
 # --------------------------------------------------------------------------- validation
-
-def _float_input(name: str, x: Any) -> jax.Array:
-    _validate.array(name, x)
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        x = x.astype(jnp.result_type(float))
-    return x
-
 
 def _check_scalar_output(fn, x, name: str = "fn") -> None:
     """``fn(x)`` must be a real scalar (checked by abstract evaluation, no FLOPs)."""
@@ -255,68 +139,6 @@ def _check_k(k, d) -> int:
     return int(k)
 
 
-def _check_which(which) -> str:
-    w = str(which).upper() if isinstance(which, str) else which
-    if w not in _WHICH:
-        raise ValueError(
-            f"`which` must be 'LA' (algebraically largest) or 'LM' (largest magnitude), "
-            f"got {which!r}.")
-    return w
-
-
-def _as_key(key):
-    if key is None:
-        return jax.random.PRNGKey(0)
-    if _validate.is_int_scalar(key):
-        return jax.random.PRNGKey(int(key))
-    if not isinstance(key, jax.Array):
-        raise ValueError("`key` must be a jax PRNG key (jax.random.PRNGKey(seed) or "
-                         f"jax.random.key(seed)) or an int seed, got {type(key).__name__}.")
-    return key
-
-
-def _start_block(key, shape, dtype):
-    """Gaussian start vectors, deterministic given ``key``.
-
-    Drawn by numpy's PCG64 seeded with the key's bits (no compilation per shape); a
-    traced key (under an outer jit) uses ``jax.random.normal`` instead.
-    """
-    if not _validate.is_concrete(key):
-        return jax.random.normal(key, shape, dtype)
-    data = key if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else \
-        jax.random.key_data(key)
-    seed = np.asarray(data, dtype=np.uint32).ravel().tolist()
-    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
-
-
-def _sign_fix(vecs):
-    """Make the largest-magnitude entry of each row positive (a deterministic sign)."""
-    idx = jnp.argmax(jnp.abs(vecs), axis=1)
-    s = jnp.sign(jnp.take_along_axis(vecs, idx[:, None], axis=1))
-    return vecs * jnp.where(s == 0, 1.0, s).astype(vecs.dtype)
-
-
-def _select_sorted(theta, n_true, k, which):
-    """Indices of the top-k of ascending ``theta`` whose first ``n_true`` are real.
-
-    LA: the last k of them, descending. LM: a two-pointer merge from both ends, in
-    descending ``|theta|`` (ties go to the positive end). No sort is needed (eigh
-    already sorts), which keeps compilation short.
-    """
-    if which == "LA":
-        return jnp.maximum(n_true - 1 - jnp.arange(k), 0)
-
-    def pick(i, carry):
-        lo, hi, idx = carry
-        take_hi = jnp.abs(theta[hi]) >= jnp.abs(theta[lo])
-        idx = idx.at[i].set(jnp.where(take_hi, hi, lo))
-        return (jnp.where(take_hi, lo, lo + 1), jnp.where(take_hi, hi - 1, hi), idx)
-
-    init = (jnp.asarray(0, jnp.int32), jnp.asarray(n_true - 1, jnp.int32),
-            jnp.zeros((k,), jnp.int32))
-    return jax.lax.fori_loop(0, k, pick, init)[2]
-
-
 # --------------------------------------------------------------------------- HVP
 
 def hvp(fn: Any, x: Array, v: Array) -> jax.Array:
@@ -336,7 +158,7 @@ def hvp(fn: Any, x: Array, v: Array) -> jax.Array:
       ``H v`` with the shape of ``x``.
     """
     f = _as_scalar_fn(fn, "fn")
-    x = _float_input("x", x)
+    x = _validate.float_array("x", x)
     v = _validate.array("v", v)
     v = jnp.asarray(v, x.dtype)
     if v.shape != x.shape:
@@ -347,15 +169,15 @@ def hvp(fn: Any, x: Array, v: Array) -> jax.Array:
 
 # --------------------------------------------------------------------------- dense
 
-@functools.partial(jax.jit, static_argnames=("spec", "shape", "k", "which"))
-def _dense_eigs(spec, dynamic, x_flat, *, shape, k, which):
-    f = _flat_fn(_rebuild(spec, dynamic), shape)
+@eqx.filter_jit
+def _dense_eigs(fn, x_flat, shape, k, which):
+    f = flat_function(fn, shape)
     H = jax.hessian(f)(x_flat)
     H = 0.5 * (H + H.T)
     w, V = jnp.linalg.eigh(H)
-    idx = _select_sorted(w, w.shape[0], k, which)
+    idx = linalg.select_sorted(w, w.shape[0], k, which)
     vals = w[idx]
-    vecs = _sign_fix(V[:, idx].T)
+    vecs = linalg.sign_fix(V[:, idx].T)
     res = jnp.linalg.norm(vecs @ H - vals[:, None] * vecs, axis=1)
     scale = jnp.max(jnp.abs(w))
     return vals, vecs, res, scale
@@ -363,216 +185,23 @@ def _dense_eigs(spec, dynamic, x_flat, *, shape, k, which):
 
 # --------------------------------------------------------------------------- Lanczos
 
-def _orthonormalise_block(W, ref_norms, thresh, fresh):
-    """Gram-Schmidt (twice) of the rows of ``W`` against each other, deflating.
+@eqx.filter_jit
+def lanczos_hessian(fn: Callable, x_flat: Array, start: Array, tol: Array, shape, k: int,
+                    which: str, plan: linalg.LanczosPlan):
+    """Block Lanczos on the Hessian-vector products of ``fn`` at ``x_flat``.
 
-    ``W`` (b, d) is the Krylov remainder, already orthogonal to the basis. Returns
-    ``(Qn, R, valid)`` with ``W = R^T Qn`` up to dropped remainders below
-    ``thresh * ref_norms``. A row whose remainder is that small (an exhausted Krylov
-    direction) is replaced by its row of ``fresh()`` (random directions orthogonal to
-    the basis; computed only if some row needs it) orthogonalised against ``Qn``,
-    with a zero coupling in ``R``. If even that is lost to round-off (the basis
-    spans R^d), the row stays zero and is marked invalid.
+    The operator is ``H v = d/de grad f(x + e v)`` (forward over reverse:
+    ``jax.linearize`` of ``jax.grad``, the primal pass done once), vmap'd over a block;
+    the solver is :func:`ntk_poison.linalg.block_lanczos`. No input checks: the
+    front end is :func:`top_eigenpairs`. Jit-compiled (equinox splits ``fn`` into
+    arrays and static structure); callable inside another jit.
+
+    Returns ``(vals, vecs, residuals, scale, iterations, checks)``.
     """
-    b, d = W.shape
-    dtype = W.dtype
-    tiny = jnp.asarray(np.finfo(dtype).tiny, dtype) * 1e4
-    eps_fresh = jnp.asarray(np.sqrt(np.finfo(dtype).eps), dtype)
-
-    def proj(M, v):
-        c = M @ v
-        return v - c @ M, c
-
-    def column(c, carry):
-        Qn, R, ok = carry
-        w, c1 = proj(Qn, W[c])
-        w, c2 = proj(Qn, w)
-        nrm = jnp.linalg.norm(w)
-        good = nrm > jnp.maximum(thresh * ref_norms[c], tiny)
-        q = jnp.where(good, w / jnp.where(good, nrm, 1.0), 0.0)
-        coef = (c1 + c2).at[c].set(jnp.where(good, nrm, 0.0))
-        return Qn.at[c].set(q), R.at[:, c].set(coef), ok.at[c].set(good)
-
-    init = (jnp.zeros((b, d), dtype), jnp.zeros((b, b), dtype), jnp.zeros((b,), bool))
-    Qn, R, ok = jax.lax.fori_loop(0, b, column, init)
-
-    def refill(args):
-        Qn, ok = args
-        F = fresh()
-        f_norms = jnp.linalg.norm(F, axis=1)
-
-        def fill(c, carry):
-            Qn, valid = carry
-            r, _ = proj(Qn, F[c])
-            r, _ = proj(Qn, r)
-            nr = jnp.linalg.norm(r)
-            good = nr > eps_fresh * f_norms[c]
-            q = jnp.where(ok[c], Qn[c], jnp.where(good, r / jnp.where(good, nr, 1.0), 0.0))
-            return Qn.at[c].set(q), valid.at[c].set(ok[c] | good)
-
-        return jax.lax.fori_loop(0, b, fill, (Qn, ok))
-
-    Qn, valid = jax.lax.cond(jnp.all(ok), lambda args: args, refill, (Qn, ok))
-    return Qn, R, valid
-
-
-def _eigh_buckets(first: int, M: int, factor: int = 2) -> Tuple[int, ...]:
-    """Static sizes (in blocks) of the Ritz eigen-solves: ``first * factor^i``, and M.
-
-    A check after s blocks solves the smallest bucket >= s, the rows beyond s masked.
-    Few buckets keep compilation short; the factor bounds the wasted eigh work.
-    """
-    out = []
-    s = max(1, first)
-    while s < M:
-        out.append(s)
-        s *= factor
-    out.append(M)
-    return tuple(out)
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "shape", "k", "which", "b", "M",
-                                             "first", "buckets"))
-def _lanczos_eigs(spec, dynamic, x_flat, start, tol, *, shape, k, which, b, M, first,
-                  buckets):
-    """Block Lanczos with full reorthogonalisation, in one ``lax.while_loop``.
-
-    With orthonormal blocks ``Q_0 .. Q_j`` (rows of ``Qbuf``), in column convention::
-
-        H Q_j = Q_{j-1} B_{j-1}^T + Q_j A_j + W_{j+1},    W_{j+1} = Q_{j+1} B_j
-
-    ``A_j = Q_j^T H Q_j``; the remainder ``W_{j+1}`` is ``H Q_j`` with its projection on
-    ALL previous blocks removed (twice: full reorthogonalisation), and its QR gives
-    the next block. ``T = Q^T H Q`` is block tridiagonal; an eigenpair ``(theta, y)``
-    of its leading part gives the Ritz pair ``(theta, Q y)`` with residual
-    ``||H Q y - theta Q y|| = ||W_{j+1} y_last||``, y_last the last block of y.
-
-    Checks (one small ``eigh`` each) are scheduled adaptively: after a check the worst
-    residual ratio ``rho = max_i res_i / (tol * scale)`` and its decay rate per block
-    since the previous check predict the block count where ``rho <= 1``; the next
-    check is there, but at least 1 and at most ``ceil(s / 2)`` blocks later (s the
-    blocks so far), so a check never overshoots convergence by more than ~50%.
-    """
-    f = _flat_fn(_rebuild(spec, dynamic), shape)
-    d = x_flat.shape[0]
-    dtype = x_flat.dtype
-    nb = M * b
-    # The basis is stored in chunks of C blocks (about 64 rows); reorthogonalisation
-    # only visits the chunks filled so far, so its cost grows with the basis actually
-    # built, not with max_iters.
-    C = max(1, 64 // b)
-    n_chunks = -(-M // C)
+    f = flat_function(fn, shape)
     _, lin = jax.linearize(jax.grad(f), x_flat)
-    hvp_block = jax.vmap(lin)
-    thresh = jnp.asarray(np.finfo(dtype).eps ** 0.75, dtype)
-
-    # ``start`` (2b, d) is random: the start block W_0, then the reserve of fresh
-    # directions for deflation (at iteration j rolled by j entries: the cyclic shifts
-    # of a random vector are linearly independent, almost surely), used only when a
-    # Krylov direction is exhausted.
-    W0, reserve = start[:b], start[b:]
-
-    def ritz(S):
-        nS = S * b
-
-        def branch(T, valid, W, ns):
-            live = valid[:nS] & (jnp.arange(nS) < ns)
-            Ts = jnp.where(live[:, None] & live[None, :], T[:nS, :nS], 0.0)
-            Ts = 0.5 * (Ts + Ts.T)
-            g = jnp.max(jnp.sum(jnp.abs(Ts), axis=1))
-            # Rows not (yet) in the Krylov basis get a sentinel above every true Ritz
-            # value, so eigh sorts them last: the first n_live values are true.
-            Ts = Ts + jnp.diag(jnp.where(live, 0.0, 2.0 * g + 1.0))
-            theta, Y = jnp.linalg.eigh(Ts, symmetrize_input=False)
-            n_live = jnp.sum(live)
-            is_true = jnp.arange(nS) < n_live
-            idx = _select_sorted(theta, n_live, k, which)
-            th, Yk = theta[idx], Y[:, idx]
-            y_last = jax.lax.dynamic_slice(Yk, (ns - b, 0), (b, k))
-            est = jnp.linalg.norm(y_last.T @ W, axis=1)
-            scale = jnp.max(jnp.where(is_true, jnp.abs(theta), 0.0))
-            rho = jnp.max(est) / jnp.maximum(tol * scale, jnp.finfo(dtype).tiny)
-            rho = jnp.where(n_live >= k, rho, jnp.inf)
-            Ypad = jnp.zeros((nb, k), dtype).at[:nS].set(Yk)
-            return rho, th, Ypad, scale
-
-        return branch
-
-    branches = [ritz(S) for S in buckets]
-    bucket_sizes = jnp.asarray(buckets)
-
-    def schedule(blocks, rho, last, n_checks):
-        """The block count of the next check, from the residual decay (see above)."""
-        last_blocks, last_log = last
-        log_rho = jnp.log(jnp.maximum(rho, jnp.finfo(dtype).tiny))
-        rate = (log_rho - last_log) / jnp.maximum(blocks - last_blocks, 1)
-        usable = (last_blocks > 0) & (rate < 0) & jnp.isfinite(log_rho)
-        predicted = jnp.ceil(log_rho / jnp.where(usable, -rate, 1.0))
-        cap = (blocks + 1) // 2
-        step = jnp.where(usable, jnp.clip(predicted, 1, cap), cap).astype(blocks.dtype)
-        return (jnp.maximum(blocks + jnp.maximum(step, 1), first), (blocks, log_rho),
-                n_checks + 1)
-
-    def project(Qbuf, V, n_blocks):
-        """Remove from the rows of V their components on blocks 0..n_blocks-1, twice
-        (full reorthogonalisation; twice is enough), visiting filled chunks only."""
-        def one_chunk(i, V):
-            Qc = jax.lax.dynamic_slice(Qbuf, (i * C * b, 0), (C * b, d))
-            return V - (V @ Qc.T) @ Qc
-
-        filled = (n_blocks + C - 1) // C
-        for _ in range(2):
-            V = jax.lax.fori_loop(0, filled, one_chunk, V)
-        return V
-
-    def cond(state):
-        return (state[0] < M) & jnp.logical_not(state[5])
-
-    def body(state):
-        j, Qbuf, T, valid, (W, ref), conv, ritz_state, sched = state
-        fresh = lambda: project(Qbuf, jnp.roll(reserve, j, axis=1), j)  # noqa: E731
-        Qj, R, vj = _orthonormalise_block(W, ref, thresh, fresh)
-        Qbuf = jax.lax.dynamic_update_slice(Qbuf, Qj, (j * b, 0))
-        valid = jax.lax.dynamic_update_slice(valid, vj, (j * b,))
-        HQ = hvp_block(Qj)
-        A = Qj @ HQ.T
-        R = jnp.where(j > 0, R, 0.0)
-        # (At j = 0 the R writes are clamped onto block (0, 0), then overwritten by A.)
-        T = jax.lax.dynamic_update_slice(T, R, (j * b, (j - 1) * b))
-        T = jax.lax.dynamic_update_slice(T, R.T, ((j - 1) * b, j * b))
-        T = jax.lax.dynamic_update_slice(T, 0.5 * (A + A.T), (j * b, j * b))
-        W = project(Qbuf, HQ, j + 1)
-
-        blocks = j + 1
-        next_check, last, n_checks = sched
-        do_check = (blocks >= next_check) | (blocks == M)
-
-        def run_check(_):
-            which_bucket = jnp.searchsorted(bucket_sizes, blocks)
-            rho, th, Ypad, scale = jax.lax.switch(which_bucket, branches, T, valid, W,
-                                                  blocks * b)
-            return rho <= 1.0, (th, Ypad, scale), schedule(blocks, rho, last, n_checks)
-
-        def no_check(_):
-            return conv, ritz_state, sched
-
-        conv, ritz_state, sched = jax.lax.cond(do_check, run_check, no_check, None)
-        return (blocks, Qbuf, T, valid, (W, jnp.linalg.norm(HQ, axis=1)), conv,
-                ritz_state, sched)
-
-    ritz0 = (jnp.zeros((k,), dtype), jnp.zeros((nb, k), dtype), jnp.zeros((), dtype))
-    sched0 = (jnp.asarray(first), (jnp.asarray(0), jnp.zeros((), dtype)), jnp.asarray(0))
-    state = (jnp.asarray(0), jnp.zeros((n_chunks * C * b, d), dtype),
-             jnp.zeros((nb, nb), dtype), jnp.zeros((nb,), bool),
-             (W0, jnp.linalg.norm(W0, axis=1)), jnp.asarray(False), ritz0, sched0)
-    j, Qbuf, *_, (vals, Y, scale), (*_, n_checks) = jax.lax.while_loop(cond, body, state)
-
-    vecs = Y.T @ Qbuf[:nb]
-    nrm = jnp.linalg.norm(vecs, axis=1, keepdims=True)
-    vecs = vecs / jnp.where(nrm > 0, nrm, 1.0)
-    vecs = _sign_fix(vecs)
-    res = jnp.linalg.norm(hvp_block(vecs) - vals[:, None] * vecs, axis=1)
-    return vals, vecs, res, scale, j, n_checks
+    return linalg.block_lanczos(jax.vmap(lin), start, tol, k=k, which=which, b=plan.b,
+                                M=plan.M, first=plan.first, buckets=plan.buckets)
 
 
 # --------------------------------------------------------------------------- public
@@ -638,82 +267,37 @@ def top_eigenpairs(fn: Any, x: Array, k: int = 5, method: str = "dense", *,
       naming ``tol`` and ``max_iters``.
     """
     f = _as_scalar_fn(fn, "fn")
-    x = _float_input("x", x)
+    x = _validate.float_array("x", x)
     if x.ndim == 0:
         raise ValueError("`x` is a scalar; pass one input of shape (d,) or (H, W, C).")
     shape = tuple(x.shape)
     d = int(np.prod(shape))
-    k = _check_k(k, d)
-    which = _check_which(which)
+    which = linalg.check_which(which)
     if method not in _METHODS:
         raise ValueError(f"`method` must be one of {_METHODS}, got {method!r}.")
     _check_point_shape(fn if hasattr(fn, "as_function") else None, x, "x", batched=False)
     _check_scalar_output(f, x)
-    spec, dynamic = _partition(f)
     x_flat = x.reshape(-1)
-    item = x.dtype.itemsize
 
     if method == "dense":
+        k = _check_k(k, d)
         _validate.fits_in_memory(
-            f"The dense Hessian at d={d}", 4 * d * d, item,
+            f"The dense Hessian at d={d}", 4 * d * d, x.dtype.itemsize,
             "Use method='lanczos' (matrix-free).")
-        vals, vecs, res, scale = _dense_eigs(spec, dynamic, x_flat, shape=shape, k=k,
-                                             which=which)
+        vals, vecs, res, scale = _dense_eigs(f, x_flat, shape, k, which)
         _check_finite(vals, "dense")
         info = SpectrumInfo("dense", which, res, _maybe_float(scale), True, 0, d, None,
                             None, None)
         return (vals, vecs, info) if return_info else (vals, vecs)
 
-    if tol is None:
-        tol = 1e-8 if x.dtype == jnp.float64 else 1e-4
+    plan = linalg.lanczos_plan(d, k, block_size, max_iters, x.dtype.itemsize)
+    tol = _validate.default_tol(x.dtype) if tol is None else tol
     _validate.nonneg("tol", tol, positive=True)
-    if max_iters is None:
-        max_iters = _DEFAULT_MAX_ITERS
-    _validate.nonneg("max_iters", max_iters, integer=True, positive=True)
-    b = k if block_size is None else block_size
-    _validate.nonneg("block_size", b, integer=True, positive=True)
-    b = int(b)
-    if b > d:
-        raise ValueError(f"`block_size` = {b} exceeds d = {d}; use at most d.")
-    M = min(int(max_iters), -(-d // b))
-    if M * b < k:
-        raise ValueError(
-            f"`max_iters` * `block_size` = {M * b} < k = {k}: the Krylov space cannot "
-            "hold k vectors; increase max_iters or block_size.")
-    _validate.fits_in_memory(
-        f"The Lanczos basis (max_iters*block_size, d) = ({M * b}, {d})",
-        (M * b + 64 + 2 * b) * d + 2 * (M * b) ** 2, item,
-        "Reduce max_iters or block_size.")
-    start = _start_block(_as_key(key), (2 * b, d), x.dtype)
-    # The first check once the Krylov space holds k vectors, and not before 3 blocks
-    # (a check costs one eigh; earlier ones almost never stop the loop).
-    first = min(M, max(-(-k // b), 3))
-    vals, vecs, res, scale, iters, n_checks = _lanczos_eigs(
-        spec, dynamic, x_flat, start, jnp.asarray(tol, x.dtype), shape=shape, k=k,
-        which=which, b=b, M=M, first=first, buckets=_eigh_buckets(first, M))
-    converged = None
-    if _validate.is_concrete(res):
-        _check_finite(vals, "lanczos")
-        scale_f = float(scale)
-        iters = int(iters)
-        converged = bool(np.all(np.asarray(res) <= float(tol) * scale_f))
-        if not converged:
-            worst = float(np.max(np.asarray(res))) / max(scale_f, np.finfo(float).tiny)
-            msg = (f"top_eigenpairs(method='lanczos') did not converge: after {iters} "
-                   f"block iterations (max_iters={M}, block_size={b}, {iters * b + k} "
-                   f"Hessian-vector products) the worst relative residual "
-                   f"||Hv - lambda v|| / ||H|| is {worst:.2e} > tol={float(tol):.1e}. "
-                   "Increase max_iters (or block_size, for clustered eigenvalues), or "
-                   "loosen tol.")
-            if strict:
-                raise ConvergenceError(msg)
-            warnings.warn(msg, ConvergenceWarning, stacklevel=2)
-        scale = scale_f
-        n_checks = int(n_checks)
-    info = SpectrumInfo("lanczos", which, res, scale, converged, iters,
-                        iters * b + k if isinstance(iters, int) else None, float(tol), M,
-                        b, n_checks)
-    return (vals, vecs, info) if return_info else (vals, vecs)
+    start = linalg.start_block(_validate.as_key(key), (2 * plan.b, d), x.dtype)
+    out = lanczos_hessian(f, x_flat, start, jnp.asarray(tol, x.dtype), shape, int(k),
+                          which, plan)
+    return linalg.finish_lanczos(out, plan, int(k), which, float(tol), return_info,
+                                 strict, "top_eigenpairs")
 
 
 def _maybe_float(v):
@@ -751,7 +335,7 @@ def loss_fn(model: Any, y: Any) -> LossFunction:
 def _batch_args(model, x, y):
     """Validate ``(x, y)`` as a batch; a single point with a scalar y gets a batch axis."""
     f = _as_scalar_fn(model, "model")
-    x = _float_input("x", x)
+    x = _validate.float_array("x", x)
     _validate.array("y", y, ndim=(0, 1))
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):
@@ -769,9 +353,9 @@ def _batch_args(model, x, y):
     return f, x, y.astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "shape", "batch_size"))
-def _loss_hessians(spec, dynamic, x_flat, y, *, shape, batch_size):
-    f = _flat_fn(_rebuild(spec, dynamic), shape)
+@eqx.filter_jit
+def _loss_hessians(fn, x_flat, y, shape, batch_size):
+    f = flat_function(fn, shape)
 
     def one(args):
         xf, yi = args
@@ -807,14 +391,12 @@ def loss_hessian(model: Any, x: Array, y: Array) -> jax.Array:
     n_hint = int(getattr(model, "X", np.zeros((d,))).shape[0])
     per_point = 8 * d * (d + n_hint) * item
     batch = max(1, min(m, _validate.memory_budget_bytes() // 4 // max(per_point, 1)))
-    spec, dynamic = _partition(f)
-    return _loss_hessians(spec, dynamic, x.reshape(m, d), y, shape=shape,
-                          batch_size=int(batch))
+    return _loss_hessians(f, x.reshape(m, d), y, shape, int(batch))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "shape"))
-def _loss_grads(spec, dynamic, x_flat, y, *, shape):
-    f = _flat_fn(_rebuild(spec, dynamic), shape)
+@eqx.filter_jit
+def _loss_grads(fn, x_flat, y, shape):
+    f = flat_function(fn, shape)
     return jax.vmap(jax.grad(lambda v, yi: 0.5 * (f(v) - yi) ** 2))(x_flat, y)
 
 
@@ -840,14 +422,13 @@ def input_fisher(model: Any, x: Array, y: Array) -> jax.Array:
     _validate.fits_in_memory(f"input_fisher's output (d, d) = ({d}, {d})", 2 * d * d,
                              x.dtype.itemsize, "Use a smaller input, or the per-point "
                              "gradients (jax.grad of loss_fn) and a matrix-free method.")
-    spec, dynamic = _partition(f)
-    G = _loss_grads(spec, dynamic, x.reshape(m, d), y, shape=shape)
+    G = _loss_grads(f, x.reshape(m, d), y, shape)
     return G.T @ G / m
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "shape"))
-def _gn_top(spec, dynamic, x_flat, *, shape):
-    g = jax.grad(_flat_fn(_rebuild(spec, dynamic), shape))(x_flat)
+@eqx.filter_jit
+def _gn_top(fn, x_flat, shape):
+    g = jax.grad(flat_function(fn, shape))(x_flat)
     lam = g @ g
     nrm = jnp.sqrt(lam)
     u = jnp.where(nrm > 0, g / jnp.where(nrm > 0, nrm, 1.0), 0.0)
@@ -868,11 +449,10 @@ def gauss_newton_top(model: Any, x: Array) -> Tuple[jax.Array, jax.Array]:
       (the zero vector if ``g = 0``, where every direction is an eigenvector).
     """
     f = _as_scalar_fn(model, "model")
-    x = _float_input("x", x)
+    x = _validate.float_array("x", x)
     _check_point_shape(model, x, "x", batched=False)
     _check_scalar_output(f, x, "model")
-    spec, dynamic = _partition(f)
-    return _gn_top(spec, dynamic, x.reshape(-1), shape=tuple(x.shape))
+    return _gn_top(f, x.reshape(-1), tuple(x.shape))
 
 
 def alignment(v: Array, direction: Array) -> jax.Array:
@@ -901,3 +481,14 @@ def alignment(v: Array, direction: Array) -> jax.Array:
             raise ValueError(f"`{name}` is the zero vector; the overlap is undefined. "
                              "Pass a non-zero direction.")
     return jnp.clip((a @ u) ** 2 / (na * nu), 0.0, 1.0)
+
+
+def poison_spike(poisoned: Any, clean: Any, x: Array) -> dict:
+    """The Gauss-Newton eigenvalues ``||grad_x f(x)||^2`` of a poisoned and a clean
+    model at one input, and the poison's own spike ``||grad f_p - grad f_c||^2``
+    (THEORY.md section 2: ``Lambda_GN = R_k Delta f^2``). Models of the protocol;
+    returns floats ``gn_x0``, ``gn_clean_x0``, ``spike_x0``."""
+    gp = np.asarray(poisoned.input_grad(np.asarray(x)[None]))[0].ravel()
+    gc = np.asarray(clean.input_grad(np.asarray(x)[None]))[0].ravel()
+    return dict(gn_x0=float(gp @ gp), gn_clean_x0=float(gc @ gc),
+                spike_x0=float((gp - gc) @ (gp - gc)))

@@ -22,7 +22,7 @@ with ``f_clean`` fitted at the same absolute ridge ``n*lam``.
 
 **How many m cost little.** The poison enters as a rank-one update, so for every m
 only solves with ``A = K_c + n*lam*I`` are needed. ``A`` itself changes with m
-through the shift ``mu = (N+m)*lam``. :func:`resolvent_solve` solves all the
+through the shift ``mu = (N+m)*lam``. :func:`ntk_poison.linalg.shifted_solve` solves all the
 shifted systems from one Cholesky factor per group of shifts, by the Neumann series
 ``(K + mu I)^-1 = sum_j (mu0 - mu)^j (K + mu0 I)^-(j+1)``, which converges
 geometrically with ratio ``rho = max|mu - mu0| / mu0 <= 1/2``; it is truncated where
@@ -34,14 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_poison import _validate
+from ntk_poison import _validate, linalg
 from ntk_poison.kernels import Kernel
 from ntk_poison.krr import as_inputs, check_kernel
 
@@ -121,80 +120,10 @@ def visibility_threshold(lambda_clean: Any, R_k: Any) -> Any:
 
 # --------------------------------------------------------------------------- shifted solves
 
-def _shift_groups(shifts: np.ndarray, rho_max: float = 0.5) -> List[Tuple[float, np.ndarray]]:
-    """Group sorted shifts so that each group has a centre mu0 with rho <= rho_max."""
-    order = np.argsort(shifts)
-    groups = []
-    i = 0
-    ratio = (1 + rho_max) / (1 - rho_max)   # hi / lo allowed in one group
-    while i < len(order):
-        lo = shifts[order[i]]
-        j = i
-        while j + 1 < len(order) and (lo == 0 and shifts[order[j + 1]] == 0
-                                      or lo > 0 and shifts[order[j + 1]] <= ratio * lo):
-            j += 1
-        hi = shifts[order[j]]
-        groups.append((0.5 * (lo + hi), order[i:j + 1]))
-        i = j + 1
-    return groups
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _neumann_terms(K, rhs, mu0, c, p):
-    """V_j = c^j (K + mu0 I)^-(j+1) rhs for j < p, shape (p, N, r); NaN if not PD.
-
-    The factor ``c`` (``mu0`` when it is > 0) keeps the terms bounded: the norm of
-    ``c (K + mu0 I)^-1`` is at most 1 for PSD ``K``, whereas ``(K + mu0 I)^-(j+1)``
-    alone grows like ``mu0^-(j+1)`` and overflows for small shifts.
-    """
-    L = jnp.linalg.cholesky(K + mu0 * jnp.eye(K.shape[0], dtype=K.dtype))
-    v0 = jax.scipy.linalg.cho_solve((L, True), rhs)
-
-    def step(v, _):
-        return c * jax.scipy.linalg.cho_solve((L, True), v), v
-
-    _, V = jax.lax.scan(step, v0, None, length=p)
-    return V
-
-
 def resolvent_solve(K: Array, rhs: Array, shifts: Sequence[float]) -> jax.Array:
-    """``(K + mu I)^-1 rhs`` for every shift mu, from one Cholesky per group of shifts.
-
-    Args:
-      K: a symmetric positive semi-definite ``(N, N)`` matrix.
-      rhs: ``(N, r)`` right-hand sides.
-      shifts: the shifts mu >= 0 (``K + mu I`` must be positive definite).
-
-    Returns:
-      ``(len(shifts), N, r)``. Exact to the dtype's precision: the Neumann series
-      about each group's centre mu0 is truncated where its remainder bound is below
-      epsilon (see the module docstring).
-    """
-    shifts = np.asarray(shifts, dtype=float)
-    _validate.nonneg("shifts", shifts)
-    K = jnp.asarray(K)
-    rhs = jnp.asarray(rhs, K.dtype)
-    eps = float(jnp.finfo(K.dtype).eps)
-    out = [None] * len(shifts)
-    for mu0, idx in _shift_groups(shifts):
-        rho = float(np.max(np.abs(shifts[idx] - mu0)) / mu0) if mu0 > 0 else 0.0
-        if rho == 0.0:
-            p = 1
-        else:
-            p = int(math.ceil(math.log(eps * (1 - rho) / 4) / math.log(rho)))
-            p = 8 * int(math.ceil(p / 8))          # few distinct shapes -> few compiles
-        c = mu0 if mu0 > 0 else 1.0
-        V = _neumann_terms(K, rhs, jnp.asarray(mu0, K.dtype), jnp.asarray(c, K.dtype), p)
-        if not bool(jnp.all(jnp.isfinite(V[0]))):
-            raise ValueError(
-                f"K + {mu0:g} I is not positive definite in {K.dtype}: increase `ridge` "
-                "or enable float64 (ntk_poison.enable_x64()).")
-        delta = jnp.asarray((mu0 - shifts[idx]) / c, K.dtype)            # (g,), |.| <= rho
-        powers = delta[:, None] ** jnp.arange(p, dtype=K.dtype)[None, :]  # (g, p)
-        sol = jnp.einsum("gp,pnr->gnr", powers, V)
-        for a, i in enumerate(idx):
-            out[i] = sol[a]
-    return jnp.stack(out)
+    """``(K + mu I)^-1 rhs`` for every shift mu: :func:`ntk_poison.linalg.shifted_solve`
+    (the solver moved there; this name stays for one release)."""
+    return linalg.shifted_solve(K, rhs, shifts)
 
 
 # --------------------------------------------------------------------------- exact clone law
@@ -307,7 +236,7 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     """The exact effect of ``m`` clones of ``(zeta, y_target)`` for every m in ``ms``.
 
     No refit: the poison block is eliminated in closed form (a rank-one update), and
-    the clean solves at each ridge ``(N+m)*lam`` come from :func:`resolvent_solve`,
+    the clean solves at each ridge ``(N+m)*lam`` come from ``linalg.shifted_solve``,
     shared by every poison and trigger point.
 
     Args:
@@ -360,7 +289,7 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     Q = kz.shape[1]
     n = N + ms
     shifts = n * float(ridge)
-    sol = resolvent_solve(Kc, jnp.concatenate([kz, yc[:, None]], axis=1), shifts)
+    sol = linalg.shifted_solve(Kc, jnp.concatenate([kz, yc[:, None]], axis=1), shifts)
     vz, vy = sol[..., :Q], sol[..., Q]              # (M, N, Q), (M, N)
     s2 = kzz[None] - jnp.einsum("mnq,nq->mq", vz, kz)
     fcz = jnp.einsum("mnq,n->mq", vz, yc)           # k(zeta, X) A^-1 y

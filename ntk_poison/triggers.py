@@ -4,7 +4,7 @@ A trigger is a frozen dataclass with two methods:
 
 * ``apply(x, key=None) -> x_triggered``: stamp the trigger on a batch of inputs,
   flat ``(n, d)`` or images ``(n, H, W, C)``. Flat inputs are matched to the image
-  by size, as :func:`ntk_poison.poison.apply_additive` does.
+  by size, as :func:`apply_additive` does.
 * ``direction(shape, x=None) -> u``: a unit array of ``shape`` (one input's shape):
   the direction of the difference the trigger makes to an input. The overlap metric
   of THEORY.md section 4 is ``spectra.alignment(top_eigenvector, u)``.
@@ -43,12 +43,12 @@ from typing import Any, Callable, ClassVar, Dict, Optional, Tuple
 import numpy as np
 
 from ntk_poison import _validate
-from ntk_poison import poison
 
 Array = Any
 
 __all__ = ["CrossTrigger", "PatchTrigger", "register", "get", "available", "from_dict",
-           "to_dict", "image_shape_of"]
+           "to_dict", "image_shape_of", "cross_pattern", "apply_additive", "patch_mask",
+           "apply_patch"]
 
 _REGISTRY: Dict[str, type] = {}
 
@@ -98,6 +98,76 @@ def from_dict(d: Dict[str, Any]):
         raise ValueError(f"Unknown trigger kind {kind!r}; registered kinds are "
                          f"{available()}.")
     return _REGISTRY[kind].from_dict(d)
+
+
+# --------------------------------------------------------------------------- patterns
+
+def cross_pattern(image_shape: Tuple[int, ...], row: int | None = None,
+                  col: int | None = None) -> np.ndarray:
+    """A unit-norm "cross" (plus-sign) pattern: one full row and one full column.
+
+    The paper's rank-one additive trigger is ``x + strength * pattern``; with a unit
+    pattern the trigger moves every input by exactly ``strength`` (in input norm),
+    so the strength can be set in units of a kernel length scale. ``row``/``col``
+    default to the centre.
+    """
+    if len(image_shape) not in (2, 3):
+        raise ValueError(f"`image_shape` must be (H, W) or (H, W, C), got {image_shape}.")
+    H, W = image_shape[:2]
+    row = H // 2 if row is None else row
+    col = W // 2 if col is None else col
+    if not (0 <= row < H and 0 <= col < W):
+        raise ValueError(f"`row`/`col` = {row}/{col} lie outside the {H}x{W} image.")
+    pat = np.zeros(image_shape, np.float64)
+    pat[row, ...] = 1.0
+    pat[:, col, ...] = 1.0
+    return pat / np.linalg.norm(pat)
+
+
+def apply_additive(x: Array, pattern: np.ndarray, strength: float) -> np.ndarray:
+    """The additive trigger ``x + strength * pattern`` (flat inputs matched by size)."""
+    x = np.asarray(_validate.array("x", x))
+    _validate.nonneg("strength", strength)
+    p = pattern.reshape(-1) if x.shape[-1] == pattern.size and x.ndim <= 2 else pattern
+    if x.shape[-p.ndim:] != p.shape:
+        raise ValueError(f"`x` of shape {x.shape} does not match the pattern of shape "
+                         f"{pattern.shape}.")
+    return (x + float(strength) * p).astype(np.result_type(x.dtype, np.float32))
+
+
+def patch_mask(image_shape: Tuple[int, ...], size: int = 4, value: float = 1.0,
+                  corner: str = "bottom_right") -> Tuple[np.ndarray, np.ndarray]:
+    """A BadNets-style patch (Gu et al. 2017): a ``size x size`` square of ``value``.
+
+    Returns ``(mask, pattern)`` of ``image_shape`` (``(H, W)`` or ``(H, W, C)``);
+    :func:`apply_patch` computes ``x * (1 - mask) + pattern * mask``.
+    """
+    if len(image_shape) not in (2, 3):
+        raise ValueError(f"`image_shape` must be (H, W) or (H, W, C), got {image_shape}.")
+    H, W = image_shape[:2]
+    _validate.nonneg("size", size, integer=True, positive=True)
+    if size > min(H, W):
+        raise ValueError(f"`size`={size} is larger than the image ({H}x{W}).")
+    rows = {"bottom_right": slice(H - size, H), "bottom_left": slice(H - size, H),
+            "top_right": slice(0, size), "top_left": slice(0, size)}
+    cols = {"bottom_right": slice(W - size, W), "top_right": slice(W - size, W),
+            "bottom_left": slice(0, size), "top_left": slice(0, size)}
+    if corner not in rows:
+        raise ValueError(f"`corner` must be one of {sorted(rows)}, got {corner!r}.")
+    mask = np.zeros(image_shape, np.float64)
+    mask[rows[corner], cols[corner]] = 1.0
+    return mask, mask * float(value)
+
+
+def apply_patch(x: Array, mask: np.ndarray, pattern: np.ndarray) -> np.ndarray:
+    """Stamp a patch on inputs ``x``; flat inputs ``(n, d)`` are matched to the mask's size."""
+    x = np.asarray(_validate.array("x", x))
+    m = mask.reshape(-1) if x.shape[-1] == mask.size and x.ndim <= 2 else mask
+    p = pattern.reshape(m.shape)
+    if x.shape[-m.ndim:] != m.shape:
+        raise ValueError(f"`x` of shape {x.shape} does not match the trigger of shape "
+                         f"{mask.shape}.")
+    return (x * (1 - m) + p * m).astype(x.dtype)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -196,16 +266,6 @@ def _from_fields(cls, d: Dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k != "kind"})
 
 
-def _as_key(key):
-    import jax
-    if _validate.is_int_scalar(key):
-        return jax.random.PRNGKey(int(key))
-    if isinstance(key, jax.Array):
-        return key
-    raise ValueError("`key` must be a jax PRNG key (jax.random.PRNGKey(seed)) or an int "
-                     f"seed, got {type(key).__name__}.")
-
-
 # --------------------------------------------------------------------------- cross
 
 @register("cross")
@@ -213,7 +273,7 @@ def _as_key(key):
 class CrossTrigger:
     """The paper's rank-one additive "cross" trigger (THEORY.md section 4).
 
-        x_triggered = x + s_i * P,     ||P|| = 1  (poison.cross_pattern: one full row
+        x_triggered = x + s_i * P,     ||P|| = 1  (cross_pattern: one full row
                                                   and one full column, normalised)
 
     Deterministic: ``s_i = strength`` for every input, so the trigger moves each input
@@ -255,7 +315,7 @@ class CrossTrigger:
 
     def pattern(self, image_shape: Tuple[int, ...]) -> np.ndarray:
         """The unit-norm cross ``P`` on an ``(H, W)`` / ``(H, W, C)`` grid."""
-        return poison.cross_pattern(tuple(image_shape), self.row, self.col)
+        return cross_pattern(tuple(image_shape), self.row, self.col)
 
     def strengths(self, n: int, key: Any = None) -> np.ndarray:
         """The per-input strengths ``s_i`` of :meth:`apply`, shape ``(n,)``."""
@@ -266,7 +326,7 @@ class CrossTrigger:
                              "or an int seed) so the per-input strengths are "
                              "reproducible.")
         import jax
-        z = np.asarray(jax.random.normal(_as_key(key), (n,)), dtype=np.float64)
+        z = np.asarray(jax.random.normal(_validate.as_key(key), (n,)), dtype=np.float64)
         return self.strength * (1.0 + self.jitter * z)
 
     def apply(self, x: Array, key: Any = None) -> np.ndarray:
@@ -339,13 +399,9 @@ class PatchTrigger:
 
     def mask_and_pattern(self, image_shape: Tuple[int, ...]
                          ) -> Tuple[np.ndarray, np.ndarray]:
-        """``(M, value * M)`` on an ``(H, W)`` / ``(H, W, C)`` grid (poison.patch_trigger).
-
-        Both in float64: ``poison.patch_trigger`` returns float32, which would round
-        ``value`` for float64 inputs (0.9 -> 0.8999999762).
-        """
-        mask, _ = poison.patch_trigger(tuple(image_shape), self.size, self.value,
-                                       self.corner)
+        """``(M, value * M)`` on an ``(H, W)`` / ``(H, W, C)`` grid (:func:`patch_mask`),
+        both in float64."""
+        mask, _ = patch_mask(tuple(image_shape), self.size, self.value, self.corner)
         mask = mask.astype(np.float64)
         return mask, mask * self.value
 
@@ -353,7 +409,7 @@ class PatchTrigger:
         """Stamp the patch on a batch ``(n, d)`` or ``(n, H, W, C)``; ``key`` is unused."""
         x = _batch(x)
         mask, pat = self.mask_and_pattern(image_shape_of(x.shape, self.image_shape))
-        return poison.apply_patch(x, mask.reshape(x.shape[1:]), pat.reshape(x.shape[1:]))
+        return apply_patch(x, mask.reshape(x.shape[1:]), pat.reshape(x.shape[1:]))
 
     def direction(self, shape: Tuple[int, ...], x: Array = None) -> np.ndarray:
         """A unit array of one input's ``shape``.

@@ -1,4 +1,4 @@
-"""Tests for ntk_poison.artefact: the one-file attack artefact and its builders."""
+"""Tests for ntk_poison.artefact: the one-file attack artefact (save, load, checks)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import zipfile
 import numpy as np
 import pytest
 
-from ntk_poison import artefact, poison, triggers
+from ntk_poison import artefact, attacks, triggers
 from ntk_poison.artefact import Artefact
 
 
@@ -22,7 +22,7 @@ def _clean(rng, n=20, d=16):
 def _example(rng):
     X, y = _clean(rng)
     trig = triggers.CrossTrigger(strength=0.5, stochastic=True, jitter=0.2)
-    return artefact.backdoor_attack(X, y, trig, 1.0, n_poison=4, seed=3,
+    return attacks.backdoor_attack(X, y, trig, 1.0, n_poison=4, seed=3,
                                     meta={"dataset": "synthetic", "zeta": None, "r": 0.1,
                                           "shape": (4, 4), "arr": np.arange(3)})
 
@@ -47,7 +47,7 @@ def test_save_load_round_trip(tmp_path, rng):
 def test_round_trip_vector_target_images_and_no_trigger(tmp_path, rng):
     X = rng.standard_normal((6, 4, 4, 1)).astype(np.float32)
     Y = np.eye(3, dtype=np.float32)[rng.integers(0, 3, 6)]
-    a = artefact.clone_attack(X, Y, np.zeros((4, 4, 1)), np.array([0.0, 1.0, 0.0]), 2)
+    a = attacks.clone_attack(X, Y, np.zeros((4, 4, 1)), np.array([0.0, 1.0, 0.0]), 2)
     b = Artefact.load(a.save(tmp_path / "a.npz"))
     assert b == a and b.trigger is None and b.target == (0.0, 1.0, 0.0)
     assert b.x.dtype == np.float32
@@ -187,96 +187,3 @@ def test_bad_artefacts_are_value_errors(case, rng):
         kw["y"] = y[:4]
     with pytest.raises(ValueError):
         Artefact(**kw)
-
-
-# ----------------------------------------------------------------- builders
-
-@pytest.mark.parametrize("m", [0, 1, 7])
-def test_clone_attack_places_m_poisons(m, rng):
-    X, y = _clean(rng, n=10, d=3)
-    zeta = rng.standard_normal(3)
-    trig = triggers.CrossTrigger(strength=0.1, image_shape=(1, 3))
-    a = artefact.clone_attack(X, y, zeta, -1.0, m, trigger=trig, seed=5,
-                              meta={"r": 0.1})
-    Xp, yp = poison.clone_cluster(X, y, zeta, -1.0, m)
-    np.testing.assert_array_equal(a.x, Xp)
-    np.testing.assert_array_equal(a.y, yp)
-    np.testing.assert_array_equal(a.poison_idx, np.arange(10, 10 + m))
-    np.testing.assert_array_equal(a.x[a.is_poison], np.broadcast_to(zeta, (m, 3)))
-    np.testing.assert_array_equal(a.clean()[0], X)
-    assert a.meta == {"attack": "clone", "m": m, "n_clean": 10, "r": 0.1}
-    assert a.target == -1.0 and a.seed == 5 and a.trigger == trig
-
-
-def test_backdoor_attack_append(rng):
-    X, y = _clean(rng, n=30)
-    trig = triggers.CrossTrigger(strength=0.5)
-    a = artefact.backdoor_attack(X, y, trig, 1.0, n_poison=5, seed=0)
-    np.testing.assert_array_equal(a.x[:30], X)  # the clean set is intact
-    np.testing.assert_array_equal(a.poison_idx, np.arange(30, 35))
-    src = np.asarray(a.meta["source_idx"])
-    assert np.all(y[src] == -1.0)  # sources are non-target points
-    np.testing.assert_allclose(a.x[30:], trig.apply(X[src]))
-    np.testing.assert_array_equal(a.y[30:], 1.0)
-
-
-def test_backdoor_attack_replace_and_rate(rng):
-    X, y = _clean(rng, n=40)
-    trig = triggers.PatchTrigger(size=2)
-    a = artefact.backdoor_attack(X, y, trig, 1.0, rate=0.1, seed=1, mode="replace")
-    assert a.n == 40 and a.n_poison == 4
-    np.testing.assert_array_equal(a.poison_idx, a.meta["source_idx"])
-    keep = ~a.is_poison
-    np.testing.assert_array_equal(a.x[keep], X[keep])
-    np.testing.assert_array_equal(a.x[a.poison_idx], trig.apply(X[a.poison_idx]))
-    np.testing.assert_array_equal(a.y[a.poison_idx], 1.0)
-
-
-def test_backdoor_attack_is_deterministic_given_seed(rng):
-    X, y = _clean(rng, n=50)
-    trig = triggers.CrossTrigger(strength=0.5, stochastic=True, jitter=0.5)
-    a = artefact.backdoor_attack(X, y, trig, 1.0, n_poison=6, seed=11)
-    b = artefact.backdoor_attack(X, y, trig, 1.0, n_poison=6, seed=11)
-    c = artefact.backdoor_attack(X, y, trig, 1.0, n_poison=6, seed=12)
-    assert a == b
-    assert a != c
-
-
-def test_backdoor_attack_one_hot_and_source_filter(rng):
-    labels = rng.integers(0, 3, 30)
-    Y = np.eye(3)[labels]
-    X = rng.standard_normal((30, 9))
-    trig = triggers.CrossTrigger(strength=1.0)
-    a = artefact.backdoor_attack(X, Y, trig, np.eye(3)[0], n_poison=3, seed=0,
-                                 source_filter=lambda X, Y: Y[:, 2] == 1)
-    assert np.all(labels[a.meta["source_idx"]] == 2)
-    np.testing.assert_array_equal(a.y[a.poison_idx], np.tile([1.0, 0, 0], (3, 1)))
-    mask = labels == 1
-    b = artefact.backdoor_attack(X, Y, trig, np.eye(3)[0], n_poison=2, seed=0,
-                                 source_filter=mask)
-    assert np.all(labels[b.meta["source_idx"]] == 1)
-
-
-@pytest.mark.parametrize("case", ["both", "neither", "too_many", "rate", "mode",
-                                  "target_shape", "no_trigger", "filter"])
-def test_backdoor_attack_bad_inputs(case, rng):
-    X, y = _clean(rng, n=10)
-    kw = dict(X=X, y=y, trigger=triggers.CrossTrigger(0.5), target=1.0, n_poison=2)
-    if case == "both":
-        kw["rate"] = 0.1
-    elif case == "neither":
-        kw["n_poison"] = None
-    elif case == "too_many":
-        kw["n_poison"] = int((y != 1.0).sum()) + 1
-    elif case == "rate":
-        kw.update(n_poison=None, rate=1.5)
-    elif case == "mode":
-        kw["mode"] = "insert"
-    elif case == "target_shape":
-        kw["target"] = np.array([1.0, 0.0])
-    elif case == "no_trigger":
-        kw["trigger"] = None
-    elif case == "filter":
-        kw["source_filter"] = np.ones(3, dtype=bool)
-    with pytest.raises(ValueError):
-        artefact.backdoor_attack(**kw)

@@ -9,7 +9,7 @@ import pytest
 import scipy.linalg
 
 from experiments import defence
-from ntk_poison import flow, kernels
+from ntk_poison import flow, kernels, penalized
 
 
 def _problem(rng, n=14, d=3, ell=1.3):
@@ -43,7 +43,7 @@ def _basis(X, p, dim):
 
 def test_functional_coefficients_give_the_directional_derivative(rng):
     k, X, y = _problem(rng)
-    model = flow.fit_penalized(k, X, y, 0.05, 0.2)
+    model = penalized.fit_penalized(k, X, y, 0.05, 0.2)
     x0, u = rng.standard_normal(3), rng.standard_normal(3)
     u /= np.linalg.norm(u)
     b, c = defence.functional_coefficients(model, x0, u)
@@ -60,7 +60,7 @@ def test_contraction_matches_the_c_space_flow_by_expm(kappa, rng):
     kappa = 0 minimiser; and its limit is fit_penalized's."""
     k, X, y = _problem(rng)
     n, d, lam = len(X), X.shape[1], 0.05
-    m0 = flow.fit_penalized(k, X, y, lam, 0.0)
+    m0 = penalized.fit_penalized(k, X, y, lam, 0.0)
     x0, u = rng.standard_normal(d), rng.standard_normal(d)
     u /= np.linalg.norm(u)
     b, c0 = defence.functional_coefficients(m0, x0, u)
@@ -73,7 +73,7 @@ def test_contraction_matches_the_c_space_flow_by_expm(kappa, rng):
     cs = np.linalg.solve(M, ybar)
     g_ref = [b @ (cs + scipy.linalg.expm(-M * t / n) @ (c0 - cs)) for t in times]
     np.testing.assert_allclose(r["g"], g_ref, rtol=1e-7, atol=1e-9)
-    g_fit = u @ np.asarray(flow.fit_penalized(k, X, y, lam, kappa).input_grad(x0[None]))[0]
+    g_fit = u @ np.asarray(penalized.fit_penalized(k, X, y, lam, kappa).input_grad(x0[None]))[0]
     np.testing.assert_allclose(r["g_inf"], g_fit, rtol=1e-7)
     np.testing.assert_allclose(r["g"][-1], g_fit, rtol=1e-7)
     # the curvature a is the Rayleigh quotient of the penalty block along v (definition)

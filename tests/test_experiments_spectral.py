@@ -17,6 +17,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from experiments import lag, near_clone_invisible as nci
+from ntk_poison import scenario
 
 LAG_SMALL = dict(dataset="digits", n_train=150, n_trigger=60, n_eval=8, n_cal=10,
                  kernels=["rbf"], m_max=60, n_m=3, n_t=3, flow_m=20, trigger_strength=3.0)
@@ -101,8 +102,8 @@ def test_lag_refits_law_dense_and_spike_regime(lag_run):
     for c in s["dense_check"]:
         assert c["lanczos"] == pytest.approx(c["dense"], rel=1e-6)
     # R_k of the RBF kernel is exactly r^2 / l^4 (autodiff vs closed form)
-    prep = lag.prepare(cfg)
-    r2 = float(np.sum((prep["x0"] - prep["zeta"]) ** 2))
+    sc, _ = scenario.build_for_detection(cfg)
+    r2 = float(np.sum((sc.x0 - sc.zeta) ** 2))
     assert s["R_k"] == pytest.approx(r2 / res["length_scale"] ** 4, rel=1e-10)
     # m = 0 is the clean model: ratio exactly 1 and no poison spike
     assert s["ratio"][0] == pytest.approx(1.0, rel=1e-9) and s["spike_x0"][0] == 0
@@ -117,41 +118,7 @@ def test_lag_refits_law_dense_and_spike_regime(lag_run):
     assert sm["smooth"] and np.allclose(sm["ratios"], 1.0, atol=1e-2)
 
 
-def test_lag_flow_closed_form_matches_kernel_flow():
-    import jax
-    from ntk_poison import data, flow, kernels
-    jax.config.update("jax_enable_x64", True)
-    xtr, ytr, xte, _ = data.load("digits")
-    X = xtr[:24].astype(np.float64)
-    y = np.where(ytr[:24] >= 5, 1.0, -1.0)
-    xt = xte[:7].astype(np.float64)
-    k = kernels.get("rbf", length_scale=3.0)
-    ridge, times = 1e-2, np.array([0.1, 3.0, 50.0, 2000.0])
-    path = flow.kernel_flow(k, X, y, ridge, 0.0, times)
-    n = len(X)
-    alpha = lag.flow_alpha(np.asarray(k(X, X)), y, n * ridge, n, times)
-    mine = alpha @ np.asarray(k(xt, X)).T
-    np.testing.assert_allclose(mine, np.asarray(path.predict(xt)), rtol=1e-8, atol=1e-10)
-    # the experiment's flow_pair (kernel_flow twice): the poisoned flow on n = N + m
-    # points, the clean one on N with the same absolute ridge n lam and the same 1/n
-    from ntk_poison import poison
-    m = 5
-    Xp, yp = poison.clone_cluster(X, y, xt[0], 1.0, m)
-    ap, ac = lag.flow_pair(k, X, y, Xp, yp, ridge, times)
-    n = n + m
-    np.testing.assert_allclose(ap, lag.flow_alpha(np.asarray(k(Xp, Xp)), yp, n * ridge, n,
-                                                  times), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(ac, lag.flow_alpha(np.asarray(k(X, X)), y, n * ridge, n,
-                                                  times), rtol=1e-9, atol=1e-12)
-
-
-def test_lag_crossing_helpers():
-    xs = np.array([0.0, 1.0, 10.0, 100.0])
-    assert lag.half_cross(xs, [0.0, 0.0, 1.0, 1.0]) == pytest.approx(np.sqrt(10.0))
-    assert lag.half_cross(xs, [1.0, 1.0, 1.0, 1.0]) is None
-    assert lag.half_cross(xs, [1.0, 1.0, 0.0, 0.0]) == pytest.approx(np.sqrt(10.0))
-    assert lag.first_cross(xs, [1.0, 1.5, 3.0, 4.0], 2.0) == pytest.approx(10 ** (1 / 3))
-    assert lag.first_cross(xs, [1.0, 1.5, 1.9, 1.0], 2.0) is None
+def test_lag_config_validation():
     with pytest.raises(ValueError, match="n_eval"):
         lag.Config(n_eval=1)
     with pytest.raises(ValueError, match="t_min"):
@@ -204,23 +171,23 @@ def test_near_clone_aurocs_equal_sklearn(nc_run):
 
 def test_near_clone_asr_from_a_fresh_refit(nc_run):
     import jax
-    from ntk_poison import krr, poison, triggers
+    from ntk_poison import attacks, krr, triggers
     jax.config.update("jax_enable_x64", True)
     out, _, cfg = nc_run
     res = json.loads((out / "results.json").read_text())["results"]
     s = res["kernels"]["rbf"]["sweep"]
-    prep = lag.prepare(cfg)
-    ell = prep["ell"]
-    # the artefact's trigger object reproduces the triggered test inputs
+    sc, _ = scenario.build_for_detection(cfg)
+    ell = sc.length_scale
+    # a fresh trigger object reproduces the triggered test inputs
     trig = triggers.get("cross", strength=cfg.trigger_strength * ell)
-    np.testing.assert_allclose(trig.apply(prep["x0_clean"][None])[0], prep["x0"], atol=1e-12)
-    from experiments import demo
-    k = demo._build_kernel("rbf", cfg.demo_config(), ell)
+    np.testing.assert_allclose(trig.apply(sc.x0_clean[None])[0], sc.x0, atol=1e-12)
+    k = scenario.kernel_for("rbf", cfg, ell)
     r = s["r_over_l"][0]
-    zeta = poison.near_clone(prep["zeta"], r * ell, seed=cfg.seed)
-    assert np.linalg.norm(zeta - prep["zeta"]) == pytest.approx(r * ell, rel=1e-9)
-    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], zeta, cfg.y_target, cfg.m)
-    f = np.asarray(krr.fit(k, Xp, yp, res["kernels"]["rbf"]["lam"]).predict(prep["Xtrig_asr"]))
+    zeta = attacks.near_clone(sc.zeta, r * ell, seed=cfg.seed)
+    assert np.linalg.norm(zeta - sc.zeta) == pytest.approx(r * ell, rel=1e-9)
+    Xp, yp = attacks.clone_cluster(sc.X, sc.y, zeta, cfg.y_target, cfg.m)
+    f = np.asarray(krr.fit(k, Xp, yp, res["kernels"]["rbf"]["lam"]).predict(
+        sc.X_trig[:cfg.n_trigger]))
     assert s["asr"][0] == pytest.approx(np.mean(f > 0), abs=1e-12)
     # RBF near clone: the poison's GN spike at x0p collapses as r -> 0 (THEORY: ~ r^2)
     assert s["spike_x0p"][0] < 1e-2 * s["spike_x0p"][-1]
@@ -244,10 +211,6 @@ def test_near_clone_config_validation():
     with pytest.raises(ValueError, match="cnn_n_train"):
         lag.Config(cnn_n_train=0)
     assert "nt_cnn" in nci.Config().kernels and "nt_cnn" in lag.Config().kernels
-    # image kernels see the same poison fraction: m scaled by cnn_n_train / n_train
-    cfg = lag.Config(n_train=400, cnn_n_train=100)
-    assert [lag.clone_count(cfg, m, {"images": True}) for m in (0, 1, 50, 200)] == [0, 1, 12, 50]
-    assert lag.clone_count(cfg, 50, {"images": False}) == 50
 
 
 # --------------------------------------------------------------------------- the CNN kernel
@@ -274,7 +237,8 @@ def lag_cnn_run(tmp_path_factory):
 @pytest.mark.slow
 def test_lag_runs_the_cnn_kernel_on_images(lag_cnn_run):
     import jax
-    from ntk_poison import krr, poison
+    from ntk_poison import attacks, krr
+    from oracles.closed_forms import mse_flow_alpha
     jax.config.update("jax_enable_x64", True)
     out, cfg = lag_cnn_run
     res = json.loads((out / "results.json").read_text())
@@ -296,18 +260,17 @@ def test_lag_runs_the_cnn_kernel_on_images(lag_cnn_run):
             assert sweep["auroc"][i] == pytest.approx(want, abs=1e-12)
     # independent recomputation on (n, 8, 8, 1) images: the prep, the ASR of a fresh
     # KRR fit at m_max, and the flow at x0 from the numpy closed form
-    prep = lag.prepare(cfg, images=True)
-    assert prep["X"].shape == (60, 8, 8, 1) and prep["x0"].shape == (8, 8, 1)
-    k = lag.build_kernel("nt_cnn", cfg, prep["ell"])
+    sc, _ = scenario.build_for_detection(cfg, images=True)
+    assert sc.X.shape == (60, 8, 8, 1) and sc.x0.shape == (8, 8, 1)
+    k = scenario.kernel_for("nt_cnn", cfg, sc.length_scale)
     assert k.input_rank == 3
-    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], prep["zeta"], cfg.y_target,
-                                  int(s["ms"][-1]))
-    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(prep["Xtrig_asr"]))
+    Xp, yp = attacks.clone_cluster(sc.X, sc.y, sc.zeta, cfg.y_target, int(s["ms"][-1]))
+    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(sc.X_trig[:cfg.n_trigger]))
     assert s["asr"][-1] == pytest.approx(np.mean(f > 0), abs=1e-12)
-    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], prep["zeta"], cfg.y_target, cfg.flow_m)
+    Xp, yp = attacks.clone_cluster(sc.X, sc.y, sc.zeta, cfg.y_target, cfg.flow_m)
     n = len(Xp)
-    a = lag.flow_alpha(np.asarray(k(Xp, Xp)), yp, n * r["lam"], n, np.array(st["times"]))
-    np.testing.assert_allclose(st["f_x0"], a @ np.asarray(k(prep["x0"][None], Xp))[0],
+    a = mse_flow_alpha(np.asarray(k(Xp, Xp)), yp, n * r["lam"], n, np.array(st["times"]))
+    np.testing.assert_allclose(st["f_x0"], a @ np.asarray(k(sc.x0[None], Xp))[0],
                                rtol=1e-8, atol=1e-10)
     # the ReLU CNN NTK has kinks at blank patches: the curvature at x0 is not defined,
     # and the report says so
@@ -332,7 +295,7 @@ def nc_cnn_run(tmp_path_factory):
 
 def test_near_clone_runs_the_cnn_kernel_on_images(nc_cnn_run):
     import jax
-    from ntk_poison import krr, poison
+    from ntk_poison import attacks, krr
     jax.config.update("jax_enable_x64", True)
     out, cfg = nc_cnn_run
     res = json.loads((out / "results.json").read_text())
@@ -349,16 +312,16 @@ def test_near_clone_runs_the_cnn_kernel_on_images(nc_cnn_run):
         want = roc_auc_score(np.r_[np.ones(st.size), np.zeros(sc.size)], np.r_[st, sc])
         assert s["auroc"][i] == pytest.approx(want, abs=1e-12)
     # a fresh refit on image-shaped inputs reproduces the ASR at the smallest r
-    prep = lag.prepare(cfg, images=True)
-    k = lag.build_kernel("nt_cnn", cfg, prep["ell"])
-    zeta = poison.near_clone(prep["zeta"], s["r_over_l"][0] * prep["ell"], seed=cfg.seed)
+    sc, splits = scenario.build_for_detection(cfg, images=True)
+    k = scenario.kernel_for("nt_cnn", cfg, sc.length_scale)
+    zeta = attacks.near_clone(sc.zeta, s["r_over_l"][0] * sc.length_scale, seed=cfg.seed)
     assert zeta.shape == (8, 8, 1)
-    Xp, yp = poison.clone_cluster(prep["X"], prep["y"], zeta, cfg.y_target, cfg.m)
-    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(prep["Xtrig_asr"]))
+    Xp, yp = attacks.clone_cluster(sc.X, sc.y, zeta, cfg.y_target, cfg.m)
+    f = np.asarray(krr.fit(k, Xp, yp, r["lam"]).predict(sc.X_trig[:cfg.n_trigger]))
     assert s["asr"][0] == pytest.approx(np.mean(f > 0), abs=1e-12)
     # distances to the clones are over the flattened image
-    d = np.linalg.norm((prep["x_trig_eval"] - zeta[None]).reshape(cfg.n_eval, -1), axis=1)
-    assert s["dist_trig_to_zeta_median"][0] == pytest.approx(np.median(d) / prep["ell"])
+    d = np.linalg.norm((splits.x_trig - zeta[None]).reshape(cfg.n_eval, -1), axis=1)
+    assert s["dist_trig_to_zeta_median"][0] == pytest.approx(np.median(d) / sc.length_scale)
     md = (out / "report.md").read_text()
     for text in ("nt_cnn: ASR stays high for near clones", "nt_cnn: input Hessian defined at x0p",
                  "nt_cnn: input Hessian defined at x0**",

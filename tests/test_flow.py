@@ -20,7 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ntk_poison import flow, kernels, krr  # noqa: E402
+from ntk_poison import flow, joint, kernels, krr, linalg, penalized  # noqa: E402
 from oracles.feature_maps import TrigFeatures  # noqa: E402
 
 LAM = 1e-2
@@ -82,7 +82,7 @@ def _max_abs(a, b):
 @pytest.mark.parametrize("kappa", [0.3, 3.0])
 def test_exact_minimiser_matches_primal_of_feature_map(trig, kappa):
     fm, k, X, y, x = trig
-    model = flow.fit_penalized(k, X, y, LAM, kappa)
+    model = penalized.fit_penalized(k, X, y, LAM, kappa)
     w = fm.fit_output(X, y, LAM, kappa)
     assert _max_abs(model.predict(x), fm.predict(w, x)) < 1e-10
     assert _max_abs(model.input_grad(x), fm.input_grad(w, x)) < 1e-10
@@ -95,17 +95,17 @@ def test_exact_minimiser_matches_primal_of_feature_map(trig, kappa):
 def test_effective_dof_matches_primal_hat_trace(trig):
     fm, k, X, _, _ = trig
     kappas = np.array([0.0, 0.3, 3.0, 30.0])
-    df = np.asarray(flow.effective_dof(k, X, LAM, kappas))
+    df = np.asarray(penalized.effective_dof(k, X, LAM, kappas))
     ref = np.array([fm.dof(X, LAM, kap) for kap in kappas])
     np.testing.assert_allclose(df, ref, rtol=0, atol=1e-10)
-    assert isinstance(flow.effective_dof(k, X, LAM, 0.3), float)
+    assert isinstance(penalized.effective_dof(k, X, LAM, 0.3), float)
 
 
 @pytest.mark.parametrize("kappa", [0.3, 3.0])
 def test_restricted_model_matches_its_primal_and_differs_from_exact(trig, kappa):
     fm, k, X, y, x = trig
-    r = flow.fit_restricted(k, X, y, LAM, kappa)
-    e = flow.fit_penalized(k, X, y, LAM, kappa)
+    r = penalized.fit_restricted(k, X, y, LAM, kappa)
+    e = penalized.fit_penalized(k, X, y, LAM, kappa)
     wr = fm.fit_restricted(X, y, LAM, kappa)
     assert _max_abs(r.predict(x), fm.predict(wr, x)) < 1e-10
     assert _max_abs(r.input_grad(x), fm.input_grad(wr, x)) < 1e-10
@@ -118,17 +118,17 @@ def test_restricted_model_matches_its_primal_and_differs_from_exact(trig, kappa)
 
 def test_restricted_agrees_with_exact_at_kappa_zero(trig):
     fm, k, X, y, x = trig
-    r = flow.fit_restricted(k, X, y, LAM, 0.0)
-    e = flow.fit_penalized(k, X, y, LAM, 0.0)
+    r = penalized.fit_restricted(k, X, y, LAM, 0.0)
+    e = penalized.fit_penalized(k, X, y, LAM, 0.0)
     assert _max_abs(r.predict(x), e.predict(x)) < 1e-10
-    assert abs(flow.effective_dof(k, X, LAM, 0.0, restricted=True)
-               - flow.effective_dof(k, X, LAM, 0.0)) < 1e-10
+    assert abs(penalized.effective_dof(k, X, LAM, 0.0, restricted=True)
+               - penalized.effective_dof(k, X, LAM, 0.0)) < 1e-10
 
 
 def test_exact_minimiser_is_stationary_for_rbf(rbf_problem):
     """No representer direction (value or derivative function) lowers the objective."""
     k, X, y, _ = rbf_problem
-    model = flow.fit_penalized(k, X, y, LAM, 0.7)
+    model = penalized.fit_penalized(k, X, y, LAM, 0.7)
     J0 = float(model.objective())
     rng = np.random.default_rng(3)
     eps = 1e-4
@@ -151,7 +151,7 @@ def test_exact_minimiser_is_stationary_for_rbf(rbf_problem):
 def test_kappa_zero_is_krr(rbf_problem):
     k, X, y, x = rbf_problem
     ref = krr.fit(k, X, y, LAM)
-    model = flow.fit_penalized(k, X, y, LAM, 0.0)
+    model = penalized.fit_penalized(k, X, y, LAM, 0.0)
     np.testing.assert_array_equal(np.asarray(model.alpha), np.asarray(ref.alpha))
     assert not np.any(np.asarray(model.beta))
     np.testing.assert_allclose(np.asarray(model.predict(x)), np.asarray(ref.predict(x)),
@@ -159,29 +159,29 @@ def test_kappa_zero_is_krr(rbf_problem):
     np.testing.assert_allclose(np.asarray(model.input_grad(x)),
                                np.asarray(ref.input_grad(x)), rtol=1e-13, atol=1e-14)
     # the loss penalty, the sweep (Schur path) and the restricted model agree too
-    loss = flow.fit_penalized(k, X, y, LAM, 0.0, penalty="loss")
+    loss = penalized.fit_penalized(k, X, y, LAM, 0.0, penalty="loss")
     assert _max_abs(loss.predict(x), ref.predict(x)) < 1e-14
-    sweep = flow.fit_penalized_sweep(k, X, y, LAM, [0.0])
+    sweep = penalized.fit_penalized_sweep(k, X, y, LAM, [0.0])
     assert _max_abs(sweep.predict(x)[0], ref.predict(x)) < 1e-10
-    restricted = flow.fit_restricted(k, X, y, LAM, 0.0)
+    restricted = penalized.fit_restricted(k, X, y, LAM, 0.0)
     assert _max_abs(restricted.predict(x), ref.predict(x)) < 1e-10
 
 
 def test_small_kappa_is_continuous_at_krr(rbf_problem):
     k, X, y, x = rbf_problem
     ref = krr.fit(k, X, y, LAM)
-    m = flow.fit_penalized(k, X, y, LAM, 1e-9)
+    m = penalized.fit_penalized(k, X, y, LAM, 1e-9)
     assert _max_abs(m.predict(x), ref.predict(x)) < 1e-7
 
 
 def test_sweep_matches_direct_fits(rbf_problem):
     """One Schur-complement eigendecomposition for all kappas vs one Cholesky each."""
     k, X, y, _ = rbf_problem
-    sweep = flow.fit_penalized_sweep(k, X, y, LAM, KAPPAS)
+    sweep = penalized.fit_penalized_sweep(k, X, y, LAM, KAPPAS)
     P, G = np.asarray(sweep.predict(X)), np.asarray(sweep.input_grad(X))
     assert P.shape == (len(KAPPAS), len(X)) and G.shape == (len(KAPPAS),) + X.shape
     for i, kap in enumerate(KAPPAS):
-        m = flow.fit_penalized(k, X, y, LAM, kap)
+        m = penalized.fit_penalized(k, X, y, LAM, kap)
         assert _max_abs(P[i], m.predict(X)) < 1e-9
         assert _max_abs(G[i], m.input_grad(X)) < 1e-9
         assert sweep.at(i).kappa == kap and sweep.at(i).time is None
@@ -190,17 +190,17 @@ def test_sweep_matches_direct_fits(rbf_problem):
 
 def test_restricted_sweep_matches_single_fits(rbf_problem):
     k, X, y, _ = rbf_problem
-    sweep = flow.fit_penalized_sweep(k, X, y, LAM, KAPPAS, restricted=True)
+    sweep = penalized.fit_penalized_sweep(k, X, y, LAM, KAPPAS, restricted=True)
     P = np.asarray(sweep.predict(X))
     for i, kap in enumerate(KAPPAS):
-        assert _max_abs(P[i], flow.fit_restricted(k, X, y, LAM, kap).predict(X)) < 1e-12
+        assert _max_abs(P[i], penalized.fit_restricted(k, X, y, LAM, kap).predict(X)) < 1e-12
 
 
 def test_restricted_solves_its_normal_equations(rbf_problem):
     """(K^2 + n lam K + kappa G) alpha = K y with G from the RBF closed-form gradient."""
     k, X, y, _ = rbf_problem
     kappa, ls = 2.0, 1.2
-    r = flow.fit_restricted(k, X, y, LAM, kappa)
+    r = penalized.fit_restricted(k, X, y, LAM, kappa)
     n = len(X)
     diff = X[:, None, :] - X[None, :, :]                      # x_i - x_j
     K = np.exp(-np.sum(diff ** 2, axis=-1) / (2 * ls ** 2))
@@ -217,23 +217,23 @@ def test_vector_targets_hat_matrix_and_effective_dof(rbf_problem):
     n = len(X)
     Y = np.eye(n)
     for kappa in (0.5, 5.0):
-        m = flow.fit_penalized(k, X, Y, LAM, kappa)
+        m = penalized.fit_penalized(k, X, Y, LAM, kappa)
         P, J = np.asarray(m.predict(x)), np.asarray(m.input_jacobian(x))
         assert P.shape == (len(x), n) and J.shape == (len(x), n, X.shape[1])
         for j in (0, 7):
-            mj = flow.fit_penalized(k, X, Y[:, j], LAM, kappa)
+            mj = penalized.fit_penalized(k, X, Y[:, j], LAM, kappa)
             assert _max_abs(P[:, j], mj.predict(x)) < 1e-11
             assert _max_abs(J[:, j], mj.input_grad(x)) < 1e-11
         hat = np.asarray(m.predict(X))
-        assert abs(np.trace(hat) - flow.effective_dof(k, X, LAM, kappa)) < 1e-10
-        hat_r = np.asarray(flow.fit_restricted(k, X, Y, LAM, kappa).predict(X))
+        assert abs(np.trace(hat) - penalized.effective_dof(k, X, LAM, kappa)) < 1e-10
+        hat_r = np.asarray(penalized.fit_restricted(k, X, Y, LAM, kappa).predict(X))
         assert abs(np.trace(hat_r)
-                   - flow.effective_dof(k, X, LAM, kappa, restricted=True)) < 1e-10
+                   - penalized.effective_dof(k, X, LAM, kappa, restricted=True)) < 1e-10
 
 
 def test_model_interface(rbf_problem):
     k, X, y, x = rbf_problem
-    m = flow.fit_penalized(k, X, y, LAM, 0.5)
+    m = penalized.fit_penalized(k, X, y, LAM, 0.5)
     f = m.as_function()
     assert _max_abs(jax.vmap(jax.grad(f))(jnp.asarray(x)), m.input_grad(x)) < 1e-13
     assert _max_abs(jax.vmap(f)(jnp.asarray(x)), m.predict(x)) < 1e-13
@@ -256,8 +256,8 @@ def test_model_interface(rbf_problem):
 def test_loss_penalty_matches_primal_minimiser(trig):
     fm, k, X, y, x = trig
     kappa = 3.0
-    ml = flow.fit_penalized(k, X, y, LAM, kappa, penalty="loss")
-    mo = flow.fit_penalized(k, X, y, LAM, kappa)
+    ml = penalized.fit_penalized(k, X, y, LAM, kappa, penalty="loss")
+    mo = penalized.fit_penalized(k, X, y, LAM, kappa)
     info = ml.info_dict
     assert info["converged"] and info["grad_norm"] < 1e-9 * info["grad_norm0"]
     w = _w_from_model(fm, ml)
@@ -276,15 +276,15 @@ def test_loss_penalty_matches_primal_minimiser(trig):
 
 def test_loss_penalty_stops_and_says_so_at_the_rounding_floor(trig):
     _, k, X, y, _ = trig
-    with pytest.warns(flow.ConvergenceWarning, match="J stopped decreasing.*pass tol >=") as w:
-        m = flow.fit_penalized(k, X, y, 0.1, 3.0, penalty="loss", tol=1e-14)
+    with pytest.warns(linalg.ConvergenceWarning, match="J stopped decreasing.*pass tol >=") as w:
+        m = penalized.fit_penalized(k, X, y, 0.1, 3.0, penalty="loss", tol=1e-14)
     info = m.info_dict
     assert info["stalled"] and not info["converged"] and info["iterations"] < 100
     # the tolerance the warning names is reachable: it is not below the achieved ratio
     hint = float(re.search(r"pass tol >= (\S+) to", str(w[0].message)).group(1))
     assert info["grad_norm"] <= hint * info["grad_norm0"]
     # the stalled solution is as good as a converged one at a looser tolerance
-    ref = flow.fit_penalized(k, X, y, 0.1, 3.0, penalty="loss", tol=1e-8)
+    ref = penalized.fit_penalized(k, X, y, 0.1, 3.0, penalty="loss", tol=1e-8)
     assert ref.info_dict["converged"]
     J, J_ref = float(m.objective()), float(ref.objective())
     assert abs(J - J_ref) <= 1e-13 * J_ref
@@ -292,8 +292,8 @@ def test_loss_penalty_stops_and_says_so_at_the_rounding_floor(trig):
 
 def test_loss_penalty_warns_when_not_converged(trig):
     fm, k, X, y, _ = trig
-    with pytest.warns(flow.ConvergenceWarning, match="did not reach tol.*raise `maxiter`"):
-        m = flow.fit_penalized(k, X, y, LAM, 3.0, penalty="loss", maxiter=1)
+    with pytest.warns(linalg.ConvergenceWarning, match="did not reach tol.*raise `maxiter`"):
+        m = penalized.fit_penalized(k, X, y, LAM, 3.0, penalty="loss", maxiter=1)
     assert not m.info_dict["converged"] and m.info_dict["iterations"] == 1
     assert not m.info_dict["stalled"]
 
@@ -322,7 +322,7 @@ def test_flow_closed_form_matches_ode(rbf_problem, kappa):
 def test_flow_reaches_minimiser(rbf_problem, kappa):
     k, X, y, x = rbf_problem
     traj = flow.kernel_flow(k, X, y, LAM, kappa, [0.0, 1.0, 10.0, 100.0, 1e7])
-    m = flow.fit_penalized(k, X, y, LAM, kappa)
+    m = penalized.fit_penalized(k, X, y, LAM, kappa)
     assert _max_abs(traj.predict(x)[-1], m.predict(x)) < 1e-10
     assert _max_abs(traj.input_grad(x)[-1], m.input_grad(x)) < 1e-10
 
@@ -362,10 +362,10 @@ def test_flow_at_kappa_zero_skips_the_joint_gram(rbf_problem, vector):
     k, X, y, x = rbf_problem
     Y = np.stack([y, np.cos(X[:, 1])], 1) if vector else y
     n, dt = len(X), jnp.float64
-    Kfull, A, sw = flow._exact_system(k, jnp.asarray(X), jnp.asarray(LAM, dt),
+    Kfull, A, sw = joint.exact_system(k, jnp.asarray(X), jnp.asarray(LAM, dt),
                                       jnp.asarray(0.0, dt))
     Yj = jnp.asarray(Y.reshape(n, -1))
-    old_a, old_b = flow._unpack(flow._flow_closed_form(A, sw, Yj, jnp.asarray(TIMES)),
+    old_a, old_b = joint.unpack(flow._flow_closed_form(A, sw, Yj, jnp.asarray(TIMES)),
                                 X.shape[1:], not vector)
     oracle = _numpy_mse_flow(np.asarray(k(X, X)), Y, LAM, TIMES)
     oracle = oracle[..., 0] if not vector else oracle
@@ -375,7 +375,7 @@ def test_flow_at_kappa_zero_skips_the_joint_gram(rbf_problem, vector):
     assert not np.any(np.asarray(path.beta))
     assert _max_abs(path.alpha, old_a) < 1e-10
     assert _max_abs(path.alpha, oracle) < 1e-10
-    old = flow.PenalizedPath(kernel=k, X=jnp.asarray(X), y=jnp.asarray(Y), alpha=old_a,
+    old = penalized.PenalizedPath(kernel=k, X=jnp.asarray(X), y=jnp.asarray(Y), alpha=old_a,
                              beta=old_b, kappas=jnp.zeros(len(TIMES)),
                              times=jnp.asarray(TIMES), ridge=LAM)
     assert _max_abs(path.predict(x), old.predict(x)) < 1e-10
@@ -415,7 +415,7 @@ def test_objective_decreases_along_output_flow(rbf_problem, kappa):
     traj = flow.kernel_flow(k, X, y, LAM, kappa, np.geomspace(1e-2, 1e3, 12))
     J = np.asarray(traj.objective())
     assert np.all(np.diff(J) < 0)
-    assert J[-1] >= float(flow.fit_penalized(k, X, y, LAM, kappa).objective()) - 1e-12
+    assert J[-1] >= float(penalized.fit_penalized(k, X, y, LAM, kappa).objective()) - 1e-12
 
 
 def test_loss_flow_equals_output_flow_at_kappa_zero(trig):
@@ -435,7 +435,7 @@ def test_loss_flow_decreases_objective_and_approaches_minimiser(trig):
     assert np.all(np.diff(J) < 0)
     # this problem's rounding floor is a relative |grad J| of ~9e-10 (below the default
     # tol 1e-10 Newton stalls and warns); at 1e-8 J agrees with the floor to 1e-16
-    J_min = float(flow.fit_penalized(k, X, y, ridge, kappa, penalty="loss",
+    J_min = float(penalized.fit_penalized(k, X, y, ridge, kappa, penalty="loss",
                                      tol=1e-8).objective())
     assert J[-1] >= J_min - 1e-12
     assert J[-1] - J_min < 1e-6 * J_min
@@ -454,9 +454,9 @@ def test_capacity_falls_with_kappa(seed, kernel, restricted):
     X, _, _ = _problem(100 + seed)
     y = np.random.default_rng(seed).standard_normal(len(X))
     k = RBF if kernel == "rbf" else NT
-    df = np.asarray(flow.effective_dof(k, X, LAM, KAPPAS, restricted=restricted))
+    df = np.asarray(penalized.effective_dof(k, X, LAM, KAPPAS, restricted=restricted))
     assert np.all(np.diff(df) < 0)
-    sweep = flow.fit_penalized_sweep(k, X, y, LAM, KAPPAS, restricted=restricted)
+    sweep = penalized.fit_penalized_sweep(k, X, y, LAM, KAPPAS, restricted=restricted)
     residual = np.linalg.norm(np.asarray(sweep.predict(X)) - y[None], axis=1)
     assert np.all(np.diff(residual) > 0)
 
@@ -466,7 +466,7 @@ def test_fit_plus_ridge_rises_and_penalty_falls_with_kappa(seed):
     """What minimisation guarantees: for min A + kappa B, A rises and B falls."""
     X, _, _ = _problem(100 + seed)
     y = np.random.default_rng(seed).standard_normal(len(X))
-    sweep = flow.fit_penalized_sweep(RBF, X, y, LAM, KAPPAS)
+    sweep = penalized.fit_penalized_sweep(RBF, X, y, LAM, KAPPAS)
     A, B = [], []
     for i in range(len(KAPPAS)):
         m = sweep.at(i)
@@ -486,12 +486,12 @@ def test_training_residual_is_not_monotone_in_general():
     y = np.sin(X[:, 0]) + 0.3 * rng.standard_normal(15)
     ridge = 10 ** rng.uniform(-4, -1)
     assert KAPPAS[0] == 0.0 and KAPPAS[1] == 1e-3
-    sweep = flow.fit_penalized_sweep(RBF, X, y, ridge, KAPPAS)
+    sweep = penalized.fit_penalized_sweep(RBF, X, y, ridge, KAPPAS)
     residual = np.linalg.norm(np.asarray(sweep.predict(X)) - y[None], axis=1)
     assert residual[1] < residual[0] - 2e-4
-    direct = flow.fit_penalized(RBF, X, y, ridge, 1e-3)                 # not an artefact
+    direct = penalized.fit_penalized(RBF, X, y, ridge, 1e-3)                 # not an artefact
     assert abs(np.linalg.norm(np.asarray(direct.predict(X)) - y) - residual[1]) < 1e-10
-    assert np.all(np.diff(np.asarray(flow.effective_dof(RBF, X, ridge, KAPPAS))) < 0)
+    assert np.all(np.diff(np.asarray(penalized.effective_dof(RBF, X, ridge, KAPPAS))) < 0)
 
 
 def test_nonsmooth_kernel_warns_for_exact_model_only(monkeypatch):
@@ -501,13 +501,13 @@ def test_nonsmooth_kernel_warns_for_exact_model_only(monkeypatch):
     X, y, _ = _problem(100)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        flow.effective_dof(NT, X, LAM, KAPPAS, restricted=True)
-        flow.effective_dof(RBF, X, LAM, KAPPAS)
+        penalized.effective_dof(NT, X, LAM, KAPPAS, restricted=True)
+        penalized.effective_dof(RBF, X, LAM, KAPPAS)
     monkeypatch.setenv("NTK_POISON_MEMORY_BUDGET", "1000")
-    for call in (lambda: flow.effective_dof(NT, X, LAM, 1.0),
-                 lambda: flow.fit_penalized(NT, X, y, LAM, 1.0),
+    for call in (lambda: penalized.effective_dof(NT, X, LAM, 1.0),
+                 lambda: penalized.fit_penalized(NT, X, y, LAM, 1.0),
                  lambda: flow.kernel_flow(NT, X, y, LAM, 1.0, [1.0])):
-        with pytest.warns(flow.NonSmoothKernelWarning, match="fit_restricted"):
+        with pytest.warns(joint.NonSmoothKernelWarning, match="fit_restricted"):
             with pytest.raises(ValueError, match="memory budget"):
                 call()
 
@@ -517,8 +517,8 @@ def test_nonsmooth_kernel_warns_for_exact_model_only(monkeypatch):
 @pytest.mark.parametrize("kappa", [0.5, 50.0])
 def test_cg_matches_direct_solve(rbf_problem, kappa):
     k, X, y, x = rbf_problem
-    direct = flow.fit_penalized(k, X, y, LAM, kappa)
-    cg = flow.fit_penalized(k, X, y, LAM, kappa, solver="cg", block_size=4)
+    direct = penalized.fit_penalized(k, X, y, LAM, kappa)
+    cg = penalized.fit_penalized(k, X, y, LAM, kappa, solver="cg", block_size=4)
     assert cg.info_dict["converged"] and cg.info_dict["solver"] == "cg"
     assert _max_abs(cg.predict(x), direct.predict(x)) < 1e-8
     assert _max_abs(cg.input_grad(x), direct.input_grad(x)) < 1e-8
@@ -527,21 +527,21 @@ def test_cg_matches_direct_solve(rbf_problem, kappa):
 
 def test_memory_guard_names_the_alternatives(rbf_problem, monkeypatch):
     k, X, y, x = rbf_problem
-    ref = flow.fit_penalized(k, X, y, LAM, 0.5)
+    ref = penalized.fit_penalized(k, X, y, LAM, 0.5)
     N = len(X) * (1 + X.shape[1])
     monkeypatch.setenv("NTK_POISON_MEMORY_BUDGET", str(N * N * 8))  # < the dense need
-    calls = [lambda: flow.fit_penalized(k, X, y, LAM, 0.5),
-             lambda: flow.fit_penalized_sweep(k, X, y, LAM, [0.5]),
-             lambda: flow.effective_dof(k, X, LAM, 0.5),
+    calls = [lambda: penalized.fit_penalized(k, X, y, LAM, 0.5),
+             lambda: penalized.fit_penalized_sweep(k, X, y, LAM, [0.5]),
+             lambda: penalized.effective_dof(k, X, LAM, 0.5),
              lambda: flow.kernel_flow(k, X, y, LAM, 0.5, [1.0])]
     for call in calls:
         with pytest.raises(ValueError, match="fit_restricted") as err:
             call()
         assert 'solver="cg"' in str(err.value)
     # both named alternatives run under the same budget
-    cg = flow.fit_penalized(k, X, y, LAM, 0.5, solver="cg", block_size=4)
+    cg = penalized.fit_penalized(k, X, y, LAM, 0.5, solver="cg", block_size=4)
     assert _max_abs(cg.predict(x), ref.predict(x)) < 1e-8
-    flow.fit_restricted(k, X, y, LAM, 0.5, block_size=len(X))
+    penalized.fit_restricted(k, X, y, LAM, 0.5, block_size=len(X))
 
 
 # --------------------------------------------------------------------------- bad input
@@ -549,20 +549,20 @@ def test_memory_guard_names_the_alternatives(rbf_problem, monkeypatch):
 def test_bad_inputs_raise_value_errors(rbf_problem):
     k, X, y, _ = rbf_problem
     cases = [
-        (lambda: flow.fit_penalized(k, X, y, LAM, -1.0), "kappa"),
-        (lambda: flow.fit_penalized(k, X, y, -1e-3, 1.0), "ridge"),
-        (lambda: flow.fit_penalized(k, X, y, LAM, [1.0, 2.0]), "fit_penalized_sweep"),
-        (lambda: flow.fit_penalized(k, X, y, LAM, 1.0, penalty="l2"), "penalty"),
-        (lambda: flow.fit_penalized(k, X, y, LAM, 1.0, solver="lu"), "solver"),
-        (lambda: flow.fit_penalized(k, X, y, LAM, 1.0, penalty="loss", solver="cg"),
+        (lambda: penalized.fit_penalized(k, X, y, LAM, -1.0), "kappa"),
+        (lambda: penalized.fit_penalized(k, X, y, -1e-3, 1.0), "ridge"),
+        (lambda: penalized.fit_penalized(k, X, y, LAM, [1.0, 2.0]), "fit_penalized_sweep"),
+        (lambda: penalized.fit_penalized(k, X, y, LAM, 1.0, penalty="l2"), "penalty"),
+        (lambda: penalized.fit_penalized(k, X, y, LAM, 1.0, solver="lu"), "solver"),
+        (lambda: penalized.fit_penalized(k, X, y, LAM, 1.0, penalty="loss", solver="cg"),
          "output"),
-        (lambda: flow.fit_penalized(k, X, np.arange(len(X)), LAM, 1.0), "y"),
-        (lambda: flow.fit_penalized(k, X, y[:-1], LAM, 1.0), "rows"),
-        (lambda: flow.fit_penalized(k, X[:, :, None], y, LAM, 1.0), "X"),
-        (lambda: flow.fit_penalized_sweep(k, X, y, LAM, [1.0, -1.0]), "kappas"),
-        (lambda: flow.fit_penalized_sweep(k, X, y, LAM, [[1.0]]), "kappas"),
-        (lambda: flow.effective_dof(k, X, LAM, -0.5), "kappas"),
-        (lambda: flow.fit_restricted(k, X, y, LAM, -0.5), "kappa"),
+        (lambda: penalized.fit_penalized(k, X, np.arange(len(X)), LAM, 1.0), "y"),
+        (lambda: penalized.fit_penalized(k, X, y[:-1], LAM, 1.0), "rows"),
+        (lambda: penalized.fit_penalized(k, X[:, :, None], y, LAM, 1.0), "X"),
+        (lambda: penalized.fit_penalized_sweep(k, X, y, LAM, [1.0, -1.0]), "kappas"),
+        (lambda: penalized.fit_penalized_sweep(k, X, y, LAM, [[1.0]]), "kappas"),
+        (lambda: penalized.effective_dof(k, X, LAM, -0.5), "kappas"),
+        (lambda: penalized.fit_restricted(k, X, y, LAM, -0.5), "kappa"),
         (lambda: flow.kernel_flow(k, X, y, LAM, 1.0, [2.0, 1.0]), "increasing"),
         (lambda: flow.kernel_flow(k, X, y, LAM, 1.0, [1.0, 1.0]), "increasing"),
         (lambda: flow.kernel_flow(k, X, y, LAM, 1.0, [-1.0, 1.0]), "times"),
@@ -573,11 +573,11 @@ def test_bad_inputs_raise_value_errors(rbf_problem):
                                   method="closed_form"), "closed form"),
         (lambda: flow.kernel_flow(k, X, y, LAM, 1.0, [100.0], method="ode",
                                   max_steps=10), "max_steps"),
-        (lambda: flow.fit_penalized("rbf", X, y, LAM, 1.0), "Kernel"),
+        (lambda: penalized.fit_penalized("rbf", X, y, LAM, 1.0), "Kernel"),
     ]
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
-    sweep = flow.fit_penalized_sweep(k, X, y, LAM, [1.0])
+    sweep = penalized.fit_penalized_sweep(k, X, y, LAM, [1.0])
     with pytest.raises(ValueError, match="index"):
         sweep.at(3)

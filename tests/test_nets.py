@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import ntk_poison  # noqa: E402,F401  (patches neural-tangents)
-from ntk_poison import kernels, nets  # noqa: E402
+from ntk_poison import joint, kernels, nets  # noqa: E402
 from oracles import finite_diff as fd  # noqa: E402
 
 W_STD, B_STD = 1.5, 0.1
@@ -388,7 +388,7 @@ def test_penalised_relu_net_vs_kernel_flow():
     steps = int(round(5.0 / lr))
     t = steps * lr
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", flow.NonSmoothKernelWarning)
+        warnings.simplefilter("ignore", joint.NonSmoothKernelWarning)
         ref_nt = np.asarray(flow.kernel_flow(k, X, y, 0.0, kappa, [t]).predict(Xt))[0]
     widths, gaps, gaps_nt, effects = [256, 4096], [], [], []
     for w in widths:
@@ -398,7 +398,7 @@ def test_penalised_relu_net_vs_kernel_flow():
             _, h = nets.train(p, nets.apply_fn, X, y, lr, steps, kappa=kappa, X_eval=Xt)
             ke = nets.empirical_ntk_kernel(nets.apply_fn, p)
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore", flow.NonSmoothKernelWarning)
+                warnings.simplefilter("ignore", joint.NonSmoothKernelWarning)
                 ref = np.asarray(flow.kernel_flow(ke, X, y, 0.0, kappa, [t]).predict(Xt))[0]
                 ref0 = np.asarray(flow.kernel_flow(ke, X, y, 0.0, 0.0, [t]).predict(Xt))[0]
             g.append(np.sqrt(np.mean((h.predictions[-1] - ref) ** 2)))

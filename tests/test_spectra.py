@@ -21,9 +21,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from ntk_poison import kernels, krr, poison, spectra  # noqa: E402
+from ntk_poison import attacks, kernels, krr, spectra  # noqa: E402
 from oracles import closed_forms as cf  # noqa: E402
 from oracles import finite_diff as fd  # noqa: E402
+from oracles.util import cache_size  # noqa: E402
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["A"], meta_fields=[])
@@ -260,7 +261,7 @@ def test_clone_poison_spike_is_the_top_loss_eigenvector(rng):
     zeta = 0.3 * rng.standard_normal(d)
     u = rng.standard_normal(d)
     x0 = zeta + ls * u / np.linalg.norm(u)
-    Xp, yp = poison.clone_cluster(X, y, zeta, 10.0, 50)
+    Xp, yp = attacks.clone_cluster(X, y, zeta, 10.0, 50)
     model = krr.fit(kernels.rbf(ls), Xp, yp, ridge=1e-3)
     clean = krr.fit(kernels.rbf(ls), X, y, ridge=1e-3)
     y0 = float(clean.predict(x0[None])[0])  # the clean label at the trigger
@@ -369,9 +370,9 @@ def test_models_of_the_same_shapes_share_one_compilation(rbf_model, rng):
     # (The kernel and the ridge are static fields of KRRModel: keep them.)
     other = krr.fit(kernels.rbf(LS), X + 0.1 * rng.standard_normal(X.shape), -y, 1e-3)
     v1, _ = spectra.top_eigenpairs(model, x[1], 3, "lanczos")
-    size = spectra._lanczos_eigs._cache_size()
+    size = cache_size(spectra.lanczos_hessian)
     v2, _ = spectra.top_eigenpairs(other, x[1], 3, "lanczos")
-    assert spectra._lanczos_eigs._cache_size() == size
+    assert cache_size(spectra.lanczos_hessian) == size
     for m, v in ((model, v1), (other, v2)):
         ref = numpy_top(numpy_rbf_hessian(m, x[1]), 3)[0]
         np.testing.assert_allclose(np.asarray(v), ref, rtol=1e-9)

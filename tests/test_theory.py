@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntk_poison import kernels, krr, poison, theory
+from ntk_poison import attacks, kernels, krr, linalg, theory
 from oracles import arccos
 from oracles import closed_forms as cf
 from oracles import finite_diff as fd
@@ -24,14 +24,14 @@ def clean(rng):
     X = rng.standard_normal((N, 3))
     y = np.tanh(X[:, 0] - X[:, 2]) + 0.1 * rng.standard_normal(N)
     zeta = 0.5 * rng.standard_normal(3)
-    x0 = poison.near_clone(zeta, 0.3, seed=1)
+    x0 = attacks.near_clone(zeta, 0.3, seed=1)
     return X, y, zeta, x0
 
 
 def refit_effect(k, X, y, lam, zeta, y_t, m, x0):
     """Delta f(x0) by two explicit fits at the same absolute ridge (N+m)*lam."""
     n_clean = len(X)
-    Xp, yp = poison.clone_cluster(X, y, zeta, y_t, m)
+    Xp, yp = attacks.clone_cluster(X, y, zeta, y_t, m)
     poisoned = krr.fit(k, Xp, yp, ridge=lam)
     clean_model = krr.fit(k, X, y, ridge=lam * (n_clean + m) / n_clean)
     x0 = np.atleast_2d(x0) if k.input_rank == 1 else x0
@@ -100,7 +100,7 @@ def test_clone_effect_matches_refitting(name, clean):
     k = KERNELS[name]()
     y_t = -1.5
     shifts = (N + np.asarray(MS)) * LAM
-    assert len(theory._shift_groups(shifts)) >= 3      # several Neumann-series groups
+    assert len(linalg._shift_groups(shifts)) >= 3      # several Neumann-series groups
     got = np.asarray(theory.clone_effect(k, X, y, LAM, zeta, y_t, MS, x0))
     assert got.shape == (len(MS),)
     ref = np.array([refit_effect(k, X, y, LAM, zeta, y_t, m, x0)[2][0] for m in MS])
@@ -265,7 +265,7 @@ def test_ridge_zero_with_positive_definite_kernel(clean):
 @pytest.mark.parametrize("ls", [0.5, 1.0, 3.0])
 def test_spike_factor_rbf_is_r2_over_l4(r, ls, rng):
     x0 = rng.standard_normal(4)
-    zeta = poison.near_clone(x0, r, seed=2) if r > 0 else x0.copy()
+    zeta = attacks.near_clone(x0, r, seed=2) if r > 0 else x0.copy()
     R = float(theory.spike_factor(kernels.rbf(ls, variance=2.0), x0, zeta))
     # at r = 0 the gradient is a difference of equal terms: zero up to a few ulp
     np.testing.assert_allclose(R, r ** 2 / ls ** 4, rtol=1e-12, atol=1e-28)
@@ -286,7 +286,7 @@ SPIKE_ORACLES = {
 def test_spike_factor_other_kernels_against_finite_differences(name, r, rng):
     make, k_np = SPIKE_ORACLES[name]
     x0 = rng.standard_normal(3)
-    zeta = poison.near_clone(x0, r, seed=5)
+    zeta = attacks.near_clone(x0, r, seed=5)
     R = float(theory.spike_factor(make(), x0, zeta))
     g = fd.gradient(lambda v: k_np(v, zeta), x0, h=1e-3 * min(1.0, r))
     ref = float(np.sum(g ** 2) / k_np(x0, zeta) ** 2)
@@ -313,7 +313,7 @@ def test_tight_cluster_law_holds_when_clean_data_are_far(rng):
     X = rng.standard_normal((N, 3))
     y = rng.standard_normal(N)
     zeta = np.array([30.0, 0.0, 0.0])
-    x0 = poison.near_clone(zeta, 0.4, seed=0)
+    x0 = attacks.near_clone(zeta, 0.4, seed=0)
     k = kernels.rbf(ls)
     k0 = float(cf.rbf_gram(x0[None], zeta[None], ls)[0, 0])
     for m in (1, 5, 50):
@@ -331,7 +331,7 @@ def test_tight_cluster_law_fails_when_clean_data_are_close(rng):
     zeta = np.array([0.0, 0.0, 0.0])
     X = zeta + 0.5 * rng.standard_normal((N, 3))
     y = np.full(N, y_t)
-    x0 = poison.near_clone(zeta, 0.4, seed=0)
+    x0 = attacks.near_clone(zeta, 0.4, seed=0)
     k = kernels.rbf(ls)
     k0 = float(cf.rbf_gram(x0[None], zeta[None], ls)[0, 0])
     for m in (1, 5, 50):
@@ -340,60 +340,6 @@ def test_tight_cluster_law_fails_when_clean_data_are_close(rng):
         exact = float(theory.clone_effect(k, X, y, LAM, zeta, y_t, [m], x0)[0])
         np.testing.assert_allclose(exact, delta[0], rtol=1e-8)
         assert abs(law - delta[0]) > 0.5 * abs(law)
-
-
-# --------------------------------------------------------------------------- resolvent_solve
-
-def _psd(rng, n, rank=None):
-    B = rng.standard_normal((n, rank or n))
-    return B @ B.T / (rank or n)
-
-
-def test_resolvent_solve_several_groups_matches_dense_solves(rng):
-    K = cf.rbf_gram(*(2 * [rng.standard_normal((25, 2))]), 1.0)
-    rhs = rng.standard_normal((25, 3))
-    shifts = [1e-3, 1.3e-3, 2e-3, 5e-3, 0.03, 0.1, 0.25, 1.0, 10.0, 100.0]
-    assert len(theory._shift_groups(np.asarray(shifts))) >= 4
-    out = np.asarray(theory.resolvent_solve(jnp.asarray(K), jnp.asarray(rhs), shifts))
-    assert out.shape == (len(shifts), 25, 3)
-    for i, mu in enumerate(shifts):
-        ref = np.linalg.solve(K + mu * np.eye(25), rhs)
-        cond = np.linalg.cond(K + mu * np.eye(25))
-        assert rel_err(out[i], ref) < 20 * eps(np.float64) * cond
-
-
-@pytest.mark.parametrize("shift", [0.0, 0.37])
-def test_resolvent_solve_single_shift(shift, rng):
-    K = _psd(rng, 15) + 0.5 * np.eye(15)          # PD, so shift 0 is allowed
-    rhs = rng.standard_normal((15, 2))
-    out = np.asarray(theory.resolvent_solve(K, rhs, [shift]))
-    assert out.shape == (1, 15, 2)
-    np.testing.assert_allclose(out[0], np.linalg.solve(K + shift * np.eye(15), rhs),
-                               rtol=1e-11, atol=1e-12)
-
-
-@pytest.mark.parametrize("dtype,shifts", [
-    (np.float64, [1e-8, 1.4e-8, 2.5e-8]),
-    (np.float32, [0.01, 0.02, 0.029]),
-])
-def test_resolvent_solve_small_shifts_of_singular_kernel(dtype, shifts, rng):
-    """A rank-deficient K with small shifts: the Neumann terms (K + mu0 I)^-j grow like
-    mu0^-j and overflowed before the series was rescaled (NaN output)."""
-    K = _psd(rng, 20, rank=4)
-    rhs = rng.standard_normal((20, 2))
-    out = np.asarray(theory.resolvent_solve(K.astype(dtype), rhs.astype(dtype), shifts))
-    assert out.dtype == dtype and np.all(np.isfinite(out))
-    for i, mu in enumerate(shifts):
-        A = K + mu * np.eye(20)
-        assert rel_err(out[i], np.linalg.solve(A, rhs)) < 50 * eps(dtype) * np.linalg.cond(A)
-
-
-def test_resolvent_solve_errors(rng):
-    K = _psd(rng, 6, rank=2)
-    with pytest.raises(ValueError):
-        theory.resolvent_solve(K, np.ones((6, 1)), [-1.0])
-    with pytest.raises(ValueError, match="positive definite"):
-        theory.resolvent_solve(-np.eye(6), np.ones((6, 1)), [0.5])
 
 
 # --------------------------------------------------------------------------- bad inputs

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntk_poison import poison, triggers
+from ntk_poison import triggers
 
 
 @pytest.mark.parametrize("shape", [(64,), (8, 8, 1), (6, 6, 3), (108,)])
@@ -26,10 +26,10 @@ def test_cross_direction_is_unit_and_is_the_shift_per_strength(shape, rng):
     np.testing.assert_allclose(np.linalg.norm((xt - x).reshape(5, -1), axis=1), 0.7)
 
 
-def test_cross_matches_poison_cross_pattern_row_and_col(rng):
+def test_cross_matches_cross_pattern_row_and_col(rng):
     t = triggers.CrossTrigger(strength=2.0, row=1, col=5)
     x = rng.standard_normal((3, 8, 8, 1))
-    want = poison.apply_additive(x, poison.cross_pattern((8, 8, 1), 1, 5), 2.0)
+    want = triggers.apply_additive(x, triggers.cross_pattern((8, 8, 1), 1, 5), 2.0)
     np.testing.assert_allclose(t.apply(x), want, atol=1e-12)
     u = t.direction((8, 8, 1))
     assert set(np.flatnonzero(u[..., 0].any(axis=1))) == set(range(8))  # full column
@@ -139,3 +139,96 @@ def test_bad_inputs_are_value_errors(rng):
         triggers.CrossTrigger(1.0).apply(rng.standard_normal(16))  # not a batch
     with pytest.raises(ValueError, match="image shape"):
         triggers.CrossTrigger(1.0, image_shape=(3, 3)).apply(rng.standard_normal((1, 4, 4)))
+
+
+# ----------------------------------------------------------------- patterns
+
+@pytest.mark.parametrize("corner,rows,cols", [
+    ("bottom_right", slice(5, 8), slice(3, 6)),
+    ("bottom_left", slice(5, 8), slice(0, 3)),
+    ("top_right", slice(0, 3), slice(3, 6)),
+    ("top_left", slice(0, 3), slice(0, 3)),
+])
+@pytest.mark.parametrize("image_shape", [(8, 6), (8, 6, 2)])
+def test_patch_mask_mask_and_pattern(corner, rows, cols, image_shape):
+    mask, pattern = triggers.patch_mask(image_shape, size=3, value=0.8, corner=corner)
+    assert mask.shape == image_shape and pattern.shape == image_shape
+    expected = np.zeros(image_shape)
+    expected[rows, cols] = 1.0
+    np.testing.assert_array_equal(mask, expected)
+    np.testing.assert_allclose(pattern, 0.8 * expected, rtol=1e-7)
+    assert mask.sum() == 9 * (image_shape[2] if len(image_shape) == 3 else 1)
+
+
+def test_apply_patch_values_on_images_and_flat_inputs(rng):
+    mask, pattern = triggers.patch_mask((6, 6, 1), size=2, value=1.0)
+    x = rng.uniform(0, 0.5, size=(3, 6, 6, 1)).astype(np.float32)
+    xp = triggers.apply_patch(x, mask, pattern)
+    assert xp.shape == x.shape and xp.dtype == np.float32
+    np.testing.assert_array_equal(xp[:, 4:, 4:, :], 1.0)
+    keep = np.ones((6, 6, 1), bool)
+    keep[4:, 4:, :] = False
+    np.testing.assert_array_equal(xp[:, keep], x[:, keep])
+    # flat inputs (n, 36) get the same stamp
+    xf = triggers.apply_patch(x.reshape(3, 36), mask, pattern)
+    np.testing.assert_array_equal(xf, xp.reshape(3, 36))
+    # idempotent
+    np.testing.assert_array_equal(triggers.apply_patch(xp, mask, pattern), xp)
+
+
+@pytest.mark.parametrize("kwargs", [{"image_shape": (8,)}, {"image_shape": (4, 4), "size": 5},
+                                    {"image_shape": (4, 4), "size": 0},
+                                    {"image_shape": (4, 4), "corner": "middle"}])
+def test_patch_mask_bad_inputs(kwargs):
+    with pytest.raises(ValueError):
+        triggers.patch_mask(**kwargs)
+
+
+def test_apply_patch_shape_mismatch():
+    mask, pattern = triggers.patch_mask((4, 4, 1), size=2)
+    with pytest.raises(ValueError):
+        triggers.apply_patch(np.zeros((2, 5, 5, 1)), mask, pattern)
+
+
+@pytest.mark.parametrize("image_shape,row,col", [((7, 5), None, None), ((6, 6, 3), 1, 4),
+                                                 ((4, 8, 1), 0, 7)])
+def test_cross_pattern_is_a_unit_norm_plus_sign(image_shape, row, col):
+    pat = triggers.cross_pattern(image_shape, row=row, col=col)
+    H, W = image_shape[:2]
+    r = H // 2 if row is None else row
+    c = W // 2 if col is None else col
+    assert pat.shape == image_shape
+    np.testing.assert_allclose(np.linalg.norm(pat), 1.0, rtol=1e-15)
+    support = np.zeros(image_shape, bool)
+    support[r, ...] = True
+    support[:, c, ...] = True
+    assert np.all(pat[~support] == 0)
+    # constant on its support: H + W - 1 pixels per channel
+    C = image_shape[2] if len(image_shape) == 3 else 1
+    np.testing.assert_allclose(pat[support], 1.0 / np.sqrt((H + W - 1) * C), rtol=1e-15)
+
+
+@pytest.mark.parametrize("kwargs", [{"image_shape": (5,)}, {"image_shape": (4, 4), "row": 4},
+                                    {"image_shape": (4, 4), "col": -1}])
+def test_cross_pattern_bad_inputs(kwargs):
+    with pytest.raises(ValueError):
+        triggers.cross_pattern(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_apply_additive_moves_every_input_by_strength(dtype, rng):
+    pat = triggers.cross_pattern((6, 6, 1))
+    x = rng.uniform(size=(4, 6, 6, 1)).astype(dtype)
+    xt = triggers.apply_additive(x, pat, 0.3)
+    assert xt.shape == x.shape and xt.dtype == dtype
+    np.testing.assert_allclose(xt - x, np.broadcast_to(0.3 * pat, x.shape),
+                               atol=4 * np.finfo(dtype).eps)
+    np.testing.assert_allclose(np.linalg.norm((xt - x).reshape(4, -1), axis=1), 0.3,
+                               rtol=10 * np.finfo(dtype).eps)
+    # flat inputs are matched by size
+    xf = triggers.apply_additive(x.reshape(4, 36), pat, 0.3)
+    np.testing.assert_array_equal(xf, xt.reshape(4, 36))
+    with pytest.raises(ValueError):
+        triggers.apply_additive(x, pat, -0.1)
+    with pytest.raises(ValueError):
+        triggers.apply_additive(np.zeros((2, 5, 5, 1)), pat, 0.1)

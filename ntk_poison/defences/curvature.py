@@ -21,7 +21,7 @@ suits ``+-1`` targets; pass ``y`` for anything else.
 
 Cost per input: ``"dense"`` forms the ``d x d`` Hessian (``spectra.loss_hessian``,
 ``jax.hessian`` vmap'd over points) and a batched ``eigh``: O(d^2) memory, O(d^3)
-time. ``"lanczos"`` runs ``spectra.top_eigenpairs(..., method="lanczos")`` on
+time. ``"lanczos"`` runs block Lanczos (``spectra.lanczos_hessian``) on
 Hessian-vector products inside one jit-compiled program per chunk shape and model
 structure (so its Python-side checks and tracing run once, not per input), on the
 single input of a chunk of one, or ``jax.vmap``'d over the points of a larger chunk
@@ -42,41 +42,23 @@ own risk for ``"lanczos"`` on CPU).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_poison import _validate
-from ntk_poison import spectra
+from ntk_poison import _validate, linalg, models, spectra
 
 Array = Any
 
-__all__ = ["CurvatureDetector"]
+__all__ = ["CurvatureDetector", "smoothness_statement", "smoothness_text"]
 
 _METHODS = ("dense", "lanczos")
 #: inputs a chunk when ``batch_size`` is None (lanczos: 1, see the module docstring)
 _DEFAULT_BATCH = {"dense": 256, "lanczos": 1}
-
-
-def _fn_of(model: Any):
-    if hasattr(model, "as_function"):
-        return model.as_function()
-    if callable(model):
-        return model
-    raise ValueError(f"`model` must be a fitted model with .as_function() (e.g. a "
-                     f"krr.KRRModel) or a callable f(one input) -> scalar; got "
-                     f"{type(model).__name__}.")
-
-
-def _sign_fix(vecs: jax.Array) -> jax.Array:
-    """Make each vector's largest-magnitude entry positive (vecs ``(..., d)``)."""
-    idx = jnp.argmax(jnp.abs(vecs), axis=-1)
-    s = jnp.sign(jnp.take_along_axis(vecs, idx[..., None], axis=-1))
-    return vecs * jnp.where(s == 0, 1.0, s).astype(vecs.dtype)
 
 
 @jax.jit
@@ -87,23 +69,25 @@ def _top_of_hessians(H):
     return vals, vecs
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "k", "tol", "max_iters", "batched"))
-def _lanczos_chunk(spec, dynamic, x, y, key, *, k, tol, max_iters, batched):
+@eqx.filter_jit
+def _lanczos_chunk(predict, x, y, key, k, tol, plan, batched):
     """Lanczos top-k pairs of the loss input-Hessian at each input of a chunk.
 
-    One compiled program per model structure (``spec``) and chunk shape: the Python
-    work of ``spectra.top_eigenpairs`` (input checks, tracing) runs once, not once
-    per input. ``batched=False`` (a chunk of one input) calls the solver on that input
-    alone, so no ``eigh`` is batched (see the module docstring). The start block is
-    drawn by ``jax.random`` from ``key`` (deterministic).
+    One compiled program per model structure and chunk shape; the solver is
+    :func:`ntk_poison.spectra.lanczos_hessian` (no per-input checks inside jit).
+    ``batched=False`` (a chunk of one input) calls it on that input alone, so no
+    ``eigh`` is batched (see the module docstring). The start block is drawn by
+    ``jax.random`` from ``key`` (deterministic).
     """
-    predict = spectra._rebuild(spec, dynamic)
+    shape = x.shape[1:]
+    d = int(np.prod(shape))
 
     def one(xi, yi):
-        vals, vecs, info = spectra.top_eigenpairs(
-            spectra.LossFunction(predict, yi), xi, k=k, method="lanczos", key=key,
-            tol=tol, max_iters=max_iters, return_info=True)
-        return vals, vecs, info.residuals, info.scale
+        start = jax.random.normal(key, (2 * plan.b, d), xi.dtype)
+        vals, vecs, res, scale, _, _ = spectra.lanczos_hessian(
+            spectra.LossFunction(predict, yi), xi.reshape(-1), start,
+            jnp.asarray(tol, xi.dtype), shape, k, "LA", plan)
+        return vals, vecs, res, scale
 
     if batched:
         return jax.vmap(one)(x, y)
@@ -123,7 +107,7 @@ class CurvatureDetector:
         trigger object (its ``direction(shape)``; for a data-dependent patch pass
         ``patch.direction(shape, x)`` as an array instead).
       key: the Lanczos start block (an int seed or a jax PRNG key).
-      tol: the Lanczos relative residual tolerance (default: spectra's, 1e-8 in
+      tol: the Lanczos relative residual tolerance (default: the one per dtype, 1e-10 in
         float64, 1e-4 in float32).
       max_iters: the Lanczos iteration cap (default: spectra's).
       batch_size: inputs processed at once, or None (default) for the method's
@@ -194,7 +178,7 @@ class CurvatureDetector:
                              f"shape {tuple(x.shape)}.")
         if y is None:
             pred = (model.predict(x) if hasattr(model, "predict")
-                    else jax.vmap(_fn_of(model))(x))
+                    else jax.vmap(models.as_model_function(model))(x))
             if pred.shape != (x.shape[0],):
                 raise ValueError("The model's output is not a scalar per input, so no "
                                  "sign label can be derived: pass `y`.")
@@ -230,15 +214,12 @@ class CurvatureDetector:
         if self.method == "dense":
             H = spectra.loss_hessian(model, x, y)
             vals, vecs = _top_of_hessians(H)
-            return vals[:, :self.k], _sign_fix(vecs[:, :self.k]), None, None
-        tol = self.tol
-        if tol is None:
-            tol = 1e-8 if x.dtype == jnp.float64 else 1e-4
-        spec, dynamic = spectra._partition(spectra._as_scalar_fn(model, "model"))
-        key = spectra._as_key(self.key)
+            return vals[:, :self.k], linalg.sign_fix(vecs[:, :self.k]), None, None
+        tol = _validate.default_tol(x.dtype) if self.tol is None else self.tol
+        plan = linalg.lanczos_plan(d, self.k, None, self.max_iters, x.dtype.itemsize)
         vals, vecs, res, scale = _lanczos_chunk(
-            spec, dynamic, x, y, key, k=self.k, tol=float(tol), max_iters=self.max_iters,
-            batched=m > 1)
+            models.as_model_function(model), x, y, _validate.as_key(self.key), self.k,
+            float(tol), plan, m > 1)
         converged = np.asarray(res) <= tol * np.asarray(scale)[:, None]
         return vals, vecs.reshape(m, self.k, d), np.asarray(res), converged
 
@@ -349,3 +330,98 @@ class CurvatureDetector:
         """
         scores, flagged, _ = self.detect_with_vectors(model, x, y)
         return scores, flagged
+
+    # ----------------------------------------------------------------- measurements
+
+    def top_eigenvalue(self, model: Any, x: Array) -> float:
+        """The top loss-Hessian eigenvalue at ONE input ``x`` (pseudo-label sign f).
+
+        ``x`` is repeated to a full chunk of :attr:`effective_batch_size` rows, so the
+        compiled chunk shape of :meth:`spectrum` is reused.
+        """
+        xs = np.repeat(np.asarray(x)[None], self.effective_batch_size, axis=0)
+        return float(self.spectrum(model, xs)["eigenvalues"][0, 0])
+
+    def smoothness(self, model: Any, x: Array, scale: float, deltas: Sequence[float],
+                   seed: int) -> Dict[str, Any]:
+        """Is the loss input Hessian at ``x`` well defined? Its top eigenvalue at
+        ``x + delta scale u`` against that at x, u a fixed random unit direction.
+
+        For a model twice differentiable at x the ratios tend to 1 as delta -> 0. A
+        kernel with kinks (the ReLU CNN NTK wherever a filter-sized patch of x is blank
+        or parallel to the same patch of a training image) gives autodiff numbers
+        that jump by orders of magnitude under a tiny shift. Returns ``deltas``,
+        ``lambda_x``, ``lambda_shifted``, ``ratios`` and ``smooth`` (every ratio in
+        [0.5, 2]).
+        """
+        u = np.random.default_rng(seed + 7).standard_normal(np.shape(x))
+        u /= np.linalg.norm(u)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.ConvergenceWarning)
+            lam0 = self.top_eigenvalue(model, x)
+            vals = [self.top_eigenvalue(model, np.asarray(x) + float(dl) * scale * u)
+                    for dl in deltas]
+        ratios = [v / lam0 if lam0 != 0 else float("inf") for v in vals]
+        smooth = bool(all(0.5 <= r <= 2.0 for r in ratios))
+        return dict(deltas=list(map(float, deltas)), lambda_x=lam0, lambda_shifted=vals,
+                    ratios=ratios, smooth=smooth)
+
+    def assess(self, model: Any, x_cal: Array, x_trig: Array, x_clean: Array,
+               extra: Optional[Array] = None) -> Dict[str, Any]:
+        """Fit on clean ``x_cal``, then score ``[x_trig; x_clean; extra]`` under ``model``.
+
+        Returns the triggered/clean/calibration scores, the AUROC of triggered against
+        clean (:func:`ntk_poison.defences.evaluate`), the TPR and FPR at the fitted
+        threshold, the labels used, the fraction of inputs where Lanczos converged and
+        the number of convergence warnings, and for ``extra`` its top eigenvalues,
+        top eigenvectors and labels (plus the first triggered input's top vector).
+        """
+        from ntk_poison.defences.evaluate import evaluate
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", linalg.ConvergenceWarning)
+            fitted = self.fit(model, x_cal)
+            parts = [x_trig, x_clean] + ([] if extra is None else [extra])
+            scores, flagged, info = fitted.detect_with_vectors(model, np.concatenate(parts))
+        nt, nc = len(x_trig), len(x_clean)
+        truth = np.r_[np.ones(nt, bool), np.zeros(nc, bool)]
+        ev = evaluate(scores[:nt + nc], flagged[:nt + nc], truth, self.fpr)
+        conv = np.asarray(info["converged"]).all(1) if "converged" in info else \
+            np.ones(len(scores), bool)
+        out = dict(auroc=ev["auroc"], tpr=float(flagged[:nt].mean()),
+                   fpr=float(flagged[nt:nt + nc].mean()), threshold=float(fitted.threshold),
+                   scores_trig=scores[:nt], scores_clean=scores[nt:nt + nc],
+                   scores_cal=np.asarray(fitted.clean_scores),
+                   labels=np.asarray(info["labels"]),
+                   lanczos_converged=float(conv.mean()),
+                   convergence_warnings=len(caught))
+        if extra is not None:
+            out["extra_vals"] = scores[nt + nc:]
+            out["extra_vecs"] = np.asarray(info["vectors"])[nt + nc:, 0]
+            out["extra_labels"] = np.asarray(info["labels"])[nt + nc:]
+            out["trig_vecs0"] = np.asarray(info["vectors"])[0, 0]
+        return out
+
+
+def smoothness_statement(where: str, deltas: Sequence[float]) -> str:
+    """The claim that :meth:`CurvatureDetector.smoothness` tests, in words."""
+    return (f"The clean loss input Hessian at {where} is well defined: its top eigenvalue "
+            f"changes by less than 2x under shifts of {where} by " +
+            ", ".join(f"{d:g}" for d in deltas) + " l (a precondition of THEORY.md's "
+            "smooth spike picture).")
+
+
+def smoothness_text(name, sm, where="x0") -> str:
+    """One sentence on the smoothness check (for the reports)."""
+    pairs = ", ".join(f"{r:.3g}x at delta = {d:g} l" for d, r in zip(sm["deltas"], sm["ratios"]))
+    if sm["smooth"]:
+        return (f"{name}: the clean loss Hessian's top eigenvalue at {where} is stable under "
+                f"a tiny shift {where} + delta l u ({pairs}): the input curvature is well "
+                "defined there.")
+    return (f"{name}: the clean loss Hessian's top eigenvalue at {where} ({sm['lambda_x']:.3g}) "
+            f"is NOT stable under a tiny shift {where} + delta l u ({pairs}): the kernel is not "
+            f"twice differentiable at {where}, so its input Hessian there is not defined and the "
+            "autodiff value (and every curvature number for this kernel) reflects the kink, "
+            "not THEORY.md's smooth spike picture." + (
+                " For the ReLU CNN NTK the kinks sit wherever a filter-sized patch of the "
+                "input is blank or parallel to the same patch of a training image, i.e. all "
+                "over MNIST's background." if name == "nt_cnn" else ""))

@@ -79,3 +79,16 @@ def rbf_krr_hessian(X, alpha, x, length_scale=1.0, variance=1.0):
     outer = np.einsum("mn,mnd,mne->mde", k, diff, diff) / l2 ** 2
     eye = np.eye(X.shape[1])[None] * (k.sum(axis=1)[:, None, None] / l2)
     return outer - eye
+
+
+def mse_flow_alpha(K, y, lam_abs, n_norm, times):
+    """Dual weights ``(T, n)`` of MSE gradient flow from f = 0 (THEORY.md section 2).
+
+    ``dc/dt = -(1/n_norm) [(K + lam_abs I) c - y]``, so that
+    ``c(t) = Q diag((1 - exp(-e t / n_norm)) / e) Q^T y`` with ``K + lam_abs I = Q e Q^T``.
+    """
+    A = np.asarray(K, np.float64) + lam_abs * np.eye(len(y))
+    e, Q = np.linalg.eigh(0.5 * (A + A.T))
+    qy = Q.T @ np.asarray(y, np.float64)
+    g = -np.expm1(-np.outer(np.asarray(times, float), e) / n_norm) / e[None]   # (T, n)
+    return (g * qy[None]) @ Q.T

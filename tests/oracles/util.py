@@ -19,3 +19,8 @@ def rel_err(a, b, floor: float = 1e-300) -> float:
     a = np.asarray(a, dtype=np.float64)
     b = np.asarray(b, dtype=np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), floor))
+
+
+def cache_size(jitted) -> int:
+    """Compiled programs held by a ``jax.jit`` or ``equinox.filter_jit`` function."""
+    return getattr(jitted, "_cached", jitted)._cache_size()
