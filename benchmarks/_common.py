@@ -2,7 +2,7 @@
 
 Conventions every benchmark follows (so their JSON files are comparable):
 
-* float64 unless a row says otherwise (:func:`enable_x64` is called first);
+* float64 unless a row says otherwise (importing this module switches x64 on);
 * every timed path is called once before timing. That first call is reported as
   ``cold_seconds`` (it includes tracing and XLA compilation); the timed repeats that
   follow exclude compilation;
@@ -26,16 +26,29 @@ import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+import jax
 
-from ntk_poison import io
+jax.config.update("jax_enable_x64", True)   # the benchmarks' preamble: float64, before
+                                            # any array exists (importing _common does it)
+
+from ntk_poison import io  # noqa: E402
+
+#: the repository root
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def out_path(name: str) -> str:
+    """The default JSON output of benchmark ``name``: benchmarks/results/NAME.json."""
+    return os.path.join("benchmarks", "results", f"{name}.json")
 
 __all__ = [
     "enable_x64", "block", "Timing", "timed_call", "time_group", "ratios_by_statistic",
     "least_favourable", "machine_info", "load_info",
-    "env_blas_vars", "load_flat_dataset", "median_heuristic", "write_json_atomic",
+    "env_blas_vars", "load_flat_dataset", "write_json_atomic",
     "to_jsonable", "format_table", "ratio", "error_record",
     "log", "time_repeats", "run_cases", "contention_warning", "pca_project",
-    "relative_error", "timing_method", "limit_blas_threads",
+    "relative_error", "timing_method", "limit_blas_threads", "arg_parser", "parse_args",
+    "result_record", "finish", "REPO", "out_path",
 ]
 
 
@@ -374,15 +387,6 @@ def pca_project(x_fit: np.ndarray, arrays: Sequence[np.ndarray], d: int
     return [(np.asarray(a, dtype=np.float64) - mean) @ comps for a in arrays], kept
 
 
-def median_heuristic(x: np.ndarray, max_points: int = 1000) -> float:
-    """Median pairwise Euclidean distance over the first ``max_points`` rows."""
-    x = np.asarray(x[:max_points], dtype=np.float64)
-    sq = np.sum(x * x, axis=1)
-    d2 = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
-    iu = np.triu_indices(x.shape[0], k=1)
-    return float(np.sqrt(np.median(np.maximum(d2[iu], 0.0))))
-
-
 # --------------------------------------------------------------------------- output
 
 def to_jsonable(obj: Any) -> Any:
@@ -432,6 +436,81 @@ def run_cases(wanted: Sequence[str], runners: Mapping[str, Callable[[], Dict[str
         res["load_after"] = load_info()["loadavg_1_5_15"]
         cases[name] = res
     return cases, failed
+
+
+def arg_parser(doc: str, default_out: str, cases: Sequence[str], *,
+               repeats_help: str = "timed repeats per path, after one warm-up call"
+               ) -> Any:
+    """The options every benchmark takes: ``--out``, ``--repeats``, ``--quick``,
+    ``--blas-threads`` and ``--cases`` (a benchmark may add its own)."""
+    import argparse
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=default_out, help=f"JSON output (default {default_out})")
+    p.add_argument("--repeats", type=int, default=3, help=f"{repeats_help} (default 3)")
+    p.add_argument("--quick", action="store_true",
+                   help="small sizes for a smoke run (the README figures come from the "
+                        "full run)")
+    p.add_argument("--blas-threads", type=int, default=None,
+                   help="limit the BLAS/LAPACK thread pools (scipy's OpenBLAS, which "
+                        "jax's CPU eigh and Cholesky call) to N threads at start-up, "
+                        "via threadpoolctl (default: leave them alone). On a loaded "
+                        "shared machine 1 avoids busy-waiting threads")
+    p.add_argument("--cases", default=",".join(cases),
+                   help=f"comma-separated subset of {', '.join(cases)} (default: all)")
+    return p
+
+
+def parse_args(p: Any, argv: Optional[Sequence[str]],
+               cases: Sequence[str]) -> Tuple[Any, List[str]]:
+    """Parse and check the shared options; applies ``--blas-threads``. Returns the
+    arguments and the cases wanted, in order."""
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+    if args.blas_threads is not None and args.blas_threads < 1:
+        p.error("--blas-threads must be >= 1")
+    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
+    bad = [c for c in wanted if c not in cases]
+    if bad:
+        p.error(f"unknown case(s) {bad}; known: {', '.join(cases)}")
+    if args.blas_threads is not None:
+        limit_blas_threads(args.blas_threads)
+    return args, wanted
+
+
+def result_record(name: str, args: Any, sizes: Mapping[str, Any], cases: Mapping[str, Any],
+                  summary: Any, t_start: float, *, timing: Mapping[str, str],
+                  advice: str, **extra: Any) -> Dict[str, Any]:
+    """The JSON record of a benchmark run: what ran (name, mode, command, sizes,
+    repeats, BLAS threads), how it was timed, the machine, the cases and their
+    summary, a contention warning, the total wall time; ``extra`` adds entries."""
+    out = {"benchmark": name, "schema_version": 1,
+           "mode": "quick" if args.quick else "full",
+           "command": [os.path.basename(sys.executable)] + sys.argv,
+           "sizes": dict(sizes), "repeats": args.repeats,
+           "blas_threads_requested": args.blas_threads,
+           "timing_method": timing_method(**timing),
+           "machine": machine_info(REPO)}
+    out.update(extra)
+    out.update({"cases": cases, "summary": summary,
+                "contention_warning": contention_warning(cases, advice),
+                "wall_seconds_total": time.perf_counter() - t_start,
+                "load_at_end": load_info()["loadavg_1_5_15"]})
+    return out
+
+
+def finish(result: Mapping[str, Any], path: str, failed: bool, table: str,
+           lines: Sequence[str]) -> int:
+    """Print the summary table, the goal lines and any contention warning; the exit
+    status (1 if a case failed)."""
+    print(table)
+    for line in lines:
+        print(line)
+    if result.get("contention_warning"):
+        print("WARNING: " + result["contention_warning"])
+    print(f"wall {result['wall_seconds_total']:.0f} s; wrote {path}")
+    return 1 if failed else 0
 
 
 def contention_warning(cases: Mapping[str, Mapping[str, Any]], advice: str

@@ -65,7 +65,6 @@ time with two threads under load, 0.05 s with one).
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import os
@@ -73,20 +72,16 @@ import sys
 import time
 from typing import Any, Dict, List
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (switches x64 on)
 
-jax.config.update("jax_enable_x64", True)  # before any array exists
-
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from ntk_poison import data, flow, kernels, metrics, nets, penalized  # noqa: E402
 
-from ntk_poison import data, flow, kernels, nets, penalized  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("benchmarks", "results", "flow_bench.json")
+DEFAULT_OUT = C.out_path("flow_bench")
 CASES = ("kappa_sweep", "flow_closed_vs_ode", "kernel_vs_width")
 
 FULL = dict(pca_n=100, pca_d=9, pca_test=200, net_ns=(500, 1000, 2000),
@@ -126,7 +121,7 @@ def pca_problem(ds: Dict[str, Any], cfg: Dict[str, Any]) -> Dict[str, Any]:
     n, d, m = cfg["pca_n"], cfg["pca_d"], cfg["pca_test"]
     (X, Xt), kept = C.pca_project(ds["x_train"][:PCA_FIT_POINTS],
                                   [ds["x_train"][:n], ds["x_test"][:m]], d)
-    med = C.median_heuristic(X)
+    med = metrics.median_distance(X)
     ls = med / math.sqrt(2.0)
     return {
         "k": kernels.rbf(ls), "X": jnp.asarray(X), "Xt": jnp.asarray(Xt),
@@ -458,38 +453,15 @@ def _summary_rows(cases: Dict[str, Any]) -> List[Dict[str, Any]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repeats per kernel path, after one warm-up call (default 3)")
+    p = C.arg_parser(__doc__, DEFAULT_OUT, CASES,
+                     repeats_help="timed repeats per kernel path, after one warm-up call")
     p.add_argument("--net-repeats", type=int, default=1,
                    help="timed full training runs per network width (default 1)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes for a smoke run (the README figures come from the "
-                        "full run)")
-    p.add_argument("--blas-threads", type=int, default=None,
-                   help="limit the BLAS/LAPACK thread pools (scipy's OpenBLAS, which "
-                        "jax's CPU eigh and Cholesky call) to N threads at start-up, "
-                        "via threadpoolctl (default: leave them alone). On a loaded "
-                        "shared machine 1 avoids busy-waiting threads")
-    p.add_argument("--cases", default=",".join(CASES),
-                   help="comma-separated subset of cases to run (default: all)")
-    args = p.parse_args(argv)
-    if args.repeats < 1 or args.net_repeats < 1:
-        p.error("--repeats and --net-repeats must be >= 1")
-    if args.blas_threads is not None and args.blas_threads < 1:
-        p.error("--blas-threads must be >= 1")
+    args, wanted = C.parse_args(p, argv, CASES)
+    if args.net_repeats < 1:
+        p.error("--net-repeats must be >= 1")
     cfg = QUICK if args.quick else FULL
-    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in wanted if c not in CASES]
-    if bad:
-        p.error(f"unknown case(s) {bad}; known: {', '.join(CASES)}")
-
     t_start = time.perf_counter()
-    if args.blas_threads is not None:
-        C.limit_blas_threads(args.blas_threads)
-    machine = C.machine_info(REPO)   # after the limit: its threadpoolctl entry shows it
     ds = C.load_flat_dataset(max(PCA_FIT_POINTS, max(cfg["net_ns"])),
                              max(cfg["pca_test"], cfg["net_test"]), name="mnist")
     C.log(f"data: {ds['source']}" + (f" (fallback: {ds['fallback_reason']})"
@@ -504,16 +476,12 @@ def main(argv=None) -> int:
     }
     cases, failed = C.run_cases(wanted, runners)
     summary = _summary_rows(cases)
-    result = {
-        "benchmark": "flow_bench",
-        "schema_version": 1,
-        "mode": "quick" if args.quick else "full",
-        "command": [os.path.basename(sys.executable)] + sys.argv,
-        "sizes": cfg,
-        "repeats": args.repeats,
-        "net_repeats": args.net_repeats,
-        "blas_threads_requested": args.blas_threads,
-        "timing_method": C.timing_method(
+    result = C.result_record(
+        "flow_bench", args, cfg, cases, summary, t_start, net_repeats=args.net_repeats,
+        data={"source": ds["source"], "fallback_reason": ds["fallback_reason"],
+              "n_train_loaded": int(ds["x_train"].shape[0]),
+              "n_test_loaded": int(ds["x_test"].shape[0]), "d": ds["d"]},
+        timing=dict(
             warmup="each path is called once before timing, on the same shapes; that "
                    "call's time is cold_seconds (tracing and XLA compilation included); "
                    "medians exclude it. Networks: the warm-up trains for one record "
@@ -525,29 +493,15 @@ def main(argv=None) -> int:
             machine_note="shared 2-core machine: other processes may run at the same "
                          "time; see load_before / load_after per case (and per n in "
                          "case 3) and the CPU-time cross-checks"),
-        "machine": machine,
-        "data": {"source": ds["source"], "fallback_reason": ds["fallback_reason"],
-                 "n_train_loaded": int(ds["x_train"].shape[0]),
-                 "n_test_loaded": int(ds["x_test"].shape[0]), "d": ds["d"]},
-        "cases": cases,
-        "summary": summary,
-        "contention_warning": C.contention_warning(
-            cases, "compare the CPU-time and min-wall cross-checks before trusting a "
-                   "ratio"),
-        "wall_seconds_total": time.perf_counter() - t_start,
-        "load_at_end": C.load_info()["loadavg_1_5_15"],
-    }
+        advice="compare the CPU-time and min-wall cross-checks before trusting a ratio")
     path = C.write_json_atomic(args.out, result)
-    print(C.format_table(summary, ["case", "path", "median_s", "spread", "cold_s", "ratio",
-                                   "ratio_is", "error", "error_is", "goal_met"]))
     goals = "; ".join(f"{n}: {'met' if c.get('goal_met') else 'NOT met'}"
                       for n, c in cases.items() if c.get("goal_met") is not None)
-    print(f"\ngoals: {goals or 'none in the cases run'}")
-    if result["contention_warning"]:
-        print("WARNING: " + result["contention_warning"])
-    print(f"data: {ds['source']}; repeats: {args.repeats}; wall "
-          f"{result['wall_seconds_total']:.0f} s; wrote {path}")
-    return 1 if failed else 0
+    return C.finish(result, path, failed, C.format_table(
+        summary, ["case", "path", "median_s", "spread", "cold_s", "ratio", "ratio_is", "error",
+                  "error_is", "goal_met"]),
+        [f"\ngoals: {goals or 'none in the cases run'}",
+         f"data: {ds['source']}; repeats: {args.repeats}"])
 
 
 if __name__ == "__main__":

@@ -32,27 +32,22 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import functools
 import os
 import sys
 import time
 from typing import Any, Dict, List
 
-import jax
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (switches x64 on)
 
-jax.config.update("jax_enable_x64", True)  # before any array exists
-
+import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from ntk_poison import attacks, kernels, krr, metrics, theory  # noqa: E402
 
-from ntk_poison import attacks, kernels, krr, theory  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("benchmarks", "results", "krr_bench.json")
+DEFAULT_OUT = C.out_path("krr_bench")
 
 FULL = dict(krr_n=4000, krr_test=1000, clone_N=2000, clone_m_max=400, n_ms=20,
             gram_n=4000)
@@ -526,112 +521,54 @@ def _summary_rows(cases: Dict[str, Any]) -> List[Dict[str, Any]]:
     return rows
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repeats per path, after one warm-up call (default 3)")
-    p.add_argument("--quick", action="store_true",
-                   help="small sizes for a smoke run (the README figures come from the "
-                        "full run)")
-    p.add_argument("--cases", default="krr_vs_sklearn,clone_effect_vs_refit,nt_fc_gram",
-                   help="comma-separated subset of cases to run (default: all)")
-    args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    cfg = QUICK if args.quick else FULL
-    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-    known = ("krr_vs_sklearn", "clone_effect_vs_refit", "nt_fc_gram")
-    bad = [c for c in wanted if c not in known]
-    if bad:
-        p.error(f"unknown case(s) {bad}; known: {', '.join(known)}")
+CASES = ("krr_vs_sklearn", "clone_effect_vs_refit", "nt_fc_gram")
 
+
+def main(argv=None) -> int:
+    args, wanted = C.parse_args(C.arg_parser(__doc__, DEFAULT_OUT, CASES), argv, CASES)
+    cfg = QUICK if args.quick else FULL
     t_start = time.perf_counter()
-    machine = C.machine_info(REPO)
     n_train = max(cfg["krr_n"], cfg["clone_N"], cfg["gram_n"])
     ds = C.load_flat_dataset(n_train, cfg["krr_test"], name="mnist")
     log(f"data: {ds['source']}" + (f" (fallback: {ds['fallback_reason']})"
                                    if ds["fallback_reason"] else ""))
-    med_dist = C.median_heuristic(ds["x_train"])
+    med_dist = metrics.median_distance(ds["x_train"])
     length_scale = med_dist / np.sqrt(2.0)
-    log(f"RBF length scale (median heuristic / sqrt 2): {length_scale:.4f}")
-
+    log(f"RBF length scale (median distance / sqrt 2): {length_scale:.4f}")
     runners = {
         "krr_vs_sklearn": lambda: case_krr_vs_sklearn(ds, cfg, args.repeats, length_scale),
         "clone_effect_vs_refit": lambda: case_clone_effect(ds, cfg, args.repeats,
                                                            length_scale),
         "nt_fc_gram": lambda: case_nt_fc(ds, cfg, args.repeats),
     }
-    cases: Dict[str, Any] = {}
-    failed = False
-    for name in wanted:
-        log(f"case {name}")
-        before = C.load_info()
-        t0 = time.perf_counter()
-        try:
-            res = runners[name]()
-        except Exception as e:  # record and go on with the other cases
-            failed = True
-            res = {"exception": C.error_record(e), "goal_met": False}
-            log(f"  FAILED: {type(e).__name__}: {e}")
-        res["wall_seconds_total"] = time.perf_counter() - t0
-        res["load_before"] = before["loadavg_1_5_15"]
-        res["load_after"] = C.load_info()["loadavg_1_5_15"]
-        cases[name] = res
-
-    ncpu = os.cpu_count() or 1
-    busy = {n: c["load_before"] for n, c in cases.items()
-            if c.get("load_before") and max(c["load_before"][0], c["load_after"][0]) > ncpu}
+    cases, failed = C.run_cases(wanted, runners)
     summary = _summary_rows(cases)
-    result = {
-        "benchmark": "krr_bench",
-        "schema_version": 1,
-        "mode": "quick" if args.quick else "full",
-        "command": [os.path.basename(sys.executable)] + sys.argv,
-        "sizes": cfg,
-        "repeats": args.repeats,
-        "timing_method": {
-            "clock": "time.perf_counter wall time around the call and "
-                     "jax.block_until_ready of its output; cpu_times_seconds is "
-                     "time.process_time (all threads of this process)",
-            "warmup": "each path is called once before timing, on the same shapes; that "
-                      "call's time is cold_seconds (includes tracing and XLA compilation "
-                      "of every jitted function it reaches); medians exclude it. cold_seconds is "
-                      "null for a breakdown path whose first call reused code compiled "
-                      "by an earlier path of the same case",
-            "interleaving": "competitors of one case alternate round robin, the order "
-                            "rotated each round, so other load on the machine hits them "
-                            "alike",
-            "statistic": "median over repeats; spread_rel = (max - min) / median",
-            "dtype": "float64 everywhere (jax_enable_x64) except the float32 row of case 3",
-            "machine_note": "shared 2-core machine: other processes (tests) may run at "
-                            "the same time; see load_before / load_after per case",
-        },
-        "machine": machine,
-        "data": {"source": ds["source"], "fallback_reason": ds["fallback_reason"],
-                 "n_train_loaded": int(ds["x_train"].shape[0]),
-                 "n_test_loaded": int(ds["x_test"].shape[0]), "d": ds["d"],
-                 "median_pairwise_distance": med_dist,
-                 "rbf_length_scale": length_scale,
-                 "rbf_length_scale_rule": "median pairwise distance (first 1000 training "
-                                          "points) / sqrt(2)"},
-        "cases": cases,
-        "summary": summary,
-        "all_goals_met": bool(all(c.get("goal_met") for c in cases.values())),
-        "contention_warning": (
-            None if not busy else
-            f"the 1-minute load average exceeded the {ncpu} CPUs during "
-            f"{', '.join(busy)}: other processes competed for the cores, so wall times "
-            "are inflated (multi-threaded OpenBLAS/LAPACK calls, used by sklearn, scipy "
-            "and jax's Cholesky, suffer most); compare ratios_cross_check (min wall, "
-            "CPU time) before trusting a ratio"),
-        "wall_seconds_total": time.perf_counter() - t_start,
-        "load_at_end": C.load_info()["loadavg_1_5_15"],
-    }
+    result = C.result_record(
+        "krr_bench", args, cfg, cases, summary, t_start,
+        data={"source": ds["source"], "fallback_reason": ds["fallback_reason"],
+              "n_train_loaded": int(ds["x_train"].shape[0]),
+              "n_test_loaded": int(ds["x_test"].shape[0]), "d": ds["d"],
+              "median_pairwise_distance": med_dist, "rbf_length_scale": length_scale,
+              "rbf_length_scale_rule": "metrics.median_distance (first 500 training "
+                                       "points) / sqrt(2)"},
+        all_goals_met=bool(all(c.get("goal_met") for c in cases.values())),
+        timing=dict(
+            warmup="each path is called once before timing, on the same shapes; that "
+                   "call's time is cold_seconds (includes tracing and XLA compilation "
+                   "of every jitted function it reaches); medians exclude it. "
+                   "cold_seconds is null for a breakdown path whose first call reused "
+                   "code compiled by an earlier path of the same case",
+            interleaving="competitors of one case alternate round robin, the order "
+                         "rotated each round, so other load on the machine hits them "
+                         "alike",
+            dtype="float64 everywhere (jax_enable_x64) except the float32 row of case 3",
+            machine_note="shared 2-core machine: other processes (tests) may run at "
+                         "the same time; see load_before / load_after per case"),
+        advice="multi-threaded OpenBLAS/LAPACK calls, used by sklearn, scipy and jax's "
+               "Cholesky, suffer most; compare ratios_cross_check (min wall, CPU time) "
+               "before trusting a ratio")
     path = C.write_json_atomic(args.out, result)
-    print(C.format_table(summary, ["case", "path", "median_s", "spread", "cold_s",
-                                   "ratio", "ratio_is", "max_abs_err", "goal_met"]))
+
     def goal_str(c):
         out = "met" if c.get("goal_met") else "NOT met"
         if "goal_met_vs_shared_gram" in c:
@@ -640,11 +577,10 @@ def main(argv=None) -> int:
         return out
 
     goals = "; ".join(f"{n}: {goal_str(c)}" for n, c in cases.items())
-    print(f"\ngoals: {goals}")
-    if result["contention_warning"]:
-        print("WARNING: " + result["contention_warning"])
-    print(f"data: {ds['source']}; repeats: {args.repeats}; wrote {path}")
-    return 1 if failed else 0
+    return C.finish(result, path, failed, C.format_table(
+        summary, ["case", "path", "median_s", "spread", "cold_s", "ratio", "ratio_is",
+                  "max_abs_err", "goal_met"]),
+        [f"\ngoals: {goals}", f"data: {ds['source']}; repeats: {args.repeats}"])
 
 
 if __name__ == "__main__":

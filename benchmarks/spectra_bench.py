@@ -33,44 +33,20 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from typing import Any, Dict
 
-
-def _early_blas_threads(argv) -> str | None:
-    """Apply ``--blas-threads N`` before numpy/jax load their BLAS (env vars are read
-    once, at library load)."""
-    value = None
-    for i, a in enumerate(argv):
-        if a == "--blas-threads" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif a.startswith("--blas-threads="):
-            value = a.split("=", 1)[1]
-    if value:
-        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ[var] = value
-    return value
-
-
-BLAS_THREADS = _early_blas_threads(sys.argv[1:])
-
-import jax  # noqa: E402
-
-jax.config.update("jax_enable_x64", True)  # before any array exists
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402  (switches x64 on)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common as C  # noqa: E402
+from ntk_poison import kernels, krr, metrics, spectra  # noqa: E402
 
-from ntk_poison import kernels, krr, spectra  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_OUT = os.path.join("benchmarks", "results", "spectra_bench.json")
+DEFAULT_OUT = C.out_path("spectra_bench")
 
 FULL = dict(n=500, k=5)
 QUICK = dict(n=100, k=5)
@@ -110,7 +86,7 @@ def run_case(case: str, cfg: Dict[str, Any], repeats: int) -> Dict[str, Any]:
     x0 = np.asarray(ds["x_test"][0], np.float64)
     y0 = float(pm1(ds["labels_test"])[0])
     d = X.shape[1]
-    med = C.median_heuristic(X)
+    med = metrics.median_distance(X)
     ls = med / np.sqrt(2.0)
     model = krr.fit(kernels.rbf(ls), X, y, ridge=LAM)
     loss = spectra.loss_fn(model, y0)
@@ -168,112 +144,52 @@ def run_case(case: str, cfg: Dict[str, Any], repeats: int) -> Dict[str, Any]:
     }
 
 
+CASES = ("d784", "d3072")
+TIMING = {
+    "warmup": "each path is called once before timing, on the same inputs; that call is "
+              "cold_seconds (tracing + XLA compilation); medians exclude it",
+    "interleaving": "dense and lanczos alternate round robin, order rotated each round",
+    "dtype": "float64 (jax_enable_x64)",
+    "what_is_timed": "the whole public call top_eigenpairs(loss_fn(model, y0), x0, k=5, "
+                     "method=...): validation, the jitted solver, and (lanczos) the "
+                     "residual check",
+}
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"JSON output (default {DEFAULT_OUT})")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="timed repeats per path, after one warm-up call (default 3)")
-    p.add_argument("--quick", action="store_true", help="n = 100 smoke run")
-    p.add_argument("--blas-threads", default=None,
-                   help="set OPENBLAS/OMP/MKL_NUM_THREADS before the libraries load "
-                        "(default: leave the environment alone). jax's CPU eigh calls "
-                        "LAPACK from scipy's OpenBLAS, whose threads busy-wait when "
-                        "other processes hold the cores")
-    p.add_argument("--cases", default="d784,d3072",
-                   help="comma-separated subset of d784,d3072 (default: both)")
-    args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
-    wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
-    bad = [c for c in wanted if c not in ("d784", "d3072")]
-    if bad:
-        p.error(f"unknown case(s) {bad}; known: d784, d3072")
+    args, wanted = C.parse_args(C.arg_parser(__doc__, DEFAULT_OUT, CASES), argv, CASES)
     cfg = QUICK if args.quick else FULL
-
     t_start = time.perf_counter()
-    machine = C.machine_info(REPO)
-    cases: Dict[str, Any] = {}
-    failed = False
-    for name in wanted:
-        log(f"case {name}")
-        before = C.load_info()
-        t0 = time.perf_counter()
-        try:
-            res = run_case(name, cfg, args.repeats)
-        except Exception as e:  # record and go on
-            failed = True
-            res = {"exception": C.error_record(e), "goal_met": False}
-            log(f"  FAILED: {type(e).__name__}: {e}")
-        res["wall_seconds_total"] = time.perf_counter() - t0
-        res["load_before"] = before["loadavg_1_5_15"]
-        res["load_after"] = C.load_info()["loadavg_1_5_15"]
-        cases[name] = res
-
+    cases, failed = C.run_cases(wanted, {name: (lambda name=name: run_case(
+        name, cfg, args.repeats)) for name in wanted})
     rows = []
     for name, c in cases.items():
         if "timings" not in c:
             continue
         for path in ("dense", "lanczos"):
             tm = c["timings"][path]
+            lz = path == "lanczos"
             rows.append({
                 "case": name, "path": path, "median_s": tm["median_seconds"],
                 "spread": tm["spread_rel"], "cold_s": tm["cold_seconds"],
-                "speedup": c["speedup_dense_over_lanczos"] if path == "lanczos" else None,
-                "max_rel_err": c["max_relative_eigenvalue_error"]
-                if path == "lanczos" else None,
-                "n_hvp": c["lanczos_info"]["n_hvp"] if path == "lanczos" else c["data"]["d"],
-                "goal_met": c["goal_met"] if path == "lanczos" else None,
+                "speedup": c["speedup_dense_over_lanczos"] if lz else None,
+                "max_rel_err": c["max_relative_eigenvalue_error"] if lz else None,
+                "n_hvp": c["lanczos_info"]["n_hvp"] if lz else c["data"]["d"],
+                "goal_met": c["goal_met"] if lz else None,
             })
-    ncpu = os.cpu_count() or 1
-    busy = [n for n, c in cases.items() if c.get("load_before") and
-            max(c["load_before"][0], c["load_after"][0]) > ncpu]
-    result = {
-        "benchmark": "spectra_bench",
-        "schema_version": 1,
-        "mode": "quick" if args.quick else "full",
-        "command": [os.path.basename(sys.executable)] + sys.argv,
-        "sizes": cfg,
-        "repeats": args.repeats,
-        "blas_threads_requested": BLAS_THREADS,
-        "timing_method": {
-            "clock": "time.perf_counter wall time around the call and "
-                     "jax.block_until_ready of its output; cpu_times_seconds is "
-                     "time.process_time (all threads of this process)",
-            "warmup": "each path is called once before timing, on the same inputs; that "
-                      "call is cold_seconds (tracing + XLA compilation); medians exclude it",
-            "interleaving": "dense and lanczos alternate round robin, order rotated each "
-                            "round",
-            "statistic": "median over repeats; spread_rel = (max - min) / median",
-            "dtype": "float64 (jax_enable_x64)",
-            "what_is_timed": "the whole public call top_eigenpairs(loss_fn(model, y0), "
-                             "x0, k=5, method=...): validation, the jitted solver, and "
-                             "(lanczos) the residual check",
-        },
-        "machine": machine,
-        "cases": cases,
-        "summary": rows,
-        "goal": f"d3072: lanczos >= {GOAL_SPEEDUP}x faster than dense, max relative "
-                f"eigenvalue error <= {GOAL_REL_ERR}",
-        "goal_met": cases.get("d3072", {}).get("goal_met"),
-        "contention_warning": (
-            None if not busy else
-            f"the 1-minute load average exceeded the {ncpu} CPUs during {', '.join(busy)}: "
-            "other processes competed for the cores, so wall times are inflated; compare "
-            "speedup_cross_check (CPU-time and min-wall ratios)"),
-        "wall_seconds_total": time.perf_counter() - t_start,
-        "load_at_end": C.load_info()["loadavg_1_5_15"],
-    }
+    result = C.result_record(
+        "spectra_bench", args, cfg, cases, rows, t_start,
+        goal=f"d3072: lanczos >= {GOAL_SPEEDUP}x faster than dense, max relative "
+             f"eigenvalue error <= {GOAL_REL_ERR}",
+        goal_met=cases.get("d3072", {}).get("goal_met"),
+        timing=TIMING, advice="compare speedup_cross_check (CPU-time and min-wall ratios)")
     path = C.write_json_atomic(args.out, result)
-    print(C.format_table(rows, ["case", "path", "median_s", "spread", "cold_s", "speedup",
-                                "max_rel_err", "n_hvp", "goal_met"]))
     g = result["goal_met"]
-    print(f"\ngoal (d3072, >= {GOAL_SPEEDUP}x and rel err <= {GOAL_REL_ERR}): "
-          f"{'met' if g else ('NOT met' if g is False else 'not run')}")
-    if result["contention_warning"]:
-        print("WARNING: " + result["contention_warning"])
-    print(f"wrote {path}")
-    return 1 if failed else 0
+    return C.finish(result, path, failed, C.format_table(
+        rows, ["case", "path", "median_s", "spread", "cold_s", "speedup", "max_rel_err",
+               "n_hvp", "goal_met"]),
+        [f"\ngoal (d3072, >= {GOAL_SPEEDUP}x and rel err <= {GOAL_REL_ERR}): "
+         f"{'met' if g else ('NOT met' if g is False else 'not run')}"])
 
 
 if __name__ == "__main__":

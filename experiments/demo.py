@@ -26,8 +26,7 @@ from typing import Tuple
 import numpy as np
 
 from ntk_poison import attacks, krr, metrics, scenario, theory
-from ntk_poison import x64_scope
-from ntk_poison.report import Report, new_figure, progress
+from ntk_poison.report import Report, new_figure, progress, x64_run
 
 NAME = "demo"
 
@@ -316,15 +315,11 @@ def _at_strength(trigger, strength):
     return trigger
 
 
+@x64_run
 def run(cfg: Config, out_dir: str | Path) -> Report:
     """Run the demo and write results.json, figures and report.md into ``out_dir``.
 
-    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
-    with x64_scope(cfg.x64):
-        return _run(cfg, out_dir)
-
-
-def _run(cfg: Config, out_dir: str | Path) -> Report:
+    JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
     t0 = time.time()
     rep = Report("ntk-poison demo: the clone-poison laws on " + cfg.dataset.upper(), out_dir,

@@ -34,10 +34,10 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, krr, metrics, scenario, spectra, x64_scope
+from ntk_poison import attacks, krr, metrics, scenario, spectra
 from ntk_poison.defences import SpectralSignatures, evaluate_artefact, kernel_pca_features
 from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
-from ntk_poison.report import Report, new_figure, progress
+from ntk_poison.report import Report, new_figure, progress, x64_run
 
 NAME = "near_clone_invisible"
 
@@ -199,7 +199,7 @@ def _claims(rep, name, s, cfg):
               "Spectral signatures on kernel-PCA features separate the clones from the clean "
               "training points (AUROC >= 0.9) at every r.",
               bool(np.all(ss >= 0.9)),
-              f"AUROC " + ", ".join(f"{v:.3f}" for v in ss) + f" over r/l = "
+              "AUROC " + ", ".join(f"{v:.3f}" for v in ss) + " over r/l = "
               + ", ".join(f"{v:.0e}" for v in r) + f" (eps = {s['ss_eps'][0]:.3f}, "
               f"recall {np.min(s['ss_recall']):.2f} .. {np.max(s['ss_recall']):.2f}, "
               f"{cfg.kpca_components} kernel-PCA components).", ["near_clone.png"])
@@ -248,19 +248,15 @@ def _figures(rep, res, cfg):
 
 # --------------------------------------------------------------------------- entry point
 
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the near-clone experiment; write results.json, figures and report.md.
-
-    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
-    with x64_scope(cfg.x64):
-        return _run(cfg, out_dir)
-
-
 def _fmt(x) -> str:
     return "never" if x is None else f"{x:.3g}"
 
 
-def _run(cfg: Config, out_dir: str | Path) -> Report:
+@x64_run
+def run(cfg: Config, out_dir: str | Path) -> Report:
+    """Run the near-clone experiment; write results.json, figures and report.md.
+
+    JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
     t0 = time.time()
     rep = Report(f"ntk-poison near_clone_invisible: near clones vs two detectors "
@@ -269,10 +265,7 @@ def _run(cfg: Config, out_dir: str | Path) -> Report:
     built, res = {}, {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
-        images = scenario.is_image_kernel(name)
-        if images not in built:
-            built[images] = scenario.build_for_detection(cfg, images)
-        sc, splits = built[images]
+        sc, splits = scenario.for_kernel(built, cfg, name)
         x0p, ell = sc.zeta, sc.length_scale
         det = scenario.detector_for(cfg, sc.trigger_direction)
         k = scenario.kernel_for(name, cfg, ell)
@@ -289,7 +282,7 @@ def _run(cfg: Config, out_dir: str | Path) -> Report:
                       smoothness_text(name, sm, where), [fig])
         _claims(rep, name, s, cfg)
     _figures(rep, res, cfg)
-    ell = built[False][0].length_scale if False in built else built[True][0].length_scale
+    ell = scenario.flat_length_scale(built)
     rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
                        x0p="the triggered prototype (mean non-target training image + "
                            "trigger)", r_unit="the RBF length scale l")

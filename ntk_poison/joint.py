@@ -11,7 +11,7 @@ in the span of their representers ``k(., x_j)`` and ``d/dx'_b k(., x')|_{x_j}``:
     f(x) = sum_j alpha_j k(x, x_j) + sum_{j,b} beta_jb d/dx'_b k(x, x_j)
          = [k(x, X), d/dx' k(x, X)] c,        c = [alpha; vec(beta)] in R^N
 
-(:func:`dual_predict`). The restricted span ``{k(., x_j)}`` alone is a *different*
+(``krr.dual_predict``). The restricted span ``{k(., x_j)}`` alone is a *different*
 model (``penalized.fit_restricted``).
 
 **Joint Gram** (every block by autodiff of the kernel: ``jax.jacfwd`` of
@@ -59,13 +59,13 @@ import numpy as np
 
 from ntk_poison import _validate
 from ntk_poison.kernels import Kernel
-from ntk_poison.krr import as_inputs, check_kernel
+from ntk_poison.krr import as_inputs, check_kernel, dual_predict
 
 Array = Any
 
 __all__ = [
     "NonSmoothKernelWarning", "joint_gram", "gram_blocks", "assemble", "joint_apply",
-    "joint_matvec", "joint_diag", "dual_predict", "exact_system", "sqrt_weights", "ybar",
+    "joint_matvec", "joint_diag", "exact_system", "sqrt_weights", "ybar",
     "split", "unpack", "stack_functionals", "take", "check_problem", "flat_dim",
     "check_joint_memory", "default_block", "warn_if_not_smooth", "shifted_gram",
     "BIG_FIX",
@@ -227,26 +227,6 @@ def exact_system(k: Kernel, X, ridge, kappa):
 
 
 # --------------------------------------------------------------------------- Kfull @ c
-
-def dual_predict(k: Kernel, X, alpha, beta, x):
-    """``k(x, X) alpha + sum_j d/dx' k(x, x_j) . beta_j`` for a batch x.
-
-    The derivative term is one forward-mode derivative of ``Z -> k(x, Z)`` at X with
-    tangent beta (column j of the Gram matrix depends only on row j of Z), summed over
-    j: O(m n d). ``alpha`` is (n,) or (n, r); ``beta`` (n, *s) or (n, *s, r) or None.
-    """
-    out = k.fn(x, X) @ alpha
-    if beta is None:
-        return out
-    f = lambda Z: k.fn(x, Z)
-
-    def deriv(B):
-        return jax.jvp(f, (X,), (B,))[1].sum(axis=1)
-
-    if alpha.ndim == 1:
-        return out + deriv(beta)
-    return out + jax.vmap(deriv, in_axes=-1, out_axes=-1)(beta)
-
 
 def joint_apply(k: Kernel, X, alpha, beta, block: int):
     """``Kfull [alpha; beta] = [f(X); grad f(X)]`` without forming Kfull.

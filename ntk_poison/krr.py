@@ -30,7 +30,7 @@ from ntk_poison.kernels import Kernel
 
 Array = Any
 
-__all__ = ["KRRModel", "KRRFunction", "fit", "solve", "clone_gram", "clone_model",
+__all__ = ["KRRModel", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
            "fit_clones", "fit_clean", "check_kernel", "as_inputs", "model_inputs",
            "gram_plus_ridge", "solve_psd"]
 
@@ -78,38 +78,90 @@ def gram_plus_ridge(k: Kernel, X, shift):
     return K + shift * jnp.eye(K.shape[0], dtype=K.dtype)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha"],
-                   meta_fields=["kernel"])
+def dual_predict(k: Kernel, X, alpha, beta, x):
+    """``k(x, X) alpha + sum_j d/dx' k(x, x_j) . beta_j`` for a batch x.
+
+    The derivative term is one forward-mode derivative of ``Z -> k(x, Z)`` at X with
+    tangent beta (column j of the Gram matrix depends only on row j of Z), summed over
+    j: O(m n d). ``alpha`` is (n,) or (n, r); ``beta`` (n, *s) or (n, *s, r) or None.
+    """
+    out = k.fn(x, X) @ alpha
+    if beta is None:
+        return out
+    f = lambda Z: k.fn(x, Z)
+
+    def deriv(B):
+        return jax.jvp(f, (X,), (B,))[1].sum(axis=1)
+
+    if alpha.ndim == 1:
+        return out + deriv(beta)
+    return out + jax.vmap(deriv, in_axes=-1, out_axes=-1)(beta)
+
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha", "beta"],
+                   meta_fields=["kernel", "batched"])
 @dataclasses.dataclass(frozen=True)
-class KRRFunction(models.Function):
-    """``f(x) = k(x, X) alpha`` at ONE input (no batch axis): a callable pytree."""
+class KernelFunction(models.Function):
+    """A kernel model's prediction as a callable pytree (arrays are leaves)::
+
+        f(x) = k(x, X) alpha + sum_j d/dx' k(x, x_j) . beta_j        (beta None: KRR)
+
+    at ONE input (no batch axis), or with ``batched=True`` on a batch ``(m, *s)``
+    (one Gram block and a GEMM). The function of ``KRRModel`` and ``PenalizedModel``.
+    """
 
     kernel: Kernel
     X: jax.Array
     alpha: jax.Array
+    beta: Optional[jax.Array] = None
+    batched: bool = False
 
     def __call__(self, x):
-        return (self.kernel.fn(x[None], self.X) @ self.alpha)[0]
+        if self.batched:
+            return dual_predict(self.kernel, self.X, self.alpha, self.beta, x)
+        return dual_predict(self.kernel, self.X, self.alpha, self.beta, x[None])[0]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha"],
-                   meta_fields=["kernel"])
-@dataclasses.dataclass(frozen=True)
-class KRRBatchFunction(models.Function):
-    """``f(x) = k(x, X) alpha`` for a batch ``x (m, *s)``: one Gram block and a GEMM."""
+class KernelModel(models.Model):
+    """The kernel models' shared half of the protocol: their function is
+    :class:`KernelFunction` of ``(kernel, X, alpha, beta)`` (``beta``: a field of the
+    penalised models, absent for KRR) and their queries are checked against the
+    kernel and the training inputs."""
 
-    kernel: Kernel
-    X: jax.Array
-    alpha: jax.Array
+    @property
+    def n(self) -> int:
+        return int(self.X.shape[0])
 
-    def __call__(self, x):
-        return self.kernel.fn(x, self.X) @ self.alpha
+    @property
+    def scalar_output(self) -> bool:
+        return self.alpha.ndim == 1 + self.leading_axes
+
+    @property
+    def dtype(self):
+        return self.alpha.dtype
+
+    def as_function(self) -> KernelFunction:
+        """The prediction as a pure function of ONE input (no batch axis).
+
+        Returns ``f(x) -> scalar`` (or ``(c,)``), a callable pytree built from jax ops
+        only, so ``jax.grad``, ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply to
+        it. This is the interface :mod:`ntk_poison.spectra` consumes.
+        """
+        return KernelFunction(self.kernel, self.X, self.alpha, getattr(self, "beta", None))
+
+    def batch_function(self) -> KernelFunction:
+        return KernelFunction(self.kernel, self.X, self.alpha, getattr(self, "beta", None),
+                              batched=True)
+
+    def check_inputs(self, x: Array) -> jax.Array:
+        return model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["X", "alpha"], meta_fields=["kernel", "ridge"])
 @dataclasses.dataclass(frozen=True)
-class KRRModel(models.Model):
+class KRRModel(KernelModel):
     """A fitted kernel ridge regression model (immutable pytree; the model protocol).
 
     ``predict``, ``input_grad``, ``input_jacobian`` and ``input_hessian`` come from
@@ -126,33 +178,6 @@ class KRRModel(models.Model):
     X: jax.Array
     alpha: jax.Array
     ridge: float
-
-    @property
-    def n(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def scalar_output(self) -> bool:
-        return self.alpha.ndim == 1
-
-    @property
-    def dtype(self):
-        return self.alpha.dtype
-
-    def as_function(self) -> KRRFunction:
-        """The prediction as a pure function of ONE input (no batch axis).
-
-        Returns ``f(x) -> scalar`` (or ``(c,)``), a callable pytree built from jax ops
-        only, so ``jax.grad``, ``jax.hessian``, ``jax.jvp`` and ``jax.vmap`` apply to
-        it. This is the interface :mod:`ntk_poison.spectra` consumes.
-        """
-        return KRRFunction(self.kernel, self.X, self.alpha)
-
-    def batch_function(self) -> KRRBatchFunction:
-        return KRRBatchFunction(self.kernel, self.X, self.alpha)
-
-    def check_inputs(self, x: Array) -> jax.Array:
-        return model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
 
 def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:

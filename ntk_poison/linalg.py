@@ -19,7 +19,7 @@ Two layers, after matfree (``matfree.eig``, ``matfree.decomp``):
   :class:`ConvergenceError` with ``strict=True``).
 
 Every iterative solver stops at one default relative tolerance per dtype,
-:func:`ntk_poison._validate.default_tol` (1e-10 in float64, 1e-4 in float32), unless
+:func:`ntk_poison._validate.default_tol` (1e-8 in float64, 1e-4 in float32), unless
 the caller passes ``tol``.
 
 Why our own Lanczos (``benchmarks/lanczos_bench.py`` has the comparison with

@@ -80,7 +80,7 @@ from ntk_poison.penalty import PENALTIES
 Array = Any
 
 __all__ = [
-    "PenalizedModel", "PenalizedPath", "DualFunction", "ConvergenceWarning",
+    "PenalizedModel", "PenalizedPath", "PathFunction", "ConvergenceWarning",
     "fit_penalized", "fit_penalized_sweep", "fit_restricted", "effective_dof",
     "check_kappas", "PENALTIES",
 ]
@@ -101,37 +101,6 @@ def check_kappas(kappas: Any) -> np.ndarray:
 # --------------------------------------------------------------------------- functions
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha", "beta"],
-                   meta_fields=["kernel"])
-@dataclasses.dataclass(frozen=True)
-class DualFunction(models.Function):
-    """``f(x) = k(x, X) alpha + sum_j d/dx' k(x, x_j) . beta_j`` at ONE input, or, with
-    ``batched=True`` construction (:class:`DualBatchFunction`), a batch."""
-
-    kernel: Kernel
-    X: jax.Array
-    alpha: jax.Array
-    beta: Optional[jax.Array]
-
-    def __call__(self, x):
-        return joint.dual_predict(self.kernel, self.X, self.alpha, self.beta, x[None])[0]
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha", "beta"],
-                   meta_fields=["kernel"])
-@dataclasses.dataclass(frozen=True)
-class DualBatchFunction(models.Function):
-    """:class:`DualFunction` on a batch ``x (m, *s)``: one Gram block and one jvp."""
-
-    kernel: Kernel
-    X: jax.Array
-    alpha: jax.Array
-    beta: Optional[jax.Array]
-
-    def __call__(self, x):
-        return joint.dual_predict(self.kernel, self.X, self.alpha, self.beta, x)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["X", "alpha", "beta"],
                    meta_fields=["kernel", "batched"])
 @dataclasses.dataclass(frozen=True)
 class PathFunction(models.Function):
@@ -146,7 +115,7 @@ class PathFunction(models.Function):
 
     def __call__(self, x):
         xb = x if self.batched else x[None]
-        out = jax.vmap(lambda a, b: joint.dual_predict(self.kernel, self.X, a, b, xb))(
+        out = jax.vmap(lambda a, b: krr.dual_predict(self.kernel, self.X, a, b, xb))(
             self.alpha, self.beta)
         return out if self.batched else out[:, 0]
 
@@ -158,7 +127,7 @@ class PathFunction(models.Function):
                    meta_fields=["kernel", "ridge", "kappa", "penalty", "model", "time",
                                 "info"])
 @dataclasses.dataclass(frozen=True)
-class PenalizedModel(models.Model):
+class PenalizedModel(krr.KernelModel):
     """A fitted penalised kernel model (immutable pytree), THEORY.md section 3.
 
     ``f(x) = k(x, X) alpha + sum_j d/dx' k(x, x_j) . beta_j``.
@@ -189,31 +158,8 @@ class PenalizedModel(models.Model):
     info: Tuple[Tuple[str, Any], ...] = ()
 
     @property
-    def n(self) -> int:
-        return int(self.X.shape[0])
-
-    @property
-    def scalar_output(self) -> bool:
-        return self.alpha.ndim == 1
-
-    @property
     def info_dict(self) -> dict:
         return dict(self.info)
-
-    @property
-    def dtype(self):
-        return self.alpha.dtype
-
-    def as_function(self) -> DualFunction:
-        """The prediction as a pure function of ONE input (no batch axis), a callable
-        pytree, for jax transforms and :mod:`ntk_poison.spectra`."""
-        return DualFunction(self.kernel, self.X, self.alpha, self.beta)
-
-    def batch_function(self) -> DualBatchFunction:
-        return DualBatchFunction(self.kernel, self.X, self.alpha, self.beta)
-
-    def check_inputs(self, x: Array) -> jax.Array:
-        return krr.model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
     def objective(self, penalty: Optional[str] = None) -> jax.Array:
         """J at this model on its training set (module docstring), matrix-free.
@@ -233,7 +179,7 @@ class PenalizedModel(models.Model):
                    data_fields=["X", "y", "alpha", "beta", "kappas", "times"],
                    meta_fields=["kernel", "ridge", "penalty", "model", "info"])
 @dataclasses.dataclass(frozen=True)
-class PenalizedPath(models.Model):
+class PenalizedPath(krr.KernelModel):
     """A family of penalised models sharing a training set (immutable pytree).
 
     A :func:`kernel_flow` trajectory (``times`` increasing, ``kappas`` constant) or a
@@ -263,10 +209,6 @@ class PenalizedPath(models.Model):
     def info_dict(self) -> dict:
         return dict(self.info)
 
-    @property
-    def scalar_output(self) -> bool:
-        return self.alpha.ndim == 2
-
     def at(self, i: int) -> PenalizedModel:
         """The model of member i (time index i of a trajectory, kappa index of a sweep)."""
         if not _validate.is_int_scalar(i) or not -len(self) <= i < len(self):
@@ -279,19 +221,12 @@ class PenalizedPath(models.Model):
             penalty=self.penalty, model=self.model, time=None if math.isinf(t) else t,
             info=self.info)
 
-    @property
-    def dtype(self):
-        return self.alpha.dtype
-
     def as_function(self) -> PathFunction:
         """Every member's prediction at ONE input, ``(T,)`` (or ``(T, r)``)."""
         return PathFunction(self.kernel, self.X, self.alpha, self.beta)
 
     def batch_function(self) -> PathFunction:
         return PathFunction(self.kernel, self.X, self.alpha, self.beta, batched=True)
-
-    def check_inputs(self, x: Array) -> jax.Array:
-        return krr.model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
     def objective(self, penalty: Optional[str] = None) -> jax.Array:
         """J of every member on the training set, ``(T,)`` (see PenalizedModel.objective)."""
@@ -308,7 +243,7 @@ def _objective(k: Kernel, X, Y, alpha, beta, ridge, kappa, penalty: str, block: 
         Y, alpha = Y[:, None], alpha[:, None]
         beta = None if beta is None else beta[..., None]
     if beta is None:
-        vals = joint.dual_predict(k, X, alpha, None, X)
+        vals = krr.dual_predict(k, X, alpha, None, X)
         norm2 = jnp.sum(alpha * vals)
         _, grads = joint.joint_apply(k, X, alpha, jnp.zeros(X.shape + (alpha.shape[1],),
                                                         X.dtype), block)
@@ -370,7 +305,7 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
         reverse-mode derivatives of k, O(n^2 d) time and O(n d + B n) memory per
         iteration; Jacobi preconditioner from the kernel's diagonal derivatives).
       tol: relative tolerance (CG residual; Newton gradient). Default
-        ``_validate.default_tol``: 1e-10 in float64, 1e-4 in float32.
+        ``_validate.default_tol``: 1e-8 in float64, 1e-4 in float32.
       maxiter: iteration cap (default min(10 N, 10000) for CG, 100 for Newton).
       block_size: rows per block of the CG matrix-vector product.
 
@@ -525,7 +460,6 @@ def _schur_sweep(L, Dp, P, e, Q, Y, kappas, shift):
 
 @jax.jit
 def _schur_dof(K, L, P, e, Q, kappas, shift):
-    n = K.shape[0]
     tr0 = jnp.trace(jax.scipy.linalg.cho_solve((L, True), K))
     v2 = jnp.sum((Q.T @ P.T) ** 2, axis=1)
     return jax.vmap(lambda kap: tr0 - shift * jnp.sum(_schur_weights(kap, e, shift) * v2)

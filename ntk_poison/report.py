@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import platform
 import sys
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 from ntk_poison import io
 
-__all__ = ["Claim", "Report", "versions", "progress", "new_figure"]
+__all__ = ["Claim", "Report", "versions", "progress", "new_figure", "x64_run"]
 
 
 def versions() -> Dict[str, str]:
@@ -38,6 +39,19 @@ def versions() -> Dict[str, str]:
     except Exception:  # pragma: no cover
         pass
     return out
+
+
+def x64_run(run: Callable[[Any, Any], "Report"]) -> Callable[[Any, Any], "Report"]:
+    """Decorator of an experiment's ``run(cfg, out_dir)``: it runs with JAX's x64 switch
+    at ``cfg.x64`` and leaves the global config as it found it (``x64_scope``)."""
+    from ntk_poison import x64_scope
+
+    @functools.wraps(run)
+    def wrapped(cfg, out_dir):
+        with x64_scope(cfg.x64):
+            return run(cfg, out_dir)
+
+    return wrapped
 
 
 def progress(iterable: Iterable, desc: str, total: Optional[int] = None, **kw):

@@ -35,7 +35,8 @@ Array = Any
 __all__ = ["DataPart", "AttackPart", "RidgePart", "KernelPart", "ImagePart",
            "DetectorPart", "Scenario", "DetectionSplits", "build", "build_for_detection", "describe",
            "describe_kernels",
-           "kernel_for", "is_image_kernel", "clone_count", "detector_for"]
+           "kernel_for", "is_image_kernel", "clone_count", "detector_for", "for_kernel",
+           "flat_length_scale"]
 
 
 # --------------------------------------------------------------------------- config parts
@@ -326,6 +327,21 @@ def build_for_detection(cfg: Any, images: bool = False) -> Tuple[Scenario, Detec
         sc = sc.as_images()
     ne = cfg.n_eval
     return sc, DetectionSplits(sc.X_trig[:ne], sc.X_test[:ne], sc.X_test[ne:ne + cfg.n_cal])
+
+
+def for_kernel(cache: Dict[bool, Any], cfg: Any, name: str
+               ) -> Tuple[Scenario, DetectionSplits]:
+    """:func:`build_for_detection` for the input kind of kernel ``name`` (flat, or images
+    for ``nt_cnn``), built once per kind and kept in ``cache``."""
+    images = is_image_kernel(name)
+    if images not in cache:
+        cache[images] = build_for_detection(cfg, images)
+    return cache[images]
+
+
+def flat_length_scale(cache: Dict[bool, Any]) -> float:
+    """l of the flat scenario in a :func:`for_kernel` cache (else of the image one)."""
+    return cache[False][0].length_scale if False in cache else cache[True][0].length_scale
 
 
 def is_image_kernel(name: str) -> bool:

@@ -78,7 +78,16 @@ def test_patch_is_idempotent(monkeypatch):
                 sys.modules["jax.util"], ad.zeros_like_p,
                 sys.modules["neural_tangents.experimental"])
 
+    import neural_tangents._src.empirical as nt_empirical
+    import neural_tangents._src.predict as nt_predict
+
+    def snapshot_nt():
+        return (nt_predict.sp, nt_predict.jax, nt_empirical.ad, nt_empirical.core,
+                sum(isinstance(f, _compat._NeuralTangentsFixFinder) for f in sys.meta_path))
+
     before = snapshot()
+    before_nt = snapshot_nt()
+    assert before_nt[-1] == 1
     _compat.patch()
     _compat.patch()
     assert snapshot() == before
@@ -89,6 +98,10 @@ def test_patch_is_idempotent(monkeypatch):
     after = snapshot()
     assert after[0] == before[0]
     assert all(a is b for a, b in zip(after[1:], before[1:]))
+    # The run-time fixes of neural-tangents modules are not stacked a second time.
+    after_nt = snapshot_nt()
+    assert all(a is b for a, b in zip(after_nt[:-1], before_nt[:-1]))
+    assert after_nt[-1] == 1
     assert _compat._PATCHED is True
 
 
@@ -144,4 +157,78 @@ def test_empirical_ntk_fn_default_matches_explicit_jacobian_contraction(rng):
 
     ref = np.asarray(jac(x1) @ jac(x2).T)
     assert K.shape == (3, 2)
+    np.testing.assert_allclose(K, ref, rtol=1e-10, atol=1e-12)
+
+
+# --- run-time fixes of neural-tangents modules (found by `make test-upstream`) --------
+
+def test_max_learning_rate_is_two_n_over_largest_eigenvalue(rng):
+    """nt.predict.max_learning_rate (scipy's removed `eigvals=` argument) vs numpy.
+
+    lr = 2 (1 + momentum) n / lambda_max(K) for an n x n kernel (y_train_size=None).
+    """
+    import scipy.linalg
+    import neural_tangents as nt
+
+    a = rng.standard_normal((5, 7))
+    K = a @ a.T + 0.1 * np.eye(5)
+    lam_max = np.linalg.eigvalsh(K)[-1]
+    for momentum in (0.0, 0.9):
+        lr = nt.predict.max_learning_rate(jnp.asarray(K), momentum=momentum, eps=0.0)
+        assert float(lr) == pytest.approx(2 * (1 + momentum) * 5 / lam_max, rel=1e-10)
+    if _compat._scipy_lacks_eigvals():
+        # Only neural-tangents' view of scipy renames the argument; scipy is untouched.
+        assert (nt.predict.max_learning_rate.__globals__["sp"].linalg.eigvalsh
+                is not scipy.linalg.eigvalsh)
+        with pytest.raises(TypeError):
+            scipy.linalg.eigvalsh(K, eigvals=(4, 4))
+
+
+def test_gradient_descent_mse_under_vmap_matches_numpy_closed_form(rng):
+    """gradient_descent_mse on traced (vmapped) kernels; eval_context on stackless JAX.
+
+    With f(0) = 0: f_train(t) = y - exp(-lr t K / y.size) y, computed here by numpy's
+    eigendecomposition for each kernel of the batch.
+    """
+    import neural_tangents as nt
+
+    n, k, lr, t = 4, 2, 0.7, 3.0
+    mats = rng.standard_normal((3, n, n))
+    Ks = np.einsum("bij,bkj->bik", mats, mats) + 0.5 * np.eye(n)
+    y = rng.standard_normal((n, k))
+
+    def f_train(K):
+        predict_fn = nt.predict.gradient_descent_mse(K, jnp.asarray(y), learning_rate=lr)
+        return predict_fn(t, jnp.zeros((n, k)))
+
+    got = np.asarray(jax.vmap(f_train)(jnp.asarray(Ks)))
+    for b in range(3):
+        evals, evecs = np.linalg.eigh(Ks[b])
+        expected = y - evecs @ np.diag(np.exp(-lr * t * evals / y.size)) @ evecs.T @ y
+        np.testing.assert_allclose(got[b], expected, rtol=1e-9, atol=1e-12)
+
+
+def test_structured_derivatives_ntk_of_rbf_net_matches_explicit_jacobians(rng):
+    """STRUCTURED_DERIVATIVES (jax.interpreters.ad.linearize's old signature) on a
+    Dense-Rbf-Dense net = J(x1) J(x2)^T computed by jax.jacobian."""
+    import neural_tangents as nt
+    from neural_tangents import stax
+
+    init_fn, apply_fn, _ = stax.serial(stax.Dense(6, W_std=1.3, b_std=0.2), stax.Rbf(0.5),
+                                       stax.Dense(2, W_std=1.3, b_std=0.2))
+    x1 = jnp.asarray(rng.standard_normal((3, 4)))
+    x2 = jnp.asarray(rng.standard_normal((2, 4)))
+    _, params = init_fn(jax.random.PRNGKey(1), x1.shape)
+    ntk_fn = nt.empirical_ntk_fn(
+            apply_fn, trace_axes=(),
+            implementation=nt.NtkImplementation.STRUCTURED_DERIVATIVES)
+    K = np.asarray(ntk_fn(x1, x2, params))                       # (3, 2, 2, 2)
+
+    flat, unravel = ravel_pytree(params)
+
+    def jac(x):                                                  # (n, 2, P)
+        return jax.jacobian(lambda p: apply_fn(unravel(p), x))(flat)
+
+    ref = np.einsum("iap,jbp->ijab", np.asarray(jac(x1)), np.asarray(jac(x2)))
+    assert K.shape == (3, 2, 2, 2)
     np.testing.assert_allclose(K, ref, rtol=1e-10, atol=1e-12)

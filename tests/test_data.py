@@ -520,3 +520,44 @@ def test_subset_mismatched_rows():
     x, y = _toy()
     with pytest.raises(ValueError, match="rows"):
         data.subset(x, y[:-1], 5)
+
+
+# ------------------------------------------------------------------ reductions
+
+def test_pca_reduction_keeps_the_additive_trigger_exactly(rng):
+    X = rng.standard_normal((40, 30))
+    p = rng.standard_normal(30)
+    red = data.pca_reduction(X, p, 5)
+    Z = red(X)
+    assert Z.shape == (40, 5)
+    np.testing.assert_allclose(np.mean((Z ** 2).sum(1)), 5.0, rtol=1e-12)
+    # the trigger moves every input by the same vector, of norm |p| x scale
+    shift = red(X + 0.7 * p) - Z
+    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-12)
+    s = np.sqrt(5.0 / np.mean(((X - X.mean(0)) @ _basis(X, p, 5).T) ** 2 @ np.ones(5)))
+    np.testing.assert_allclose(np.linalg.norm(shift[0]), 0.7 * np.linalg.norm(p) * s, rtol=1e-10)
+    with pytest.raises(ValueError, match="span"):
+        data.pca_reduction(X, np.linalg.svd(X - X.mean(0))[2][0], 5)
+
+
+def _basis(X, p, dim):
+    """numpy oracle of the reduction's orthonormal basis (PCs, then the trigger)."""
+    _, _, Vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
+    Q, _ = np.linalg.qr(np.vstack([Vt[:dim - 1], p]).T)
+    return Q.T
+
+
+def test_mean_pool_and_jitter(rng):
+    x = rng.standard_normal((3, 36))
+    p = data.mean_pool(x, 2)
+    want = x.reshape(3, 3, 2, 3, 2).mean(axis=(2, 4)).reshape(3, 9)
+    np.testing.assert_allclose(p, want, rtol=1e-15)
+    np.testing.assert_allclose(p[1, 0], x[1].reshape(6, 6)[:2, :2].mean(), rtol=1e-15)
+    assert data.mean_pool(x, 1) is x
+    with pytest.raises(ValueError, match="pool"):
+        data.mean_pool(x, 4)
+    A = rng.standard_normal((4, 3))
+    J = data.jitter(A, 2, 0.5, np.random.default_rng(0))
+    r = np.random.default_rng(0)
+    np.testing.assert_array_equal(J, np.vstack([A, A + 0.5 * r.standard_normal(A.shape),
+                                                A + 0.5 * r.standard_normal(A.shape)]))

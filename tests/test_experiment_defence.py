@@ -1,86 +1,21 @@
-"""experiments/defence.py: its measurement pieces against independent oracles, and a
-tiny end-to-end run (sklearn digits)."""
+"""The defence experiment: a measurement against an independent oracle, and a tiny
+end-to-end run (sklearn digits). Its library pieces (pca_reduction, contraction,
+functional coefficients, crossings) are tested in test_data, test_flow and test_metrics."""
 
 import json
+import types
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 
 from experiments import defence
-from ntk_poison import flow, kernels, penalized
+from ntk_poison import kernels, penalized
 
 
 def _problem(rng, n=14, d=3, ell=1.3):
     X = rng.standard_normal((n, d))
     y = np.sign(X[:, 0] + 0.3 * rng.standard_normal(n))
     return kernels.rbf(ell), X, y
-
-
-def test_reduction_keeps_the_additive_trigger_exactly(rng):
-    X = rng.standard_normal((40, 30))
-    p = rng.standard_normal(30)
-    red = defence.reduction(X, p, 5)
-    Z = red(X)
-    assert Z.shape == (40, 5)
-    np.testing.assert_allclose(np.mean((Z ** 2).sum(1)), 5.0, rtol=1e-12)
-    # the trigger moves every input by the same vector, of norm |p| x scale
-    shift = red(X + 0.7 * p) - Z
-    np.testing.assert_allclose(shift, np.broadcast_to(shift[0], shift.shape), atol=1e-12)
-    s = np.sqrt(5.0 / np.mean(((X - X.mean(0)) @ _basis(X, p, 5).T) ** 2 @ np.ones(5)))
-    np.testing.assert_allclose(np.linalg.norm(shift[0]), 0.7 * np.linalg.norm(p) * s, rtol=1e-10)
-    with pytest.raises(ValueError, match="span"):
-        defence.reduction(X, np.linalg.svd(X - X.mean(0))[2][0], 5)
-
-
-def _basis(X, p, dim):
-    """numpy oracle of the reduction's orthonormal basis (PCs, then the trigger)."""
-    _, _, Vt = np.linalg.svd(X - X.mean(0), full_matrices=False)
-    Q, _ = np.linalg.qr(np.vstack([Vt[:dim - 1], p]).T)
-    return Q.T
-
-
-def test_functional_coefficients_give_the_directional_derivative(rng):
-    k, X, y = _problem(rng)
-    model = penalized.fit_penalized(k, X, y, 0.05, 0.2)
-    x0, u = rng.standard_normal(3), rng.standard_normal(3)
-    u /= np.linalg.norm(u)
-    b, c = defence.functional_coefficients(model, x0, u)
-    h = 1e-5
-    fd = (float(model.predict((x0 + h * u)[None])[0])
-          - float(model.predict((x0 - h * u)[None])[0])) / (2 * h)
-    np.testing.assert_allclose(b @ c, fd, rtol=1e-7)
-
-
-@pytest.mark.parametrize("kappa", [0.05, 0.6])
-def test_contraction_matches_the_c_space_flow_by_expm(kappa, rng):
-    """The theta-space flow against an independent c-space solution with scipy expm:
-    dc/dt = -(1/n) [(W Kfull + n lam I) c - [y; 0]] (flow's module docstring), from the
-    kappa = 0 minimiser; and its limit is fit_penalized's."""
-    k, X, y = _problem(rng)
-    n, d, lam = len(X), X.shape[1], 0.05
-    m0 = penalized.fit_penalized(k, X, y, lam, 0.0)
-    x0, u = rng.standard_normal(d), rng.standard_normal(d)
-    u /= np.linalg.norm(u)
-    b, c0 = defence.functional_coefficients(m0, x0, u)
-    Kf, U, s = defence.joint_coordinates(k, X)
-    times = np.array([0.0, 0.3, 2.0, 10.0, 1e5])
-    r = defence.contraction(U, s, n, y, lam, kappa, b, c0, times)
-    W = np.r_[np.ones(n), np.full(n * d, kappa)]
-    M = W[:, None] * Kf + n * lam * np.eye(len(W))
-    ybar = np.r_[y, np.zeros(n * d)]
-    cs = np.linalg.solve(M, ybar)
-    g_ref = [b @ (cs + scipy.linalg.expm(-M * t / n) @ (c0 - cs)) for t in times]
-    np.testing.assert_allclose(r["g"], g_ref, rtol=1e-7, atol=1e-9)
-    g_fit = u @ np.asarray(penalized.fit_penalized(k, X, y, lam, kappa).input_grad(x0[None]))[0]
-    np.testing.assert_allclose(r["g_inf"], g_fit, rtol=1e-7)
-    np.testing.assert_allclose(r["g"][-1], g_fit, rtol=1e-7)
-    # the curvature a is the Rayleigh quotient of the penalty block along v (definition)
-    Phi = U * np.sqrt(s)
-    v = (U.T @ b) / np.sqrt(s)
-    vh = v / np.linalg.norm(v)
-    assert r["a"] == pytest.approx(np.sum((Phi[n:] @ vh) ** 2) / n, rel=1e-10)
 
 
 def test_high_pass_of_an_isolated_rbf_bump_is_its_length_scale(rng):
@@ -94,25 +29,13 @@ def test_high_pass_of_an_isolated_rbf_bump_is_its_length_scale(rng):
     Xp, yp = np.vstack([X, np.repeat(zeta[None], m, 0)]), np.r_[y, np.ones(m)]
     k = kernels.rbf(ell)
     kappas = np.array([0.0, 0.1])
-    sp, sc = defence._sweeps(k, Xp, yp, X, y, lam, kappas)
+    sp = penalized.fit_penalized_sweep(k, Xp, yp, lam, kappas)
+    sc = penalized.fit_penalized_sweep(k, X, y, lam * len(Xp) / len(X), kappas)
     cfg = defence.Config(dim=d, n_filter_dirs=2)
-    prep = dict(zeta=zeta, X=X, ell=ell)
+    prep = types.SimpleNamespace(zeta=zeta, X=X, ell=ell)
     hp = defence.high_pass(sp, sc, prep, cfg, kappas)
     for name in ("isotropic", "along", "orthogonal"):
         assert hp[f"leff2_{name}"][0] == pytest.approx(1.0, abs=1e-8)
-
-
-def test_fit_growth_and_kappa_half_on_known_curves():
-    x = np.array([0.0, 0.1, 0.3, 1.0, 3.0, 10.0])
-    f = defence._fit_growth(x, 0.8 + 0.25 * x, growth_max=10.0)
-    assert f["c"] == pytest.approx(0.25, rel=1e-12) and f["rel_rms"] < 1e-12
-    f = defence._fit_growth(x, 0.8 + 0.25 * x, growth_max=0.5)     # 0.8 -> <= 1.2: x <= 1.6
-    assert f["n_points"] == 4 and f["kappa_max"] == 1.0
-    rel = np.array([1.0, 0.9, 0.7, 0.5, 0.2, 0.1])
-    assert defence.kappa_half(x, rel) == pytest.approx(1.0)
-    rel = np.array([1.0, 0.9, 0.8, 0.6, 0.4, 0.1])                  # between 1 and 3, in log
-    assert defence.kappa_half(x, rel) == pytest.approx(np.exp(0.5 * np.log(3.0)), rel=1e-12)
-    assert defence.kappa_half(x, np.ones(6)) is None
 
 
 def test_config_rejects_bad_values():

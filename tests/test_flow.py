@@ -18,6 +18,7 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import scipy.linalg  # noqa: E402
 import pytest  # noqa: E402
 
 from ntk_poison import flow, joint, kernels, krr, linalg, penalized  # noqa: E402
@@ -256,7 +257,7 @@ def test_model_interface(rbf_problem):
 def test_loss_penalty_matches_primal_minimiser(trig):
     fm, k, X, y, x = trig
     kappa = 3.0
-    ml = penalized.fit_penalized(k, X, y, LAM, kappa, penalty="loss")
+    ml = penalized.fit_penalized(k, X, y, LAM, kappa, penalty="loss", tol=1e-10)
     mo = penalized.fit_penalized(k, X, y, LAM, kappa)
     info = ml.info_dict
     assert info["converged"] and info["grad_norm"] < 1e-9 * info["grad_norm0"]
@@ -433,8 +434,8 @@ def test_loss_flow_decreases_objective_and_approaches_minimiser(trig):
     traj = flow.kernel_flow(k, X, y, ridge, kappa, times, penalty="loss")
     J = np.asarray(traj.objective())
     assert np.all(np.diff(J) < 0)
-    # this problem's rounding floor is a relative |grad J| of ~9e-10 (below the default
-    # tol 1e-10 Newton stalls and warns); at 1e-8 J agrees with the floor to 1e-16
+    # this problem's rounding floor is a relative |grad J| of ~9e-10 (below it, at
+    # tol 1e-10, Newton stalls and warns); at 1e-8 J agrees with the floor to 1e-16
     J_min = float(penalized.fit_penalized(k, X, y, ridge, kappa, penalty="loss",
                                      tol=1e-8).objective())
     assert J[-1] >= J_min - 1e-12
@@ -518,7 +519,7 @@ def test_nonsmooth_kernel_warns_for_exact_model_only(monkeypatch):
 def test_cg_matches_direct_solve(rbf_problem, kappa):
     k, X, y, x = rbf_problem
     direct = penalized.fit_penalized(k, X, y, LAM, kappa)
-    cg = penalized.fit_penalized(k, X, y, LAM, kappa, solver="cg", block_size=4)
+    cg = penalized.fit_penalized(k, X, y, LAM, kappa, solver="cg", block_size=4, tol=1e-12)
     assert cg.info_dict["converged"] and cg.info_dict["solver"] == "cg"
     assert _max_abs(cg.predict(x), direct.predict(x)) < 1e-8
     assert _max_abs(cg.input_grad(x), direct.input_grad(x)) < 1e-8
@@ -539,7 +540,7 @@ def test_memory_guard_names_the_alternatives(rbf_problem, monkeypatch):
             call()
         assert 'solver="cg"' in str(err.value)
     # both named alternatives run under the same budget
-    cg = penalized.fit_penalized(k, X, y, LAM, 0.5, solver="cg", block_size=4)
+    cg = penalized.fit_penalized(k, X, y, LAM, 0.5, solver="cg", block_size=4, tol=1e-12)
     assert _max_abs(cg.predict(x), ref.predict(x)) < 1e-8
     penalized.fit_restricted(k, X, y, LAM, 0.5, block_size=len(X))
 
@@ -581,3 +582,91 @@ def test_bad_inputs_raise_value_errors(rbf_problem):
     sweep = penalized.fit_penalized_sweep(k, X, y, LAM, [1.0])
     with pytest.raises(ValueError, match="index"):
         sweep.at(3)
+
+
+# --------------------------------------------------------------------------- contraction
+
+def _rbf_problem(rng, n=14, d=3, ell=1.3):
+    X = rng.standard_normal((n, d))
+    y = np.sign(X[:, 0] + 0.3 * rng.standard_normal(n))
+    return kernels.rbf(ell), X, y
+
+
+def test_functional_coefficients_give_the_directional_derivative(rng):
+    k, X, y = _rbf_problem(rng)
+    model = penalized.fit_penalized(k, X, y, 0.05, 0.2)
+    x0, u = rng.standard_normal(3), rng.standard_normal(3)
+    u /= np.linalg.norm(u)
+    b, c = flow.functional_coefficients(model, x0, u)
+    h = 1e-5
+    fd = (float(model.predict((x0 + h * u)[None])[0])
+          - float(model.predict((x0 - h * u)[None])[0])) / (2 * h)
+    np.testing.assert_allclose(b @ c, fd, rtol=1e-7)
+
+
+@pytest.mark.parametrize("kappa", [0.05, 0.6])
+def test_contraction_matches_the_c_space_flow_by_expm(kappa, rng):
+    """The theta-space flow against an independent c-space solution with scipy expm:
+    dc/dt = -(1/n) [(W Kfull + n lam I) c - [y; 0]] (flow's module docstring), from the
+    kappa = 0 minimiser; and its limit is fit_penalized's."""
+    k, X, y = _rbf_problem(rng)
+    n, d, lam = len(X), X.shape[1], 0.05
+    m0 = penalized.fit_penalized(k, X, y, lam, 0.0)
+    x0, u = rng.standard_normal(d), rng.standard_normal(d)
+    u /= np.linalg.norm(u)
+    b, c0 = flow.functional_coefficients(m0, x0, u)
+    Kf, U, s = flow.joint_coordinates(k, X)
+    times = np.array([0.0, 0.3, 2.0, 10.0, 1e5])
+    r = flow.contraction(U, s, n, y, lam, kappa, b, c0, times)
+    W = np.r_[np.ones(n), np.full(n * d, kappa)]
+    M = W[:, None] * Kf + n * lam * np.eye(len(W))
+    ybar = np.r_[y, np.zeros(n * d)]
+    cs = np.linalg.solve(M, ybar)
+    g_ref = [b @ (cs + scipy.linalg.expm(-M * t / n) @ (c0 - cs)) for t in times]
+    np.testing.assert_allclose(r["g"], g_ref, rtol=1e-7, atol=1e-9)
+    g_fit = u @ np.asarray(penalized.fit_penalized(k, X, y, lam, kappa).input_grad(x0[None]))[0]
+    np.testing.assert_allclose(r["g_inf"], g_fit, rtol=1e-7)
+    np.testing.assert_allclose(r["g"][-1], g_fit, rtol=1e-7)
+    # the curvature a is the Rayleigh quotient of the penalty block along v (definition)
+    Phi = U * np.sqrt(s)
+    v = (U.T @ b) / np.sqrt(s)
+    vh = v / np.linalg.norm(v)
+    assert r["a"] == pytest.approx(np.sum((Phi[n:] @ vh) ** 2) / n, rel=1e-10)
+
+
+
+
+def test_flow_rate_is_the_top_eigenvalue_of_the_flow_matrix(rng):
+    k, X, y = _rbf_problem(rng, n=6, d=2)
+    Kf = np.asarray(joint.joint_gram(k, X))
+    n, kappa, lam = 6, 0.4, 0.05
+    sw = np.r_[np.ones(n), np.full(len(Kf) - n, np.sqrt(kappa))]
+    want = np.linalg.eigvalsh(sw[:, None] * Kf * sw[None]).max() / n + lam
+    assert flow.flow_rate(Kf, n, kappa, lam) == pytest.approx(want, rel=1e-12)
+
+
+def test_flow_pair_matches_the_numpy_closed_form():
+    """kernel_flow at kappa = 0 and flow_pair (the poisoned flow on n = N + m points, the
+    clean one on N with the same absolute ridge n lam and the same 1/n) against the
+    numpy eigh closed form."""
+    from ntk_poison import attacks, data
+    from oracles.closed_forms import mse_flow_alpha
+    xtr, ytr, xte, _ = data.load("digits")
+    X = xtr[:24].astype(np.float64)
+    y = np.where(ytr[:24] >= 5, 1.0, -1.0)
+    xt = xte[:7].astype(np.float64)
+    k = kernels.get("rbf", length_scale=3.0)
+    ridge, times = 1e-2, np.array([0.1, 3.0, 50.0, 2000.0])
+    path = flow.kernel_flow(k, X, y, ridge, 0.0, times)
+    n = len(X)
+    alpha = mse_flow_alpha(np.asarray(k(X, X)), y, n * ridge, n, times)
+    np.testing.assert_allclose(alpha @ np.asarray(k(xt, X)).T, np.asarray(path.predict(xt)),
+                               rtol=1e-8, atol=1e-10)
+    m = 5
+    Xp, yp = attacks.clone_cluster(X, y, xt[0], 1.0, m)
+    ap, ac = flow.flow_pair(k, X, y, Xp, yp, ridge, times)
+    n = n + m
+    np.testing.assert_allclose(ap, mse_flow_alpha(np.asarray(k(Xp, Xp)), yp, n * ridge, n,
+                                                  times), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(ac, mse_flow_alpha(np.asarray(k(X, X)), y, n * ridge, n,
+                                                  times), rtol=1e-9, atol=1e-12)

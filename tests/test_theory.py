@@ -13,7 +13,7 @@ from ntk_poison import attacks, kernels, krr, linalg, theory
 from oracles import arccos
 from oracles import closed_forms as cf
 from oracles import finite_diff as fd
-from oracles.util import eps, rel_err
+from oracles.util import eps
 
 N = 20
 LAM = 1e-3

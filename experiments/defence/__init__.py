@@ -66,14 +66,17 @@ from typing import Optional, Tuple
 import numpy as np
 
 from ntk_poison import (data, flow, kernels, metrics, models, nets, penalized, scenario,
-                        spectra, x64_scope)
+                        spectra)
 from ntk_poison.artefact import Artefact
-from ntk_poison.report import Report, progress
+from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
 from experiments.defence.figures import figures
 
 NAME = "defence"
+#: the loss-penalty fits' Newton tolerance (relative RKHS gradient; tighter than the
+#: library's default, 1e-8, so the frontier is the minimiser's to float64 precision)
+NEWTON_TOL = 1e-10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -203,8 +206,8 @@ def loss_penalty_frontier(k, prep, cfg) -> dict:
     ell2, lam = prep.ell ** 2, cfg.ridge
     kappas = np.r_[0.0, cfg.loss_kappas] * ell2
     lam_c = lam * len(prep.Xp) / len(prep.X)
-    fit = lambda X, y, ridge, kappa: penalized.fit_penalized(k, X, y, ridge, float(kappa),
-                                                             penalty="loss")
+    fit = lambda X, y, ridge, kappa: penalized.fit_penalized(  # noqa: E731
+        k, X, y, ridge, float(kappa), penalty="loss", tol=NEWTON_TOL)
     sp = models.stack([fit(prep.Xp, prep.yp, lam, kp)
                        for kp in progress(kappas, "loss penalty: poisoned")])
     sc = models.stack([fit(prep.X, prep.y, lam_c, kp)
@@ -385,19 +388,14 @@ def nets_vs_kernel(prep, cfg) -> dict:
 
 # --------------------------------------------------------------------------- entry point
 
+@x64_run
 def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the defence experiment; write results.json, figures and report.md.
-
-    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
-    with x64_scope(cfg.x64):
-        return _run(cfg, out_dir)
-
-
-def _run(cfg: Config, out_dir: str | Path) -> Report:
+    """Run the defence experiment (x64 = ``cfg.x64``, restored after); write
+    results.json, figures and report.md."""
     t0 = time.time()
+    prep = prepare(cfg)
     rep = Report(f"ntk-poison defence: the input-gradient penalty ({cfg.dataset.upper()})",
                  out_dir, cfg)
-    prep = prepare(cfg)
     ell, lam = prep.ell, cfg.ridge
     kappas = np.r_[0.0, cfg.kappas] * ell ** 2
     k = kernels.rbf(ell)

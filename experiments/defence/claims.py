@@ -22,7 +22,7 @@ def _fmt(x, p=3) -> str:
 
 
 def claims(rep, res, cfg):
-    fr, cap, hp, nc = res["frontier"], res["capacity"], res["high_pass"], res["near_clones"]
+    cap, hp, nc = res["capacity"], res["high_pass"], res["near_clones"]
     kx = res["kappa_over_l2"]
     # 1. capacity
     dd = np.diff(cap["dof"])

@@ -94,12 +94,12 @@ def _high_pass_figure(rep, hp, kx, xp):
 
 def _near_clone_figure(rep, nc, xp):
     fig, ax = new_figure(1, 1, size=(5.0, 3.8))
-    for j, r in enumerate(nc["r_over_l"]):
-        ax[0, 0].semilogx(xp, nc["relative"][:, j], "o-", ms=3, label=f"r/l = {r:g}")
-    ax[0, 0].axhline(0.5, color="k", lw=0.5)
-    ax[0, 0].set(xlabel="kappa / l^2", ylabel="Delta f(zeta + r e) / (kappa = 0 value)",
-                 title="efficacy against kappa by distance to the poison")
-    ax[0, 0].legend(fontsize=7)
+    a = ax[0, 0]
+    a.semilogx(xp, nc["relative"], "o-", ms=3)
+    a.legend([f"r/l = {r:g}" for r in nc["r_over_l"]], fontsize=7)
+    a.axhline(0.5, color="k", lw=0.5)
+    a.set(xlabel="kappa / l^2", ylabel="Delta f(zeta + r e) / (kappa = 0 value)",
+          title="efficacy against kappa by distance to the poison")
     rep.figure(fig, "near_clones")
 
 

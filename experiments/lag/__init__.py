@@ -64,9 +64,9 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import flow, krr, metrics, scenario, spectra, theory, x64_scope
+from ntk_poison import flow, krr, metrics, scenario, spectra, theory
 from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
-from ntk_poison.report import Report, progress
+from ntk_poison.report import Report, progress, x64_run
 
 from experiments.lag import figures
 from experiments.lag.claims import CURVES, agreement, claims, discussion
@@ -107,12 +107,22 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart,
 
 # --------------------------------------------------------------------------- sweeps
 
-def _alignments(rows, d_trig, d_zeta) -> dict:
-    """cos^2 of the top eigenvector at x0 with the trigger and with x0 - zeta."""
-    return dict(align_trigger=np.asarray([float(spectra.alignment(r["extra_vecs"][0], d_trig))
-                                          for r in rows]),
-                align_x0_zeta=np.asarray([float(spectra.alignment(r["extra_vecs"][0], d_zeta))
-                                          for r in rows]))
+def _collect(rows, d_trig, d_zeta) -> dict:
+    """The per-model detector results of a sweep as arrays, with the top eigenvalue at x0
+    against the clean model's, and cos^2 of the top eigenvector at x0 with the trigger
+    and with x0 - zeta."""
+    out = {key: np.asarray([r[key] for r in rows])
+           for key in ("auroc", "tpr", "threshold", "lambda_clean_x0", "gn_x0", "gn_clean_x0",
+                       "spike_x0")}
+    out["lambda_x0"] = np.asarray([r["extra_vals"][0] for r in rows])
+    out["ratio"] = out["lambda_x0"] / out["lambda_clean_x0"]
+    for name, d in (("align_trigger", d_trig), ("align_x0_zeta", d_zeta)):
+        out[name] = np.asarray([float(spectra.alignment(r["extra_vecs"][0], d)) for r in rows])
+    out["scores_trig"] = np.stack([r["scores_trig"] for r in rows])
+    out["scores_clean"] = np.stack([r["scores_clean"] for r in rows])
+    out["lanczos_converged"] = float(np.mean([r["lanczos_converged"] for r in rows]))
+    out["convergence_warnings"] = int(sum(r["convergence_warnings"] for r in rows))
+    return out
 
 
 def _sweep_m(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, ms, det):
@@ -148,20 +158,8 @@ def _sweep_m(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, ms, det):
         refit_f.append(float(model.predict(x0[None])[0]) - float(clean.predict(x0[None])[0]))
         rows.append(s)
     out["refit_delta_f_x0"] = np.asarray(refit_f)
-    out["auroc"] = np.asarray([r["auroc"] for r in rows])
-    out["tpr"] = np.asarray([r["tpr"] for r in rows])
-    out["threshold"] = np.asarray([r["threshold"] for r in rows])
-    out["lambda_x0"] = np.asarray([r["extra_vals"][0] for r in rows])
+    out.update(_collect(rows, sc.trigger_direction, x0 - zeta))
     out["lambda_x0_clean_input"] = np.asarray([r["extra_vals"][1] for r in rows])
-    out["lambda_clean_x0"] = np.asarray([r["lambda_clean_x0"] for r in rows])
-    out["ratio"] = out["lambda_x0"] / out["lambda_clean_x0"]
-    for key in ("gn_x0", "gn_clean_x0", "spike_x0"):
-        out[key] = np.asarray([r[key] for r in rows])
-    out.update(_alignments(rows, sc.trigger_direction, x0 - zeta))
-    out["scores_trig"] = np.stack([r["scores_trig"] for r in rows])
-    out["scores_clean"] = np.stack([r["scores_clean"] for r in rows])
-    out["lanczos_converged"] = float(np.mean([r["lanczos_converged"] for r in rows]))
-    out["convergence_warnings"] = int(sum(r["convergence_warnings"] for r in rows))
     if cfg.dense_check:
         checks = []
         for i in (0, len(ms) - 1):
@@ -179,7 +177,6 @@ def _sweep_t(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, times, det):
     import jax.numpy as jnp
     x0, x_trig_asr = sc.x0, sc.X_trig[:cfg.n_trigger]
     N, m = len(X), scenario.clone_count(cfg, cfg.flow_m, sc.images)
-    n = N + m
     art = sc.clone_attack(m, cfg.y_target, cfg.seed)
     Xp, yp = art.x, art.y
     ap, ac = flow.flow_pair(k, X, y, Xp, yp, lam, times)       # (T, n), (T, N)
@@ -205,19 +202,7 @@ def _sweep_t(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, times, det):
         s["lambda_clean_x0"] = det.top_eigenvalue(clean, x0)
         s.update(spectra.poison_spike(model, clean, x0))
         rows.append(s)
-    out["auroc"] = np.asarray([r["auroc"] for r in rows])
-    out["tpr"] = np.asarray([r["tpr"] for r in rows])
-    out["threshold"] = np.asarray([r["threshold"] for r in rows])
-    out["lambda_x0"] = np.asarray([r["extra_vals"][0] for r in rows])
-    out["lambda_clean_x0"] = np.asarray([r["lambda_clean_x0"] for r in rows])
-    out["ratio"] = out["lambda_x0"] / out["lambda_clean_x0"]
-    for key in ("gn_x0", "gn_clean_x0", "spike_x0"):
-        out[key] = np.asarray([r[key] for r in rows])
-    out.update(_alignments(rows, sc.trigger_direction, x0 - zeta))
-    out["scores_trig"] = np.stack([r["scores_trig"] for r in rows])
-    out["scores_clean"] = np.stack([r["scores_clean"] for r in rows])
-    out["lanczos_converged"] = float(np.mean([r["lanczos_converged"] for r in rows]))
-    out["convergence_warnings"] = int(sum(r["convergence_warnings"] for r in rows))
+    out.update(_collect(rows, sc.trigger_direction, x0 - zeta))
     return out
 
 
@@ -268,15 +253,11 @@ def _visibility(xs, s, R_k) -> dict:
 
 # --------------------------------------------------------------------------- entry point
 
+@x64_run
 def run(cfg: Config, out_dir: str | Path) -> Report:
     """Run the lag experiment; write results.json, figures and report.md into out_dir.
 
-    x64 is switched to ``cfg.x64`` for the run and restored afterwards."""
-    with x64_scope(cfg.x64):
-        return _run(cfg, out_dir)
-
-
-def _run(cfg: Config, out_dir: str | Path) -> Report:
+    JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
     t0 = time.time()
     rep = Report(f"ntk-poison lag: attack success before visibility ({cfg.dataset.upper()})",
@@ -285,11 +266,8 @@ def _run(cfg: Config, out_dir: str | Path) -> Report:
     built, res = {}, {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
-        images = scenario.is_image_kernel(name)
-        if images not in built:
-            built[images] = scenario.build_for_detection(cfg, images)
-        sc, splits = built[images]
-        art = sc.clone_attack(scenario.clone_count(cfg, cfg.m_max, images), cfg.y_target,
+        sc, splits = scenario.for_kernel(built, cfg, name)
+        art = sc.clone_attack(scenario.clone_count(cfg, cfg.m_max, sc.images), cfg.y_target,
                               cfg.seed)
         m_max = art.n_poison
         ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, m_max, cfg.n_m))])
@@ -321,7 +299,7 @@ def _run(cfg: Config, out_dir: str | Path) -> Report:
     figures.threshold_figure(rep, res, "m", "threshold_m")
     figures.lag_figure(rep, res, "t", "lag_t")
     figures.threshold_figure(rep, res, "t", "threshold_t")
-    ell = built[False][0].length_scale if False in built else built[True][0].length_scale
+    ell = scenario.flat_length_scale(built)
     rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
                        x0="the first triggered non-target test point",
                        flow="flow.kernel_flow at kappa = 0 (closed form; module docstring)")

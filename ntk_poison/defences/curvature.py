@@ -107,7 +107,7 @@ class CurvatureDetector:
         trigger object (its ``direction(shape)``; for a data-dependent patch pass
         ``patch.direction(shape, x)`` as an array instead).
       key: the Lanczos start block (an int seed or a jax PRNG key).
-      tol: the Lanczos relative residual tolerance (default: the one per dtype, 1e-10 in
+      tol: the Lanczos relative residual tolerance (default: the one per dtype, 1e-8 in
         float64, 1e-4 in float32).
       max_iters: the Lanczos iteration cap (default: spectra's).
       batch_size: inputs processed at once, or None (default) for the method's
