@@ -200,11 +200,14 @@ def run_case(case: str, cfg: Dict[str, Any], repeats: int) -> Dict[str, Any]:
               "matfree_same_matvecs": min(n_ours, d)}
     run(depths["matfree_same_matvecs"])
 
-    solvers = {"block_lanczos": ours(build, plan, k, tol)}
+    plan1 = linalg.lanczos_plan(d, k, 1, min(d, 1000))      # single-vector variant
+    start1 = linalg.start_block(_validate.as_key(None), (2, d), jnp.float64)
+    solvers = {"block_lanczos": ours(build, plan, k, tol),
+               "block_lanczos_b1": ours(build, plan1, k, tol)}
     solvers.update({name: matfree_lanczos(build, m, k) for name, m in depths.items()})
+    starts = {"block_lanczos": start, "block_lanczos_b1": start1}
     t = C.time_group({name: (lambda name=name: solvers[name](
-        params, start if name == "block_lanczos" else v0)) for name in solvers},
-        repeats, log=log)
+        params, starts.get(name, v0))) for name in solvers}, repeats, log=log)
 
     vals, vecs, res, scale, iters, checks = t["block_lanczos"].output
     out = {"block_lanczos": dict(
@@ -216,6 +219,14 @@ def run_case(case: str, cfg: Dict[str, Any], repeats: int) -> Dict[str, Any]:
         own_relative_residuals=np.asarray(res) / float(scale),
         first_call_seconds_incl_compile=first_ours,
         **check(vals, vecs), timing=t["block_lanczos"].as_dict())}
+    vals, vecs, res, scale, iters, checks = t["block_lanczos_b1"].output
+    out["block_lanczos_b1"] = dict(
+        call="the same with block_size=1 (linalg.lanczos_plan(d, 5, 1, min(d, 1000)))",
+        block_size=1, max_iters=plan1.M, tol=tol, iterations=int(iters),
+        ritz_checks=int(checks), n_matvec=int(iters) + k,
+        converged=bool(np.all(np.asarray(res) <= tol * float(scale))),
+        first_call_seconds_incl_compile=None, **check(vals, vecs),
+        timing=t["block_lanczos_b1"].as_dict())
     for name, m in depths.items():
         out[name] = dict(
             call=f"matfree.eig.eigh_partial(matfree.decomp.tridiag_sym({m}, "
@@ -270,6 +281,13 @@ def verdict(out: Dict[str, Dict[str, Any]], tol: float) -> Dict[str, Any]:
                                         f"with max rel eigenvalue error <= "
                                         f"{TARGET_REL_ERR:g}"),
            "equal_matvecs": vs("matfree_same_matvecs", "the same number of matvecs")}
+    b1 = C.ratio(med["matfree_same_tol"], med["block_lanczos_b1"])
+    cmp["single_vector"] = {
+        "comparison": "our solver with block_size=1 against matfree at equal accuracy",
+        "matfree_over_block_lanczos_b1_time": b1,
+        "block_lanczos_b1_matvecs": out["block_lanczos_b1"]["n_matvec"],
+        "max_rel_err_b1": err["block_lanczos_b1"],
+        "max_rel_residual_b1": res["block_lanczos_b1"]}
     ok = [n for n in (ours_, "matfree_same_tol")
           if res[n] <= tol and err[n] <= TARGET_REL_ERR]
     win = min(ok, key=med.get) if ok else None
@@ -277,6 +295,10 @@ def verdict(out: Dict[str, Dict[str, Any]], tol: float) -> Dict[str, Any]:
     parts = [f"{win or 'neither'} is faster at equal-or-better accuracy" +
              ("" if len(ok) == 2 else " (the other does not reach it)" if ok else "")]
     for key, c in cmp.items():
+        if key == "single_vector":
+            parts.append(f"block_size=1: {c['block_lanczos_b1_matvecs']} matvecs, time "
+                         f"ratio matfree/ours {b1 if b1 is None else f'{b1:.3f}'}")
+            continue
         r = c["matfree_over_block_lanczos_time"]
         parts.append(f"{key}: matfree depth {c['matfree_depth']} vs "
                      f"{c['block_lanczos_matvecs']} block-Lanczos matvecs, time ratio "
@@ -293,7 +315,8 @@ TIMING = {
               "(retracing; XLA compilation may come from jax's in-memory cache, as the "
               "same program ran in the probe / depth search); "
               "first_call_seconds_incl_compile: the program's first call (compiling)",
-    "interleaving": "block_lanczos and the three matfree depths round robin, the order "
+    "interleaving": "block_lanczos (block sizes k and 1) and the three matfree depths "
+                    "round robin, the order "
                     "rotated each round; medians exclude the warm-up",
     "dtype": "float64 (jax_enable_x64)",
     "what_is_timed": "one jitted solve: the operator (linearize for the Hessians), the "

@@ -1,8 +1,10 @@
 """Experiment scripts, each runnable as ``ntk-poison run NAME``.
 
-An experiment is a module with a validated ``Config`` dataclass (a subclass of
-:class:`ntk_poison.config.Config`) and ``run(config, out_dir) -> Report``. It is built
-from library calls only; no library module imports an experiment.
+An experiment is a module (or a package: ``__init__`` with the config and ``run``,
+``claims``, ``figures``) with a validated ``Config`` dataclass made of the shared parts
+of :mod:`ntk_poison.scenario` plus its own fields, and ``run(config, out_dir) ->
+Report``. It is built from library calls only: no experiment imports another
+experiment or a private name, and no library module imports an experiment.
 """
 
 import importlib

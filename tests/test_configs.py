@@ -1,8 +1,8 @@
 """Every experiment's config: bad values raise a ValueError that names the field.
 
-The checks are built from ``ntk_poison.config.Config``'s helpers and the shared
-``experiments.demo.check_shared_fields``; this walks each experiment through the
-shared fields and its own, and checks that the defaults and a JSON round trip pass.
+The checks are built from ``ntk_poison.config.Config``'s helpers and the shared parts
+of ``ntk_poison.scenario`` (each part checks its own fields); this walks each
+experiment through the shared fields and its own, and checks that the defaults and a JSON round trip pass.
 """
 
 import dataclasses

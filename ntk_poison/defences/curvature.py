@@ -160,10 +160,7 @@ class CurvatureDetector:
     # ----------------------------------------------------------------- internals
 
     def _inputs(self, model, x, y, name):
-        _validate.array(name, x)
-        x = jnp.asarray(x)
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            x = x.astype(jnp.result_type(float))
+        x = _validate.float_array(name, x)
         X = getattr(model, "X", None)
         if X is not None and hasattr(X, "shape"):
             x = x.astype(X.dtype)
