@@ -1,30 +1,25 @@
 """The defence (THEORY.md section 3): the input-gradient penalty, kernels and finite nets.
 
-The defended objective (output variant, ``penalty="output"`` of :mod:`ntk_poison.flow`)::
-
-    J(f) = (1/2n) sum_i (f(x_i) - y_i)^2 + (lam/2) ||f||_H^2 + (kappa/2n) sum_i ||grad_x f(x_i)||^2
-
-Kernel results use the EXACT minimiser over the RKHS (``flow.fit_penalized_sweep``:
+The defended objective is :mod:`ntk_poison.penalty`'s (output variant unless said).
+Kernel results use the EXACT minimiser over the RKHS (``penalized.fit_penalized_sweep``:
 the joint value-and-gradient representers, not the restricted span of k(., x_j)).
 Its joint Gram matrix has n(1+d) rows, so the inputs are MNIST images reduced to
-``dim`` coordinates (``data.pca_reduction``): the top ``dim - 1`` principal components
-of the clean training images plus the (orthogonalised) cross-trigger pattern, so the
-additive trigger survives the reduction exactly. Coordinates are scaled to mean ``||x||^2 = dim``
-(the NTK's natural input scale); l is the median pairwise distance there, and every
-kappa is quoted in units of l^2 (kappa / l^2 is dimensionless). The attack is the
-clone attack (``attacks.clone_attack``): m dirty-label clones of the triggered
-prototype zeta of the non-target training images, label +1.
+``dim`` coordinates (``data.pca_reduction``: the top ``dim - 1`` principal components
+plus the orthogonalised cross-trigger pattern, so the additive trigger survives the
+reduction exactly), scaled to mean ``||x||^2 = dim``; l is the median pairwise
+distance there, and every kappa is quoted in units of l^2. The attack is
+``attacks.clone_attack``: m dirty-label clones of the triggered prototype zeta of the
+non-target training images, label +1.
 
 What it measures (the numbers of the issue's list):
 
-1. **Capacity.** ``flow.effective_dof`` (trace of the hat matrix) and the training
+1. **Capacity.** ``penalized.effective_dof`` (trace of the hat matrix) and the training
    residual ``mean (f(x_i) - y_i)^2`` against kappa.
 2. **Contraction.** Start from the undefended fit (kappa = 0), switch the penalty on
-   and follow the gradient flow (``flow.contraction``: linear in orthonormal
-   coordinates theta of the joint span). The poison-aligned direction is the representer of ``u . grad f(x0)``, u the top
-   eigenvector of the loss input-Hessian at the trigger point x0:
-   ``v = s^(-1/2) U^T b`` with b the coefficients of that functional, so
-   ``v . theta = u . grad f(x0)``. Its energy ``E(t) = (v^ . (theta(t) - theta*))^2``
+   and follow the gradient flow (``flow.contraction``, linear in orthonormal
+   coordinates theta of the joint span). The poison-aligned direction is the
+   representer v of ``u . grad f(x0)`` (``flow.functional_coefficients``), u the top
+   eigenvector of the loss input-Hessian at the trigger point x0. Its energy ``E(t) = (v^ . (theta(t) - theta*))^2``
    is set beside the bound ``E(0) exp(-2 kappa a t)`` with the curvature of the
    penalty along v^ = v/|v|: ``a = v^T (Phi_g^T Phi_g / n) v^`` (THEORY.md: the
    penalty's Hessian ``d_w g d_w g^T`` averaged over the points).
