@@ -9,8 +9,9 @@ Walks both JSON trees together and reports
   |b|)``, or both NaN/None where JSON wrote NaN as null), including the numbers
   written inside strings (claim evidence), which are compared number by number;
 * **verdicts**: each claim (matched by name) whose ``supported`` changed;
-* **structure**: keys present on one side only, lists whose lengths differ, strings
-  whose words (numbers aside) differ.
+* **structure**: keys missing from the new file, lists whose lengths differ, strings
+  whose words (numbers aside) differ. Keys only in the new file are listed as
+  additions (new measurements beside the old ones), not as changes.
 
 Timings are left out: any subtree under a key ``seconds``, and the run's metadata
 (``started_utc``, ``versions``). A renamed key path is mapped one-to-one with
@@ -32,6 +33,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 #: keys whose subtrees are timings or run metadata, never compared
 IGNORED_KEYS = ("seconds", "started_utc", "versions")
 
+_VERDICT = {True: "supported", False: "NOT supported", None: "inconclusive"}
 _NUMBER = re.compile(r"[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
 
 
@@ -63,7 +65,9 @@ class Diff:
         self.rtol = rtol
         self.numbers: List[str] = []
         self.structure: List[str] = []
+        self.added: List[str] = []
         self.verdicts: List[str] = []
+        self.max_path = ""
         self.n_numbers = 0
         self.n_claims = 0
         self.max_rel = 0.0
@@ -75,8 +79,9 @@ class Diff:
         elif a is not None and b is not None and not (math.isnan(float(a))
                                                       or math.isinf(float(a))):
             den = max(abs(float(a)), abs(float(b)))
-            if den > 0:
-                self.max_rel = max(self.max_rel, abs(float(a) - float(b)) / den)
+            if den > 0 and abs(float(a) - float(b)) / den > self.max_rel:
+                self.max_rel = abs(float(a) - float(b)) / den
+                self.max_path = path
 
     def walk(self, path: str, a: Any, b: Any) -> None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -84,8 +89,11 @@ class Diff:
                 if key in IGNORED_KEYS:
                     continue
                 p = f"{path}.{key}" if path else key
-                if key not in a or key not in b:
-                    self.structure.append(f"{p}: only in {'new' if key in b else 'old'}")
+                if key not in b:
+                    self.structure.append(f"{p}: only in old")
+                    continue
+                if key not in a:                 # a new measurement, added beside the old
+                    self.added.append(p)
                     continue
                 self.walk(p, a[key], b[key])
         elif isinstance(a, list) and isinstance(b, list):
@@ -115,8 +123,8 @@ class Diff:
             if d is None:
                 self.verdicts.append(f"claim {c['name']!r}: missing in new")
             elif d.get("supported") != c.get("supported"):
-                self.verdicts.append(f"claim {c['name']!r}: {c.get('verdict')} -> "
-                                     f"{d.get('verdict')}")
+                self.verdicts.append(f"claim {c['name']!r}: {_VERDICT[c.get('supported')]} "
+                                     f"-> {_VERDICT[d.get('supported')]}")
         for name in sorted(set(by_name) - {c["name"] for c in old}):
             self.verdicts.append(f"claim {name!r}: only in new")
 
@@ -128,7 +136,8 @@ class Diff:
         return {"numbers_compared": self.n_numbers, "numbers_changed": len(self.numbers),
                 "claims_compared": self.n_claims, "verdicts_changed": len(self.verdicts),
                 "structure_changes": len(self.structure),
-                "max_relative_difference": self.max_rel, "rtol": self.rtol,
+                "max_relative_difference": self.max_rel, "max_at": self.max_path,
+                "rtol": self.rtol, "added": self.added,
                 "changed_numbers": self.numbers[:50], "changed_verdicts": self.verdicts,
                 "structure": self.structure[:50]}
 
@@ -192,9 +201,13 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{s['numbers_changed']} changed (rtol {args.rtol:g}; largest relative "
           f"difference {s['max_relative_difference']:.2e}); {s['claims_compared']} claims, "
           f"{s['verdicts_changed']} verdicts changed; {s['structure_changes']} structure "
-          "changes.")
+          f"changes; {len(diff.added)} new entries.")
+    if diff.max_path:
+        print(f"  largest relative difference at {diff.max_path}")
     for line in diff.verdicts + diff.numbers[:20] + diff.structure[:20]:
         print("  " + line)
+    for line in diff.added[:20]:
+        print("  added: " + line)
     if args.json:
         sys.path.insert(0, __file__.rsplit("/", 2)[0])
         from ntk_poison import io

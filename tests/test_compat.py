@@ -208,6 +208,8 @@ def test_gradient_descent_mse_under_vmap_matches_numpy_closed_form(rng):
         np.testing.assert_allclose(got[b], expected, rtol=1e-9, atol=1e-12)
 
 
+# neural-tangents' STRUCTURED_DERIVATIVES code itself uses deprecated JAX spellings.
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_structured_derivatives_ntk_of_rbf_net_matches_explicit_jacobians(rng):
     """STRUCTURED_DERIVATIVES (jax.interpreters.ad.linearize's old signature) on a
     Dense-Rbf-Dense net = J(x1) J(x2)^T computed by jax.jacobian."""
