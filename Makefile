@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-slow test-all demo bench clean
+.PHONY: install test test-slow test-all test-upstream demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -28,13 +28,22 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q
 
+# neural-tangents 0.6.5's own test suite (a sampled subset, see tests_upstream/) against
+# the installed library + ntk_poison/_compat.py. Not part of `make test`; needs PyPI
+# (pip download of the sdist). absl-py is installed only if missing; never TensorFlow.
+test-upstream: $(STAMP)
+	@$(BIN)/python -c "import absl.testing.parameterized" 2>/dev/null || $(PIP) install absl-py
+	$(BIN)/python tests_upstream/run_upstream.py
+
 demo: $(STAMP)
 	$(BIN)/ntk-poison demo --out results/demo
 
 bench: $(STAMP)
+	@$(BIN)/python -c "import matfree" 2>/dev/null || $(PIP) install -c constraints.txt --no-deps "matfree==0.6.3"
 	$(BIN)/python benchmarks/krr_bench.py --out benchmarks/results/krr_bench.json
 	$(BIN)/python benchmarks/spectra_bench.py --out benchmarks/results/spectra_bench.json
 	$(BIN)/python benchmarks/flow_bench.py --blas-threads 1 --out benchmarks/results/flow_bench.json
+	$(BIN)/python benchmarks/lanczos_bench.py --blas-threads 1 --out benchmarks/results/lanczos_bench.json
 
 clean:
 	rm -rf $(VENV) results .pytest_cache

@@ -15,7 +15,7 @@ _compat.patch()  # before anything imports neural_tangents
 
 from ntk_poison import kernels, krr, poison, theory  # noqa: E402
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 @contextlib.contextmanager
