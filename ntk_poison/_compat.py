@@ -21,9 +21,10 @@ uses it and keeps TensorFlow out of the environment, so this module registers a 
 **Run-time fixes inside neural-tangents modules** (applied when those modules are
 imported, by a post-import hook that :func:`patch` installs, so that ``import
 ntk_poison`` still does not import neural-tangents). Each replaces one module-level
-name that ONE neural-tangents module looks up with a :class:`_ModuleView`: the same
-module, with only the missing/changed attributes supplied. Nothing in JAX or SciPy
-themselves is changed, except one added class attribute (``Primitive.map_primitive``).
+name that ONE neural-tangents module looks up: a module it imported, by a
+:class:`_ModuleView` of it (the same module, with only the missing/changed attributes
+supplied), or one of its own helper functions. Nothing in JAX or SciPy themselves is
+changed, except one added class attribute (``Primitive.map_primitive``).
 Found by running neural-tangents' own test suite (``make test-upstream``):
 
 * ``neural_tangents._src.predict``:
@@ -36,14 +37,15 @@ Found by running neural-tangents' own test suite (``make test-upstream``):
     ``k_train_train`` inside ``jax.core.eval_context()`` (to cache it eagerly). On
     JAX 0.4 that meant "evaluate eagerly what is concrete, trace what is traced"; on
     stackless JAX (>= 0.4.36) it sends every operation to the eval trace, so a traced
-    ``k_train_train`` (e.g. ``vmap`` over an ensemble of empirical kernels, as in
-    ``gradient_descent_mse`` under ``vmap``) raises ``UnexpectedTracerError``. The
+    ``k_train_train`` (e.g. ``gradient_descent_mse`` under ``vmap`` over an ensemble
+    of empirical kernels) raises ``UnexpectedTracerError``. The
     view's ``jax.core.eval_context`` is ``jax.ensure_compile_time_eval``, today's
     spelling of the old meaning. For a concrete kernel (the only case that worked
     before) both evaluate the same operations eagerly, so the numbers are identical.
 
-* ``neural_tangents._src.empirical`` (only its ``STRUCTURED_DERIVATIVES``
-  empirical-NTK implementation, which neural-tangents' own tests use as reference):
+* ``neural_tangents._src.empirical`` (only its ``STRUCTURED_DERIVATIVES`` and ``AUTO``
+  empirical-NTK implementations; neural-tangents' own tests use the former as
+  reference):
 
   - ``ad``: ``jax.interpreters.ad.linearize`` changed from
     ``linearize(wrapped_fun, *primals, has_aux)`` returning
@@ -61,14 +63,18 @@ Found by running neural-tangents' own test suite (``make test-upstream``):
     ``Primitive`` class; neural-tangents reads it on every equation. It is added back
     as the class attribute ``False`` (no primitive maps any more); nothing else in the
     environment reads it.
+  - ``_get_flops`` (used only by ``NtkImplementation.AUTO`` to pick the cheapest
+    implementation): ``Compiled.cost_analysis()`` now returns a dict, not a list of
+    dicts, so its ``[0]`` raised ``KeyError: 0``. The module function is replaced by
+    one that accepts both (:func:`_get_flops`).
 
 The default empirical-NTK implementation (``JACOBIAN_CONTRACTION``) and ``nt.stax``
 kernels do not go through any of these names.
 
 :func:`patch` is idempotent and is called by ``ntk_poison/__init__.py`` before
-anything imports ``neural_tangents``. Every fix only supplies a name that is missing
-(or an argument that is refused), so on an old JAX/SciPy that still has them it
-changes nothing.
+anything imports ``neural_tangents``. Every fix is applied only where the old name or
+argument is missing (``_get_flops`` handles both return types), so on an old
+JAX/SciPy that still has them it changes nothing.
 """
 
 from __future__ import annotations
@@ -217,6 +223,20 @@ class _NoDShapedArray:
     """Stands in for the removed ``jax.core.DShapedArray``: no aval is one."""
 
 
+def _get_flops(f, optimize: bool, *a, **kw) -> float:
+    """neural-tangents' ``empirical._get_flops``, for a dict from ``cost_analysis()``.
+
+    ``Compiled.cost_analysis()`` returned a list with one dict per device program on
+    JAX 0.4 and returns the dict itself now; neural-tangents indexed ``[0]``.
+    """
+    import jax
+    lowered = jax.jit(f).lower(*a, **kw)
+    analysis = lowered.compile().cost_analysis() if optimize else lowered.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return analysis["flops"]
+
+
 def _fix_empirical(module: types.ModuleType) -> None:
     """Make the ``STRUCTURED_DERIVATIVES`` implementation run (see module docstring)."""
     import inspect
@@ -238,6 +258,9 @@ def _fix_empirical(module: types.ModuleType) -> None:
     if (core is not None and not isinstance(core, _ModuleView)
             and not hasattr(core, "DShapedArray")):
         module.core = _ModuleView(core, {"DShapedArray": _NoDShapedArray})
+
+    if getattr(module, "_get_flops", None) not in (None, _get_flops):
+        module._get_flops = _get_flops
 
     from jax._src import core as src_core
     if not hasattr(src_core.Primitive, "map_primitive"):

@@ -11,7 +11,7 @@ from jax.flatten_util import ravel_pytree
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from ntk_poison import artefact, kernels, krr, triggers
+from ntk_poison import attacks, kernels, krr, triggers
 from ntk_poison.defences import (CurvatureDetector, Detector, SpectralSignatures, auroc,
                                  class_ids, confusion, empirical_ntk_features, evaluate,
                                  evaluate_artefact, kernel_pca_features, tpr_at_fpr)
@@ -97,7 +97,7 @@ def test_evaluate_dict_and_one_class_truth():
 
 def test_evaluate_artefact_uses_is_poison(rng):
     X = rng.standard_normal((10, 4))
-    a = artefact.clone_attack(X, np.ones(10), np.zeros(4), -1.0, 3)
+    a = attacks.clone_attack(X, np.ones(10), np.zeros(4), -1.0, 3)
     scores = a.is_poison.astype(float) + 0.01 * rng.random(13)
     out = evaluate_artefact((scores, a.is_poison, {"extra": 1}), a)
     assert out["auroc"] == 1.0 and out["tp"] == 3 and out["fp"] == 0
@@ -187,7 +187,7 @@ def test_spectral_signatures_on_a_backdoor_artefact(rng):
     y = np.where(rng.random(n) < 0.5, 1.0, -1.0)
     X = rng.standard_normal((n, d)) + 0.5 * y[:, None]
     trig = triggers.CrossTrigger(strength=8.0)
-    a = artefact.backdoor_attack(X, y, trig, 1.0, n_poison=10, seed=0)
+    a = attacks.backdoor_attack(X, y, trig, 1.0, n_poison=10, seed=0)
     out = evaluate_artefact(SpectralSignatures(eps=0.1).detect(a.x, a.y), a)
     assert out["auroc"] > 0.95
 
@@ -290,7 +290,7 @@ def _spike_setting(seed, l=1.0):
     X, y = clean(120)
     zeta = np.zeros(d)
     zeta[1] = 6.0
-    art = artefact.clone_attack(X, y, zeta, 1.0, 60, meta={"r": l})
+    art = attacks.clone_attack(X, y, zeta, 1.0, 60, meta={"r": l})
     model = krr.fit(kernels.get("rbf", length_scale=l), art.x, art.y, 1e-3)
     u = r.standard_normal((100, d))
     u /= np.linalg.norm(u, axis=1, keepdims=True)
