@@ -48,7 +48,7 @@ __all__ = [
     "to_jsonable", "format_table", "ratio", "error_record",
     "log", "time_repeats", "run_cases", "contention_warning", "pca_project",
     "relative_error", "timing_method", "limit_blas_threads", "arg_parser", "parse_args",
-    "result_record", "finish", "REPO", "out_path",
+    "result_record", "finish", "REPO", "out_path", "run_main",
 ]
 
 
@@ -168,6 +168,7 @@ def time_repeats(name: str, fn: Callable[[], Any], repeats: int, *,
 def timing_method(**entries: str) -> Dict[str, str]:
     """The JSON ``timing_method`` block: the shared clock and statistic, plus ``entries``
     (warm-up, interleaving, dtype, ... as each benchmark does them)."""
+    entries.setdefault("dtype", "float64 (jax_enable_x64)")
     return {
         "clock": "time.perf_counter wall time around the call and "
                  "jax.block_until_ready of its output; cpu_times_seconds is "
@@ -477,6 +478,18 @@ def parse_args(p: Any, argv: Optional[Sequence[str]],
     if args.blas_threads is not None:
         limit_blas_threads(args.blas_threads)
     return args, wanted
+
+
+def run_main(doc: str, default_out: str, case_names: Sequence[str], argv, quick: Mapping,
+             full: Mapping, run_case: Callable[[str, Mapping, int], Dict[str, Any]]):
+    """The usual main: parse the shared options, then run ``run_case(name, sizes,
+    repeats)`` for each case wanted. Returns ``(args, sizes, t_start, cases, failed)``."""
+    args, wanted = parse_args(arg_parser(doc, default_out, case_names), argv, case_names)
+    sizes = quick if args.quick else full
+    t_start = time.perf_counter()
+    cases, failed = run_cases(wanted, {name: (lambda name=name: run_case(
+        name, sizes, args.repeats)) for name in wanted})
+    return args, sizes, t_start, cases, failed
 
 
 def result_record(name: str, args: Any, sizes: Mapping[str, Any], cases: Mapping[str, Any],

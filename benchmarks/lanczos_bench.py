@@ -309,27 +309,23 @@ def verdict(out: Dict[str, Dict[str, Any]], tol: float) -> Dict[str, Any]:
             **cmp}
 
 
-CASES = ("planted", "hessian_d784", "hessian_d3072")
 TIMING = {
     "warmup": "each solver (a fresh jitted function) is called once first: cold_seconds "
               "(retracing; XLA compilation may come from jax's in-memory cache, as the "
               "same program ran in the probe / depth search); "
               "first_call_seconds_incl_compile: the program's first call (compiling)",
     "interleaving": "block_lanczos (block sizes k and 1) and the three matfree depths "
-                    "round robin, the order "
-                    "rotated each round; medians exclude the warm-up",
-    "dtype": "float64 (jax_enable_x64)",
+                    "round robin, the order rotated each round; medians exclude the "
+                    "warm-up",
     "what_is_timed": "one jitted solve: the operator (linearize for the Hessians), the "
                      "Lanczos run, and (block_lanczos) its k residual products",
 }
+CASES = ("planted", "hessian_d784", "hessian_d3072")
 
 
 def main(argv=None) -> int:
-    args, wanted = C.parse_args(C.arg_parser(__doc__, DEFAULT_OUT, CASES), argv, CASES)
-    cfg = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
-    cases, failed = C.run_cases(wanted, {name: (lambda name=name: run_case(
-        name, cfg, args.repeats)) for name in wanted})
+    args, cfg, t_start, cases, failed = C.run_main(__doc__, DEFAULT_OUT, CASES, argv,
+                                                   QUICK, FULL, run_case)
     rows = []
     for name, c in cases.items():
         for solver, s in c.get("solvers", {}).items():

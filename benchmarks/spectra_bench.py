@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from typing import Any, Dict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -149,7 +148,6 @@ TIMING = {
     "warmup": "each path is called once before timing, on the same inputs; that call is "
               "cold_seconds (tracing + XLA compilation); medians exclude it",
     "interleaving": "dense and lanczos alternate round robin, order rotated each round",
-    "dtype": "float64 (jax_enable_x64)",
     "what_is_timed": "the whole public call top_eigenpairs(loss_fn(model, y0), x0, k=5, "
                      "method=...): validation, the jitted solver, and (lanczos) the "
                      "residual check",
@@ -157,11 +155,8 @@ TIMING = {
 
 
 def main(argv=None) -> int:
-    args, wanted = C.parse_args(C.arg_parser(__doc__, DEFAULT_OUT, CASES), argv, CASES)
-    cfg = QUICK if args.quick else FULL
-    t_start = time.perf_counter()
-    cases, failed = C.run_cases(wanted, {name: (lambda name=name: run_case(
-        name, cfg, args.repeats)) for name in wanted})
+    args, cfg, t_start, cases, failed = C.run_main(__doc__, DEFAULT_OUT, CASES, argv,
+                                                   QUICK, FULL, run_case)
     rows = []
     for name, c in cases.items():
         if "timings" not in c:
