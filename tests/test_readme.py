@@ -66,7 +66,22 @@ def test_readme_defence_block_runs():
     assert len(art.poison_idx) == 15 and art.x.shape == (315, 64)
     vals = np.asarray(ns["vals"])
     assert vals.shape == (3,) and np.all(np.diff(vals) <= 0)
-    assert 0.0 <= float(ns["overlap"]) <= 1.0
+    # the Lanczos pairs and the overlap against a dense oracle: the loss's input Hessian
+    # by jax.hessian of (f(x) - 1)^2 / 2, numpy's eigh, and the trigger direction as the
+    # normalised difference trig.apply(x) - x (not trig.direction)
+    import jax
+    import jax.numpy as jnp
+    model, x0, trig = ns["model"], np.asarray(ns["x0"]), ns["trig"]
+    loss = lambda x: 0.5 * (model.predict(x[None])[0] - 1.0) ** 2   # noqa: E731
+    H = np.asarray(jax.hessian(loss)(jnp.asarray(x0)))
+    w, V = np.linalg.eigh(H)
+    top = np.argsort(-w)[:3]                                  # the largest (algebraic)
+    tol = 1e-6 if vals.dtype == np.float64 else 1e-4          # by the data's dtype
+    np.testing.assert_allclose(vals, w[top], rtol=tol, atol=tol * np.abs(w).max())
+    z = np.zeros((1,) + x0.shape)
+    t = (np.asarray(trig.apply(z)) - z)[0].ravel()
+    t /= np.linalg.norm(t)
+    assert float(ns["overlap"]) == pytest.approx(float((V[:, top[0]] @ t) ** 2), abs=tol)
     from sklearn.metrics import roc_auc_score              # the evaluator, independently
     assert ns["report"]["auroc"] == pytest.approx(
         roc_auc_score(np.isin(np.arange(len(art.x)), art.poison_idx), ns["scores"]))
