@@ -8,7 +8,8 @@ Walks both JSON trees together and reports
 * **numbers** that differ by more than ``rtol`` relative (``|a - b| <= rtol max(|a|,
   |b|)``, or both NaN/None where JSON wrote NaN as null), including the numbers
   written inside strings (claim evidence), which are compared number by number;
-* **verdicts**: each claim (matched by name) whose ``supported`` changed;
+* **verdicts**: each claim (matched by name, so claims added or reordered do not
+  shift the others) whose ``supported`` changed; its evidence is compared as above;
 * **structure**: keys missing from the new file, lists whose lengths differ, strings
   whose words (numbers aside) differ. Keys only in the new file are listed as
   additions (new measurements beside the old ones), not as changes.
@@ -125,8 +126,11 @@ class Diff:
             elif d.get("supported") != c.get("supported"):
                 self.verdicts.append(f"claim {c['name']!r}: {_VERDICT[c.get('supported')]} "
                                      f"-> {_VERDICT[d.get('supported')]}")
+                self.walk(f"claims[{c['name']}]", c, d)
+            else:                           # matched by name, so a claim added before
+                self.walk(f"claims[{c['name']}]", c, d)   # it does not shift the others
         for name in sorted(set(by_name) - {c["name"] for c in old}):
-            self.verdicts.append(f"claim {name!r}: only in new")
+            self.added.append(f"claims[{name}]")      # a new claim, beside the old ones
 
     @property
     def changed(self) -> bool:
@@ -178,7 +182,6 @@ def compare(old: Dict[str, Any], new: Dict[str, Any], rtol: float = 1e-9,
     diff.walk("", {k: v for k, v in old.items() if k != "claims"},
               {k: v for k, v in new.items() if k != "claims"})
     diff.claims(old.get("claims", []), new.get("claims", []))
-    diff.walk("claims", old.get("claims", []), new.get("claims", []))
     return diff
 
 

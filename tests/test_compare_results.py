@@ -34,10 +34,10 @@ def test_changed_number_verdict_text_and_removed_key():
     del new["results"]["k"]["label"]
     d = cr.compare(OLD, new)
     assert d.changed
-    assert sorted(n.split(":")[0] for n in d.numbers) == ["claims[0].evidence#0",
+    assert sorted(n.split(":")[0] for n in d.numbers) == ["claims[a].evidence#0",
                                                            "results.x[1]"]
     assert d.verdicts == ["claim 'a': supported -> NOT supported"]
-    assert d.structure == ["results.k.label: only in old", "claims[0].supported: True -> False"]
+    assert d.structure == ["results.k.label: only in old", "claims[a].supported: True -> False"]
     assert not cr.compare(OLD, new, rtol=1e-7).numbers[1:]     # within a looser rtol
 
 
@@ -52,3 +52,14 @@ def test_additions_and_maps(tmp_path):
     b.write_text(json.dumps(new))
     assert cr.main([str(a), str(b), "--map", "results.k=results.kk"]) == 0
     assert cr.main([str(a), str(b)]) == 1                        # unmapped: removed keys
+
+
+def test_claims_matched_by_name_a_new_claim_is_an_addition():
+    """A claim inserted in front shifts no other claim: 'a' is still compared with 'a'."""
+    new = copy.deepcopy(OLD)
+    new["claims"].insert(0, {"name": "b", "supported": None, "evidence": "7 of 9"})
+    d = cr.compare(OLD, new)
+    assert not d.changed and d.added == ["claims[b]"] and d.n_numbers == 7
+    new["claims"][1]["evidence"] = "slope 1.994 over 12 radii"      # 'a', now second
+    d = cr.compare(OLD, new)
+    assert [n.split(":")[0] for n in d.numbers] == ["claims[a].evidence#0"]
