@@ -56,9 +56,11 @@ and its slope at kappa -> 0 (``dH/dkappa = -p omega^2 H^2``)::
 
 THEORY's ``c = 2`` is the isolated picture ``F^-1[k_hat / (1 + kappa omega^2)]``
 (:func:`isolated_width2`): the penalty acting on a lone RBF bump, no ridge, no data.
-With data and a ridge c is smaller (and set by ``n lam / p``); with a clean-free gap
-around zeta the exact minimiser departs from this form altogether (the defence
-experiment measures it).
+With data and a ridge, c is another number: the shape of G depends on p and n lam
+only through ``n lam / p`` (``H = (1/p) / (1 + kappa omega^2 + (n lam / p) / k_hat)``),
+and for the RBF c is 0.2-0.4 over the densities the defence experiment uses. With a
+clean-free gap around zeta the exact minimiser departs from this form altogether, and
+c can be negative (the defence experiment measures it).
 
 Integrals are over omega in [0, inf) (every integrand is even): the trapezoid rule on
 a uniform grid of [0, Omega], Omega the cut-off where the integrand has decayed by

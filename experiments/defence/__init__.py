@@ -30,7 +30,8 @@ What it measures (the numbers of the issue's list):
    the top eigenvectors of the clean data's input-gradient covariance
    ``mean grad f(x_i) grad f(x_i)^T`` ("along the data's gradients"), its bottom ones
    ("orthogonal"), and all of R^d. The slope c of ``l_eff^2/l^2 = l0^2/l^2 + c kappa/l^2``
-   is fitted over the small-kappa range.
+   is fitted over the small-kappa range. c against data density and the clean-free gap
+   around zeta, and the continuum check: ``experiments/defence/filter.py`` (1-D).
 4. **Near clones go first.** The efficacy ``Delta f(x0)`` at trigger points
    ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
    several r/l; ``kappa_half(r)`` is where it halves.

@@ -202,7 +202,7 @@ def _study_claims(rep, st) -> None:
               "k_hat(omega))], to 1e-3 or better, and so are its l_eff^2 and c.",
               None if not known else bool(max(known) <= 1e-3),
               f"largest relative deviation over densities {list(st['densities'])}/l and "
-              f"kappa/l^2 <= {st['kappa_over_l2'][-1]:g}: profile {_fmt(worst['profile'], 2)}"
+              f"kappa/l^2 <= {min(st['kappa_over_l2'][-1], 1.0):g}: profile {_fmt(worst['profile'], 2)}"
               f" (of the peak, |t| <= 3 l), l_eff^2 {_fmt(worst['leff2'], 2)}, c "
               f"{_fmt(worst['c'], 2)}; continuum c = "
               + ", ".join(f"{c:.3f}" for c in st["continuum_c"]) + f" (n lam = "
