@@ -201,9 +201,10 @@ def _study_claims(rep, st) -> None:
               "continuum m r G/(1 + m G(0)), G = F^-1[1/(p(1 + kappa omega^2) + n lam/"
               "k_hat(omega))], to 1e-3 or better, and so are its l_eff^2 and c.",
               None if not known else bool(max(known) <= 1e-3),
-              f"largest relative deviation over densities {list(st['densities'])}/l and "
-              f"kappa/l^2 <= {min(st['kappa_over_l2'][-1], 1.0):g}: profile {_fmt(worst['profile'], 2)}"
-              f" (of the peak, |t| <= 3 l), l_eff^2 {_fmt(worst['leff2'], 2)}, c "
+              "largest relative deviation over densities "
+              + ", ".join(f"{p:g}" for p in st["densities"]) + " per l and "
+              f"kappa/l^2 <= {min(st['kappa_over_l2'][-1], 1.0):g}: profile "
+              f"{_fmt(worst['profile'], 2)} (of the peak, |t| <= 3 l), l_eff^2 {_fmt(worst['leff2'], 2)}, c "
               f"{_fmt(worst['c'], 2)}; continuum c = "
               + ", ".join(f"{c:.3f}" for c in st["continuum_c"]) + f" (n lam = "
               f"{st.get('ridge', 0):g}); the isolated bump's c = {st['isolated_c']:.3f}.",
@@ -223,8 +224,8 @@ def _study_claims(rep, st) -> None:
               "c by density (points per l) and gap g/l: " + "; ".join(
                   f"p = {p:g}: " + ", ".join(f"{g:g}: {v:+.3f}" for g, v in zip(gaps, row))
                   for p, row in zip(st["densities"], c))
-              + f" (supported: some c < 0 at g in [1, 2] l for every density, |c(g >= 4 l)| "
-              f"<= 5% of the largest |c|, and a range > 0.1; the table and figure "
+              + " (supported: some c < 0 at g in [1, 2] l for every density, |c(g >= 4 l)| "
+              "<= 5% of the largest |c|, and a range > 0.1; the table and figure "
               "high_pass_gap.png).", ["high_pass_gap.png"])
 
 
