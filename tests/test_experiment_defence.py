@@ -110,6 +110,14 @@ def test_config_rejects_bad_values():
             defence.Config(**bad)
 
 
+def test_filter_config_rejects_bad_values():
+    for bad in (dict(filter_gaps=()), dict(filter_gaps=(1.0, -0.5)),
+                dict(filter_densities=(0.0,)), dict(filter_ridge=0.0),
+                dict(filter_kappas=())):
+        with pytest.raises(ValueError, match="filter_"):
+            defence.Config(**bad)
+
+
 TINY = dict(dataset="digits", n_train=30, n_test=60, n_trigger=40, dim=4, m=4,
             n_filter_dirs=1, kappas=(0.01, 0.1, 1.0, 10.0), contraction_kappas=(0.3,),
             n_times=8, widths=(32, 128), net_kappas=(0.1,), net_time=10.0, net_seeds=1,
