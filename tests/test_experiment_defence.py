@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from experiments import defence
-from ntk_poison import kernels, penalized
+from experiments.defence import filter as filter_part
+from ntk_poison import continuum, kernels, penalized
 
 
 def _problem(rng, n=14, d=3, ell=1.3):
@@ -18,24 +19,88 @@ def _problem(rng, n=14, d=3, ell=1.3):
     return kernels.rbf(ell), X, y
 
 
-def test_high_pass_of_an_isolated_rbf_bump_is_its_length_scale(rng):
-    """One clone cluster far (12 l) from the clean data: Delta f is an RBF bump of
-    width l, so the peak-curvature l_eff^2 / l^2 is 1 in every subspace at kappa = 0."""
+def _clone_sweeps(X, y, zeta, m, k, lam, kappas):
+    Xp, yp = np.vstack([X, np.repeat(zeta[None], m, 0)]), np.r_[y, np.ones(m)]
+    sp = penalized.fit_penalized_sweep(k, Xp, yp, lam, kappas)
+    sc = penalized.fit_penalized_sweep(k, X, y, lam * len(Xp) / len(X), kappas)
+    return sp, sc
+
+
+def test_high_pass_of_an_isolated_rbf_bump_is_its_length_scale_at_every_kappa(rng):
+    """One clone cluster far (12 l) from the clean data: Delta f is an RBF bump of width
+    l whose gradient vanishes at its centre, so the penalty cannot touch it (THEORY.md
+    section 3): the peak-curvature l_eff^2 / l^2 is 1 in every subspace at kappa = 0
+    AND at kappa > 0 (closed form; the clean data's coupling is exp(-72))."""
     d, ell, lam = 4, 1.0, 0.05
     X = rng.standard_normal((12, d))
     y = np.sign(X[:, 0])
     zeta = np.r_[12.0, np.zeros(d - 1)]
-    m = 3
-    Xp, yp = np.vstack([X, np.repeat(zeta[None], m, 0)]), np.r_[y, np.ones(m)]
     k = kernels.rbf(ell)
-    kappas = np.array([0.0, 0.1])
-    sp = penalized.fit_penalized_sweep(k, Xp, yp, lam, kappas)
-    sc = penalized.fit_penalized_sweep(k, X, y, lam * len(Xp) / len(X), kappas)
+    kappas = np.array([0.0, 0.1, 10.0])
+    sp, sc = _clone_sweeps(X, y, zeta, 3, k, lam, kappas)
     cfg = defence.Config(dim=d, n_filter_dirs=2)
     prep = types.SimpleNamespace(zeta=zeta, X=X, ell=ell)
     hp = defence.high_pass(sp, sc, prep, cfg, kappas)
     for name in ("isotropic", "along", "orthogonal"):
-        assert hp[f"leff2_{name}"][0] == pytest.approx(1.0, abs=1e-8)
+        np.testing.assert_allclose(hp[f"leff2_{name}"], 1.0, atol=1e-8)
+
+
+def _second_difference(f, x, e, h):
+    pts = np.stack([x - h * e, x, x + h * e])
+    v = np.asarray(f(pts))                               # (T, 3)
+    return (v[:, 0] - 2 * v[:, 1] + v[:, 2]) / h ** 2
+
+
+def test_high_pass_widths_match_finite_differences_at_positive_kappa(rng):
+    """l_eff^2(E) = -Delta f(zeta) |E| / tr(E^T hess Delta f E) with clean data near
+    zeta and kappa > 0: the autodiff Hessian against central second differences of
+    Delta f, along the coordinate axes (isotropic) and along the top / bottom two
+    eigenvectors of the clean data's gradient covariance (itself from central first
+    differences of f_clean). (The previous test's shapes: one compile.)"""
+    d, ell, lam, h, q = 4, 1.0, 0.02, 1e-3, 2
+    X = rng.standard_normal((12, d))
+    y = np.sign(X[:, 0] + 0.3 * rng.standard_normal(12))
+    near = np.flatnonzero(y < 0)[0]                       # an opposite-label clean point
+    zeta = X[near] + 0.4 * ell * rng.standard_normal(d) / np.sqrt(d)
+    k = kernels.rbf(ell)
+    kappas = np.array([0.0, 0.05, 0.5]) * ell ** 2
+    sp, sc = _clone_sweeps(X, y, zeta, 3, k, lam, kappas)
+    cfg = defence.Config(dim=d, n_filter_dirs=q)
+    hp = defence.high_pass(sp, sc, types.SimpleNamespace(zeta=zeta, X=X, ell=ell), cfg,
+                           kappas)
+    delta = lambda pts: np.asarray(sp.predict(pts)) - np.asarray(sc.predict(pts))  # noqa: E731
+    df0 = delta(zeta[None])[:, 0]
+    f0 = lambda pts: np.asarray(sc.at(0).predict(pts))  # noqa: E731
+    G = np.stack([(f0(X + h * e) - f0(X - h * e)) / (2 * h) for e in np.eye(d)], 1)
+    _, V = np.linalg.eigh(G.T @ G / len(G))
+    for name, E in (("isotropic", np.eye(d)), ("along", V[:, -q:]), ("orthogonal", V[:, :q])):
+        tr = sum(_second_difference(delta, zeta, e, h * ell) for e in E.T)
+        assert np.all(tr < 0)                                # a peak at every kappa
+        np.testing.assert_allclose(hp[f"leff2_{name}"], -df0 * E.shape[1] / tr / ell ** 2,
+                                   rtol=1e-5)
+    assert np.ptp(hp["leff2_isotropic"]) > 1e-3               # kappa acts
+
+
+FILTER_TINY = dict(filter_densities=(4.0,), filter_gaps=(0.0, 1.5), filter_kappas=(0.3,),
+                   filter_window=7.0)
+
+
+def test_gap_study_at_zero_gap_is_the_continuum_at_positive_kappa():
+    """The 1-D study's exact minimiser on a uniform grid (g = 0) against the continuum
+    oracle (ntk_poison.continuum, quadrature of the transfer function): l_eff^2 at
+    kappa > 0 and c = d l_eff^2 / d kappa at 0, to 1e-3; the gap's clean grid has no
+    point closer than g to zeta."""
+    cfg = defence.Config(m=4, **FILTER_TINY)                 # TINY's shapes: one compile
+    st = filter_part.gap_study(cfg)
+    k, p, nl = kernels.rbf(1.0), 4.0, cfg.filter_ridge
+    kx = st["kappa_over_l2"]
+    assert list(kx[3:]) == [0.3]
+    assert st["leff2"][0, 0, 3] == pytest.approx(continuum.peak_width2(k, p, nl, 0.3), rel=1e-3)
+    assert st["leff2"][0, 0, 0] == pytest.approx(continuum.peak_width2(k, p, nl, 0.0), rel=1e-3)
+    assert st["c"][0, 0] == pytest.approx(continuum.width_slope(k, p, nl), rel=1e-3)
+    assert max(max(v) for v in st["continuum_rel_err"].values()) <= 1e-3
+    x = filter_part.clean_grid(4.0, 1.5, 7.0)
+    assert np.abs(x).min() == pytest.approx(1.5) and np.allclose(np.diff(x[x > 0]), 0.25)
 
 
 def test_config_rejects_bad_values():
@@ -45,11 +110,20 @@ def test_config_rejects_bad_values():
             defence.Config(**bad)
 
 
+def test_filter_config_rejects_bad_values():
+    for bad in (dict(filter_gaps=()), dict(filter_gaps=(1.0, -0.5)),
+                dict(filter_densities=(0.0,)), dict(filter_ridge=0.0),
+                dict(filter_kappas=())):
+        with pytest.raises(ValueError, match="filter_"):
+            defence.Config(**bad)
+
+
 TINY = dict(dataset="digits", n_train=30, n_test=60, n_trigger=40, dim=4, m=4,
             n_filter_dirs=1, kappas=(0.01, 0.1, 1.0, 10.0), contraction_kappas=(0.3,),
             n_times=8, widths=(32, 128), net_kappas=(0.1,), net_time=10.0, net_seeds=1,
             loss_kappas=(0.1, 1.0),
-            augment_copies=1, r_over_l=(0.01, 1.0), n_directions=3, max_steps=2000)
+            augment_copies=1, r_over_l=(0.01, 1.0), n_directions=3, max_steps=2000,
+            **FILTER_TINY)
 
 
 def test_tiny_kernel_part_end_to_end(tmp_path):

@@ -30,7 +30,8 @@ What it measures (the numbers of the issue's list):
    the top eigenvectors of the clean data's input-gradient covariance
    ``mean grad f(x_i) grad f(x_i)^T`` ("along the data's gradients"), its bottom ones
    ("orthogonal"), and all of R^d. The slope c of ``l_eff^2/l^2 = l0^2/l^2 + c kappa/l^2``
-   is fitted over the small-kappa range.
+   is fitted over the small-kappa range. c against data density and the clean-free gap
+   around zeta, and the continuum check: ``experiments/defence/filter.py`` (1-D).
 4. **Near clones go first.** The efficacy ``Delta f(x0)`` at trigger points
    ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
    several r/l; ``kappa_half(r)`` is where it halves.
@@ -67,6 +68,7 @@ from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
 from experiments.defence.figures import figures
+from experiments.defence.filter import FilterPart, gap_study, gap_table
 
 NAME = "defence"
 #: the loss-penalty fits' Newton tolerance (relative RKHS gradient; tighter than the
@@ -75,7 +77,7 @@ NEWTON_TOL = 1e-10
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
+class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart, FilterPart):
     """Configuration of the defence experiment (validated; saved in results.json)."""
 
     n_train: int = 120             # clean training points (stratified subset)
@@ -414,6 +416,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             res["capacity"] = capacity(k, sp, prep.Xp, prep.yp, lam, kappas)
         elif step == "filter":
             res["high_pass"] = high_pass(sp, sc, prep, cfg, kappas)
+            res["filter_1d"] = gap_study(cfg)             # c against density and gap
         elif step == "contraction":
             res["contraction"] = _rbf_contraction(k, sp.at(0), prep, cfg)
         elif step == "loss penalty" and cfg.loss_kappas:
@@ -434,6 +437,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     rep.results = res
     rep.text(setup_text(res, cfg))
     rep.text(reading(res))
+    rep.text(gap_table(res))
     rep.write()
     return rep
 

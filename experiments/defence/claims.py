@@ -7,6 +7,8 @@ import math
 
 import numpy as np
 
+from experiments.defence.filter import high_pass_claims
+
 def mean_runs(runs, key):
     """Mean over seeds of a per-kappa list (runs may skip kappas: align on 'kappa')."""
     out = {}
@@ -61,29 +63,7 @@ def claims(rep, res, cfg):
               f"with grad f(x0) and {con['u_trigger_cos2']:.3f} with the trigger. " + ev + ".",
               ["contraction.png"])
     # 3. high-pass filter
-    fi, fa, fo = hp["fit_isotropic"], hp["fit_along"], hp["fit_orthogonal"]
-    le = hp["leff2_isotropic"]
-    grows = bool(np.nanmax(le) > le[0] * 1.05)
-    linear = fi.get("c") is not None and fi["c"] > 2 * fi["c_stderr"] and fi["rel_rms"] < 0.05
-    rep.claim("high-pass: l_eff^2 = l^2 + c kappa",
-              "The effective length scale of the poison's response grows with kappa, "
-              "linearly in l_eff^2 for small kappa.", grows and linear,
-              f"l_eff^2/l^2 (isotropic) {le[0]:.3f} at kappa = 0, min {np.nanmin(le):.3f}, max "
-              f"{np.nanmax(le):.3f}; linear fit over kappa/l^2 <= {_fmt(fi.get('kappa_max'))}: "
-              f"c = {_fmt(fi.get('c'))} +- {_fmt(fi.get('c_stderr'), 2)}, relative RMS misfit "
-              f"{_fmt(fi.get('rel_rms'), 2)} (THEORY's guess: c = 2). "
-              f"{'Non-monotone: it first shrinks, then grows.' if np.nanargmin(le) > 0 else ''}",
-              ["high_pass.png"])
-    ca, co = fa.get("c"), fo.get("c")
-    rep.claim("high-pass: anisotropy",
-              "The widening acts along the data's input-gradient directions more than "
-              "orthogonal to them.",
-              None if ca is None or co is None else bool(ca > co + 2 * fo["c_stderr"]),
-              f"c along the top {cfg.n_filter_dirs} gradient-covariance eigenvectors "
-              f"{_fmt(ca)} +- {_fmt(fa.get('c_stderr'), 2)}, along the bottom ones {_fmt(co)} "
-              f"+- {_fmt(fo.get('c_stderr'), 2)}; l_eff^2/l^2 at the largest kappa "
-              f"{hp['leff2_along'][-1]:.3f} vs {hp['leff2_orthogonal'][-1]:.3f}.",
-              ["high_pass.png"])
+    high_pass_claims(rep, res, cfg)        # experiments/defence/filter.py
     # 4. near clones first
     kh = nc["kappa_half"]
     ok = None if kh[0] is None or kh[-1] is None else bool(kh[-1] >= 1.25 * kh[0])

@@ -8,6 +8,7 @@ import numpy as np
 from ntk_poison.report import new_figure
 
 from experiments.defence.claims import mean_runs
+from experiments.defence.filter import gap_figure
 
 def figures(rep, res, cfg):
     kx = res["kappa_over_l2"]
@@ -49,6 +50,7 @@ def figures(rep, res, cfg):
         _net_contraction_panel(ax[0, 1], nv)
     rep.figure(fig, "contraction")
     _high_pass_figure(rep, hp, kx, xp)
+    gap_figure(rep, res)
     _near_clone_figure(rep, nc, xp)
     _frontier_figure(rep, res, nv)
     if nv is not None:
