@@ -99,15 +99,17 @@ def _check_inputs(params: Linear, x: Array, name: str = "x", ndim=(1, 2)) -> jax
     return x
 
 
-def init(d: int, c: int, key: Any = None, scale: float = 0.0, dtype: Any = jnp.float32
+def init(d: int, c: int, seed: int = 0, scale: float = 0.0, dtype: Any = np.float32
          ) -> Linear:
-    """``W = scale * N(0, 1) / sqrt(d)`` (from ``key``, an int seed or a PRNG key),
-    ``b = 0``. ``scale = 0`` is the zero model (its input Hessian is 0)."""
+    """``W = scale * N(0, 1) / sqrt(d)`` drawn by ``np.random.default_rng(seed)``,
+    ``b = 0``, as ``dtype`` numpy arrays. ``scale = 0`` is the zero model (its input
+    Hessian is 0)."""
     d = _validate.positive_int("d", d)
     c = _validate.positive_int("c", c)
     scale = _validate.scalar("scale", scale)
-    W = scale * jax.random.normal(_validate.as_key(key), (c, d), dtype) / np.sqrt(d)
-    return Linear(W.astype(dtype), jnp.zeros((c,), dtype))
+    _validate.nonneg("seed", seed, integer=True)
+    W = scale * np.random.default_rng(int(seed)).standard_normal((c, d)) / np.sqrt(d)
+    return Linear(W.astype(dtype), np.zeros((c,), dtype))
 
 
 def logits(params: Linear, x: Array) -> jax.Array:
@@ -262,8 +264,8 @@ def train(params: Linear, X: Array, Y: Array, kind: str,
           progress: Optional[Callable] = None) -> Tuple[Linear, np.ndarray]:
     """Train for ``epochs`` epochs (:func:`make_epoch`); return the trajectory.
 
-    Returns ``(trajectory, losses)``: a :class:`Linear` whose ``W`` and ``b`` carry a
-    leading axis of ``epochs + 1`` models (the initial one, then the model after each
+    Returns ``(trajectory, losses)``: a :class:`Linear` of numpy arrays whose ``W`` and
+    ``b`` carry a leading axis of ``epochs + 1`` models (the initial one, then the model after each
     epoch), and the mean minibatch loss of each epoch ``(epochs,)``. Epoch ``e``
     (from 0) permutes with ``jax.random.fold_in(key, e)``. ``progress``: an optional
     wrapper of the epoch iterator (e.g. ``report.progress``-like ``f(iterable)``).
@@ -275,11 +277,12 @@ def train(params: Linear, X: Array, Y: Array, kind: str,
     key = _validate.as_key(key)
     epoch = make_epoch(X, Y, kind, optimizer, batch_size)
     state = optimizer.init(params)
-    Ws, bs, losses = [params.W], [params.b], []
+    params = Linear(jnp.asarray(params.W), jnp.asarray(params.b))
+    Ws, bs, losses = [np.asarray(params.W)], [np.asarray(params.b)], []
     it = range(epochs) if progress is None else progress(range(epochs))
     for e in it:
         params, state, val = epoch(params, state, jax.random.fold_in(key, e))
-        Ws.append(params.W)
-        bs.append(params.b)
-        losses.append(val)
-    return Linear(jnp.stack(Ws), jnp.stack(bs)), np.asarray(jax.device_get(losses))
+        Ws.append(np.asarray(params.W))
+        bs.append(np.asarray(params.b))
+        losses.append(float(val))
+    return Linear(np.stack(Ws), np.stack(bs)), np.asarray(losses)

@@ -1,4 +1,4 @@
-"""`ntk-poison run linear` end to end on a tiny config (sklearn's 8x8 digits, 3 epochs):
+"""`ntk-poison run linear` end to end on a tiny config (sklearn's 8x8 digits, 2 epochs):
 the files are written, and the saved final models reproduce the reported ASR, clean
 accuracy, top eigenvalues and overlaps when recomputed independently in numpy (the
 trigger built by hand, eigenpairs by numpy's eigh of W^T A W)."""
@@ -13,7 +13,7 @@ import pytest
 from experiments import linear as exp
 from ntk_poison import data
 
-CFG = dict(dataset="digits", poison_counts=(3, 30), epochs=3, batch_size=50, n_hessian=16)
+CFG = dict(dataset="digits", poison_counts=(3, 30), epochs=2, batch_size=100, n_hessian=8)
 
 
 @pytest.fixture(scope="module")

@@ -39,11 +39,12 @@ def test_input_hessian_matches_autodiff_for_any_label(kind, rng):
     X = rng.normal(size=(3, D))
     H = np.asarray(linear.input_hessian(params, X, kind))
     assert H.shape == (3, D, D)
+    auto = jax.jit(jax.vmap(jax.hessian(lambda v, y: linear.example_loss(params, v, y, kind)),
+                            in_axes=(0, None)))
+    for label in (0, C - 1):                         # label-free: two labels, one Hessian
+        np.testing.assert_allclose(H, np.asarray(auto(jnp.asarray(X), jnp.eye(C)[label])),
+                                   rtol=1e-10, atol=1e-12)
     for i, x in enumerate(X):
-        for label in (0, C - 1):                     # label-free: two labels, one Hessian
-            y = jnp.eye(C)[label]
-            auto = jax.hessian(lambda v: linear.example_loss(params, v, y, kind))(jnp.asarray(x))
-            np.testing.assert_allclose(H[i], np.asarray(auto), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(H[i], _np_hessian(np.asarray(params.W),
                                                      np.asarray(params.b), x, kind),
                                    rtol=1e-12, atol=1e-13)
@@ -111,14 +112,13 @@ def test_same_seed_same_numbers(rng):
     X = rng.normal(size=(30, D)).astype(np.float32)
     Y = np.eye(C, dtype=np.float32)[rng.integers(0, C, 30)]
     opt = optax.sgd(0.1)
-    p0 = linear.init(D, C, key=3, scale=0.5, dtype=jnp.float32)
-    assert p0.W.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(p0.W),
-                                  np.asarray(linear.init(D, C, 3, 0.5, jnp.float32).W))
+    p0 = linear.init(D, C, seed=3, scale=0.5, dtype=np.float32)
+    assert p0.W.dtype == np.float32 and np.abs(p0.W).max() > 0 and not p0.b.any()
+    np.testing.assert_array_equal(p0.W, linear.init(D, C, 3, 0.5, np.float32).W)
     runs = [linear.train(p0, X, Y, "squares", opt, 3, batch_size=4, key=k)[0] for k in
             (1, 1, 2)]
     np.testing.assert_array_equal(np.asarray(runs[0].W), np.asarray(runs[1].W))
-    assert runs[0].W.dtype == jnp.float32
+    assert runs[0].W.dtype == np.float32
     assert not np.allclose(np.asarray(runs[0].W[-1]), np.asarray(runs[2].W[-1]))
 
 

@@ -68,7 +68,7 @@ class Config(BaseConfig):
     """
 
     dataset: str = "mnist"             # "mnist" (60k train), "digits" (tiny: tests)
-    n_train: int = 0                   # 0: the full training set; else a stratified subset
+    train_subset: int = 0              # 0: the full training set; else a stratified subset
     target_class: int = 0
     trigger_strength: float = 1.0      # cross norm in units of l (median pairwise distance)
     poison_counts: Tuple[int, ...] = (6, 60, 200, 600)   # 0.01% .. 1% of 60k
@@ -88,7 +88,7 @@ class Config(BaseConfig):
     def validate(self) -> None:
         super().validate()
         self.check_choice("dataset", ("mnist", "digits", "fashion_mnist"))
-        self.check_min(0, "n_train", "target_class", "batch_size", "seed")
+        self.check_min(0, "train_subset", "target_class", "batch_size", "seed")
         if self.target_class > 9:
             raise ValueError(f"`target_class` must be a class index in 0..9, got "
                              f"{self.target_class}.")
@@ -115,11 +115,11 @@ def load_task(cfg: Config):
         X, y = np.concatenate([xtr, xva]), np.concatenate([ytr, yva])
     else:
         X, y, xte, yte = data.load(cfg.dataset, dtype=dtype)
-    if cfg.n_train:
-        if cfg.n_train > len(X):
-            raise ValueError(f"`n_train` = {cfg.n_train} exceeds the {len(X)} training "
-                             "images; use 0 for all of them.")
-        X, y = data.subset(X, y, cfg.n_train, seed=cfg.seed)
+    if cfg.train_subset:
+        if cfg.train_subset > len(X):
+            raise ValueError(f"`train_subset` = {cfg.train_subset} exceeds the {len(X)} "
+                             "training images; use 0 for all of them.")
+        X, y = data.subset(X, y, cfg.train_subset, seed=cfg.seed)
     ell = metrics.median_distance(X)
     trig = triggers.CrossTrigger(strength=cfg.trigger_strength * ell)
     return X.astype(dtype), np.asarray(y), xte.astype(dtype), np.asarray(yte), trig, ell
@@ -134,7 +134,7 @@ def measure(traj, kind, X_trig, X_hess_t, X_hess_c, X_test, y_test, P, target) -
                clean_acc=metrics.clean_accuracy(f_test, y_test, multiclass=True))
     rows = []
     for e in range(W.shape[0]):
-        p = linear.Linear(traj.W[e], traj.b[e])
+        p = linear.Linear(W[e], b[e])
         lt, vt = (np.asarray(a, np.float64) for a in linear.top_eigenpair(p, X_hess_t, kind))
         lc, vc = (np.asarray(a, np.float64) for a in linear.top_eigenpair(p, X_hess_c, kind))
         rows.append((lt.mean(), lc.mean(), np.mean((vt @ P) ** 2), np.mean((vc @ P) ** 2)))
@@ -167,7 +167,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     X_trig = np.asarray(trig.apply(x_src), X.dtype)
     hidx = np.random.default_rng(cfg.seed + 1).permutation(len(x_src))[:cfg.n_hessian]
     X_hess_t, X_hess_c = X_trig[hidx], x_src[hidx]
-    counts = [m for m in cfg.poison_counts if m <= int(nt.sum())]
+    counts = list(cfg.poison_counts)
     params0 = linear.init(d, c, cfg.seed, cfg.init_scale, X.dtype)
     bs = None if cfg.batch_size == 0 else cfg.batch_size
     res, weights = {}, {}

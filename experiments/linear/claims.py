@@ -21,8 +21,8 @@ def crossings(s: dict, d: int, cfg) -> dict:
     epochs 1..E (linear interpolation in the epoch), and the lag verdict.
 
     ASR RISES if its last value exceeds its first by ``cfg.asr_rise``; the overlap
-    RISES if its last value is at least ``cfg.overlap_rise`` times its first and times
-    the random-direction level 1/d. Verdict: True if both rise and ASR crosses strictly
+    RISES if it ends at least ``cfg.overlap_rise`` times the random-direction level 1/d
+    and at least 1/d above where it started. Verdict: True if both rise and ASR crosses strictly
     before the overlap; False if both rise and the overlap crosses first or together
     (after epoch 1); None if either does not rise, or both cross by epoch 1 (the epoch
     grid cannot order them).
@@ -34,7 +34,7 @@ def crossings(s: dict, d: int, cfg) -> dict:
                overlap=metrics.half_crossing(ep, ov, log_x=False),
                ratio=metrics.half_crossing(ep, ratio, log_x=False),
                asr_rises=bool(asr[-1] - asr[0] >= cfg.asr_rise),
-               overlap_rises=bool(ov[-1] >= cfg.overlap_rise * max(ov[0], 1.0 / d)),
+               overlap_rises=bool(ov[-1] >= cfg.overlap_rise / d and ov[-1] - ov[0] >= 1.0 / d),
                asr_first=float(asr[0]), asr_last=float(asr[-1]), overlap_first=float(ov[0]),
                overlap_last=float(ov[-1]), overlap_max=float(ov.max()),
                ratio_first=float(ratio[0]), ratio_last=float(ratio[-1]),
@@ -88,39 +88,26 @@ def claims(rep, res: dict, counts, d: int, cfg) -> None:
                   f"{float(clean['asr'][-1]):.3f}). The eigenvector is "
                   + ("mostly the trigger (cos^2 >= 0.5)." if ov >= 0.5 else
                      "still mostly NOT the trigger (cos^2 < 0.5)."), ["linear_lag.png"])
-        if kind == "squares":
-            dev = max(float(np.max(np.abs(np.asarray(x["ratio"]) - 1))) for x in
-                      r["runs"].values())
-            dov = max(float(np.max(np.abs(np.asarray(x["overlap"]) -
-                                          np.asarray(x["overlap_clean_inputs"]))))
-                      for x in r["runs"].values())
-            tol = 1e-4 if rep.results["dtype"] == "float32" else 1e-10
-            rep.claim("squares: input curvature constant in x",
-                      "For least squares the input Hessian is W^T W at every input: the "
-                      "triggered/clean top-eigenvalue ratio is 1 and the overlap is the "
-                      "same at triggered and clean inputs (a theorem; a check of the code).",
-                      dev <= tol and dov <= tol,
-                      f"max |ratio - 1| = {dev:.2g}, max |cos^2 triggered - cos^2 clean| = "
-                      f"{dov:.2g} over all epochs and runs (tolerance {tol:g}, "
-                      f"{rep.results['dtype']}).", ["linear_eigs.png"])
 
 
 def table(res: dict, counts, n: int) -> str:
     """The crossing-epoch table (markdown)."""
     lines = ["| model | m (fraction) | ASR ep 1 -> last | trigger-alone ASR (last) | "
              "clean acc (last) | ASR half-range epoch | cos^2 ep 1 -> last | overlap "
-             "half-range epoch | top-eig ratio trig/clean ep 1 -> last (max) | lag |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "half-range epoch | overlap - ASR (epochs) | top-eig ratio trig/clean ep 1 -> "
+             "last (max) | lag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, r in res.items():
         for m in counts:
             s, cr = r["runs"][str(m)], r["crossings"][str(m)]
             v = {True: "yes", False: "no", None: "untested"}[cr["lag"]]
+            gap = (f"{cr['overlap'] - cr['asr']:+.2f}" if cr["asr"] is not None
+                   and cr["overlap"] is not None else "-")
             lines.append(
                 f"| {kind} | {m} ({m / n:.2%}) | {cr['asr_first']:.3f} -> {cr['asr_last']:.3f}"
                 f" | {float(s['trigger_alone_asr'][-1]):.3f} | "
                 f"{float(s['clean_acc'][-1]):.3f} | {fmt(cr['asr'])} | "
                 f"{cr['overlap_first']:.3g} -> {cr['overlap_last']:.3g} | "
-                f"{fmt(cr['overlap'])} | {cr['ratio_first']:.3g} -> {cr['ratio_last']:.3g} "
+                f"{fmt(cr['overlap'])} | {gap} | {cr['ratio_first']:.3g} -> {cr['ratio_last']:.3g} "
                 f"({cr['ratio_max']:.3g}) | {v}: {cr['why']} |")
     return "\n".join(lines)
 
@@ -163,6 +150,20 @@ and its overlap does not depend on the input. Time {secs:.1f} s (mean per run: "
         notes.append(f"- {kind}: ASR first at m = {yes or 'none'}; the overlap first (or "
                      f"together) at m = {no or 'none'}; not ordered at m = {un or 'none'}.")
         clean = r["runs"]["0"]
+        if kind == "squares":
+            dev = max(float(np.max(np.abs(np.asarray(x["ratio"]) - 1))) for x in
+                      r["runs"].values())
+            notes.append(f"  Least squares: the input Hessian is W^T W at every input, so the "
+                         f"triggered/clean ratio is 1 (measured max |ratio - 1| = {dev:.2g}); "
+                         "its top eigenvector is W's top right singular vector.")
+        else:
+            big = r["runs"][str(counts[-1])]
+            rt = np.asarray(big["ratio"])
+            notes.append(f"  Softmax, m = {counts[-1]}: the triggered/clean top-eigenvalue "
+                         f"ratio peaks at {rt.max():.3g} (epoch {int(np.argmax(rt))}) and ends "
+                         f"at {rt[-1]:.3g}" + (": below 1, the triggered inputs become FLATTER "
+                         "than clean ones once the model sends them confidently to the target "
+                         "(p -> one-hot, A = diag p - p p^T -> 0)." if rt[-1] < 1 else "."))
         notes.append(f"  The clean run: clean accuracy {float(clean['clean_acc'][-1]):.3f}, "
                      f"trigger-alone ASR {float(clean['asr'][-1]):.3f}, cos^2 "
                      f"{float(clean['overlap'][-1]):.3g} at the last epoch.")

@@ -35,7 +35,7 @@ def lag_figure(rep, res, counts, cfg):
             if row == 0 and col == 0:
                 h1, l1 = ax.get_legend_handles_labels()
                 h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="center right")
+                ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="center", framealpha=0.6)
     fig.suptitle("ASR (left axis) and overlap (right axis, red) vs epoch; dashed "
                  "verticals: half-range crossings (epochs 1..E)", fontsize=9)
     rep.figure(fig, "linear_lag")
