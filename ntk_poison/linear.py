@@ -125,7 +125,9 @@ def _example_loss(z: jax.Array, y: jax.Array, kind: str) -> jax.Array:
 
 def example_loss(params: Linear, x: Array, y: Array, kind: str) -> jax.Array:
     """The per-example loss ``l(x, y)`` (module docstring) for ``x`` ``(d,)`` or
-    ``(n, d)`` and one-hot ``y`` ``(c,)`` or ``(n, c)``."""
+    ``(n, d)`` and one-hot ``y`` ``(c,)`` or ``(n, c)`` (no array checks: it is
+    traced by ``jax.hessian`` in the tests)."""
+    _check_kind(kind)
     return _example_loss(logits(params, x), y, kind)
 
 
@@ -265,8 +267,8 @@ def train(params: Linear, X: Array, Y: Array, kind: str,
     """Train for ``epochs`` epochs (:func:`make_epoch`); return the trajectory.
 
     Returns ``(trajectory, losses)``: a :class:`Linear` of numpy arrays whose ``W`` and
-    ``b`` carry a leading axis of ``epochs + 1`` models (the initial one, then the model after each
-    epoch), and the mean minibatch loss of each epoch ``(epochs,)``. Epoch ``e``
+    ``b`` carry a leading axis of ``epochs + 1`` models (the initial one, then the
+    model after each epoch), and the mean minibatch loss of each epoch ``(epochs,)``. Epoch ``e``
     (from 0) permutes with ``jax.random.fold_in(key, e)``. ``progress``: an optional
     wrapper of the epoch iterator (e.g. ``report.progress``-like ``f(iterable)``).
     """
@@ -276,8 +278,8 @@ def train(params: Linear, X: Array, Y: Array, kind: str,
     epochs = _validate.positive_int("epochs", epochs)
     key = _validate.as_key(key)
     epoch = make_epoch(X, Y, kind, optimizer, batch_size)
-    state = optimizer.init(params)
     params = Linear(jnp.asarray(params.W), jnp.asarray(params.b))
+    state = optimizer.init(params)
     Ws, bs, losses = [np.asarray(params.W)], [np.asarray(params.b)], []
     it = range(epochs) if progress is None else progress(range(epochs))
     for e in it:

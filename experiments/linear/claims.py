@@ -100,8 +100,8 @@ def table(res: dict, counts, n: int) -> str:
         for m in counts:
             s, cr = r["runs"][str(m)], r["crossings"][str(m)]
             v = {True: "yes", False: "no", None: "untested"}[cr["lag"]]
-            gap = (f"{cr['overlap'] - cr['asr']:+.2f}" if cr["asr"] is not None
-                   and cr["overlap"] is not None else "-")
+            gap = (f"{cr['overlap'] - cr['asr']:+.2f}" if cr["asr_rises"]
+                   and cr["overlap_rises"] else "-")
             lines.append(
                 f"| {kind} | {m} ({m / n:.2%}) | {cr['asr_first']:.3f} -> {cr['asr_last']:.3f}"
                 f" | {float(s['trigger_alone_asr'][-1]):.3f} | "
@@ -149,6 +149,19 @@ and its overlap does not depend on the input. Time {secs:.1f} s (mean per run: "
         un = [m for m, v in zip(counts, verdicts) if v is None]
         notes.append(f"- {kind}: ASR first at m = {yes or 'none'}; the overlap first (or "
                      f"together) at m = {no or 'none'}; not ordered at m = {un or 'none'}.")
+        close = [m for m in yes + no if abs(r["crossings"][str(m)]["overlap"]
+                                            - r["crossings"][str(m)]["asr"]) < 1]
+        if close:
+            notes.append(f"  At m = {close} the two crossings are less than one epoch apart: "
+                         "ASR and the overlap rise together there, whichever comes first.")
+        blind = [m for m in counts if not r["crossings"][str(m)]["overlap_rises"]
+                 and float(r["runs"][str(m)]["asr"][-1]) >= 0.5]
+        if blind:
+            notes.append("  The attack succeeds unseen at m = " + ", ".join(
+                f"{m} (ASR {float(r['runs'][str(m)]['asr'][-1]):.2f}, cos^2 "
+                f"{float(r['runs'][str(m)]['overlap'][-1]):.3g})" for m in blind)
+                + f": ASR passes 0.5 while the overlap does not rise (it stays within a "
+                f"few x 1/d = {1 / d:.3g}, the level of a random direction).")
         clean = r["runs"]["0"]
         if kind == "squares":
             dev = max(float(np.max(np.abs(np.asarray(x["ratio"]) - 1))) for x in
