@@ -30,14 +30,14 @@ def lag_figure(rep, res, counts, cfg):
             ax2.set_ylim(0, max(1.05 * float(np.max(s["overlap"][1:])), 2.0 / d))
             ax2.tick_params(axis="y", colors="C3", labelsize=7)
             for key, color in (("asr", "C0"), ("overlap", "C3")):
-                if cr[key] is not None:
+                if cr[key] is not None and cr[f"{key}_rises"]:
                     ax.axvline(cr[key], color=color, ls="--", lw=0.8)
             if row == 0 and col == 0:
                 h1, l1 = ax.get_legend_handles_labels()
                 h2, l2 = ax2.get_legend_handles_labels()
-                ax.legend(h1 + h2, l1 + l2, fontsize=6, loc="center", framealpha=0.6)
+                ax2.legend(h1 + h2, l1 + l2, fontsize=6, loc="center", framealpha=0.8)
     fig.suptitle("ASR (left axis) and overlap (right axis, red) vs epoch; dashed "
-                 "verticals: half-range crossings (epochs 1..E)", fontsize=9)
+                 "verticals: half-range crossings (epochs 1..E) of the curves that rise", fontsize=9)
     rep.figure(fig, "linear_lag")
 
 
