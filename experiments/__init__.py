@@ -19,6 +19,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
     "near_clone_invisible": ("experiments.near_clone_invisible", "near clones vs two detectors"),
     "defence": ("experiments.defence", "input-gradient penalty: capacity, contraction, "
                 "high-pass filter, frontier; kernels vs finite erf nets"),
+    "linear": ("experiments.linear", "backdoors in linear models (softmax, least squares) on "
+               "MNIST: ASR vs input-Hessian overlap per epoch"),
 }
 
 

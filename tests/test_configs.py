@@ -10,11 +10,11 @@ import math
 
 import pytest
 
-from experiments import defence, demo, lag, near_clone_invisible as nci
+from experiments import defence, demo, lag, linear, near_clone_invisible as nci
 from ntk_poison.config import Config
 
 CONFIGS = {"demo": demo.Config, "lag": lag.Config, "near_clone_invisible": nci.Config,
-           "defence": defence.Config}
+           "defence": defence.Config, "linear": linear.Config}
 
 # (field, bad value, text the message must contain), for every config with that field
 SHARED = [
@@ -47,6 +47,15 @@ OWN = {
                 ("net_kappas", (0.1, -1.0), "net_kappas"), ("widths", (128, 0), "widths"),
                 ("weak_m", -1, "weak_m"), ("fit_growth_max", 0.0, "fit_growth_max"),
                 ("augment_sigma", 0.0, "augment_sigma")],
+    "linear": [("target_class", 10, "target_class"), ("train_subset", -1, "train_subset"),
+               ("poison_counts", (), "poison_counts"),
+               ("poison_counts", (60, 6), "poison_counts"),
+               ("poison_counts", (0, 6), "poison_counts"),
+               ("models", ("softmax", "hinge"), "models"),
+               ("epochs", 0, "epochs"), ("batch_size", -1, "batch_size"),
+               ("lr_squares", 0.0, "lr_squares"), ("n_hessian", 0, "n_hessian"),
+               ("overlap_rise", 0.5, "overlap_rise"), ("align_factor", 0.0, "align_factor"),
+               ("init_scale", -1.0, "init_scale")],
 }
 
 CASES = [(name, f, v, msg) for name, cls in CONFIGS.items()
