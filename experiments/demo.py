@@ -59,6 +59,7 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart):
     patch_size: int = 4
     pool: int = 1                  # mean-pool the (square) images by this factor first
                                    # (2: MNIST 28x28 -> 14x14); 1 keeps them
+    ntk_floor: bool = True         # measure the ReLU/erf NTK near-clone floor (floor.py)
 
     def validate(self) -> None:
         super().validate()
@@ -408,7 +409,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     fl = floor.floor_at_points(       # the NTK floor at the near-clone sweep's x0s
         {f"{st:g}": _at_strength(sc.trigger, st * ell).apply(sc.x0_clean[None])[0]
          for st in cfg.near_clone_strengths}, X, np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r),
-        ell, cfg.seed, cfg.nt_depth)
+        ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={})
     res = {}
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
@@ -434,8 +435,9 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     _figures(rep, res)
     for st, sw in fl["points"].items():
         floor.floor_claims(rep, sw, f"x0 at {st} l", "ntk_floor.png")
-    floor.floor_figure(rep, {f"x0 at {st} l": sw for st, sw in fl["points"].items()},
-                       "ntk_floor")
+    if fl["points"]:
+        floor.floor_figure(rep, {f"x0 at {st} l": sw for st, sw in fl["points"].items()},
+                           "ntk_floor")
     rep.results = dict(length_scale=ell, x0_index="first triggered non-target test point",
                        r_unit="the RBF length scale l (median pairwise distance)",
                        kernels=res, ntk_floor=fl, seconds=time.time() - t0)
