@@ -38,7 +38,7 @@ from ntk_poison.kernels import Kernel
 
 Array = Any
 
-__all__ = ["radial_spike_factor", "spike_parts", "floor_variants", "floor_sweep",
+__all__ = ["radial_spike_factor", "relu_cusp_constant", "spike_parts", "floor_variants", "floor_sweep",
            "floor_summary", "clones_at", "floor_at_points", "floor_claims",
            "floor_figure"]
 
@@ -52,6 +52,26 @@ def radial_spike_factor(x0: Array) -> float:
     if nrm2 == 0:
         raise ValueError("`x0` is the zero vector; the radial direction is undefined.")
     return 1.0 / nrm2
+
+
+def relu_cusp_constant(depth: int) -> float:
+    """``c_L = L / (2 pi)``: the ReLU NTK's cusp, ``Theta(theta) = Theta(0)(1 - c_L theta +
+    O(theta^2))`` in the angle theta between the inputs (depth L, ``b_std = 0``, any
+    ``W_std``).
+
+    From the arc-cosine recursion with ``a = |x||x'|/d``: ``Sigma_l = a w^(2l+2) / 2^l
+    (1 + O(theta^2))`` has no linear term, ``kappa_0 = (1 - theta/pi) / 2``, and the
+    angle of every layer is theta to first order; ``Theta_l = a w^(2l+2) (p_l - q_l
+    theta)`` with ``p_l = (l + 1) / 2^l`` and ``2^l q_l = 2^(l-1) q_(l-1) + l / pi``, so
+    ``q_L / p_L = L / (2 pi)``. Since ``|grad_x theta| = 1/|x|`` for any x0 not parallel
+    to zeta, the floor is
+
+        R_k |zeta|^2 -> 1 + c_L^2   (radial 1, cusp c_L^2),
+        radial share of the floor = 1 / (1 + c_L^2)   (90.8% at depth 2).
+    """
+    if not _validate.is_int_scalar(depth) or depth < 1:
+        raise ValueError(f"`depth` must be an integer >= 1, got {depth!r}.")
+    return float(depth) / (2.0 * np.pi)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -171,7 +191,7 @@ def floor_at_points(x0s: Dict[str, Array], X: Array, rs: Array, ell: float, seed
     variants = floor_variants(depth, radius)
     rs = np.asarray(rs, dtype=float)
     points = {label: floor_sweep(variants, x0, clones_at(x0, rs, ell, seed), rs, ell)
-              for label, x0 in x0s.items()}
+              | dict(depth=int(depth)) for label, x0 in x0s.items()}
     return dict(depth=int(depth), sphere_radius=radius, points=points,
                 seconds=time.time() - t)
 
@@ -182,23 +202,28 @@ def floor_claims(rep: Any, sweep: Dict[str, Any], where: str, figure: str,
                  slope_tol: float = 0.1, r2_tol: float = 0.05) -> None:
     """The floor's claims (THEORY.md section 2, corrections) for one
     :func:`floor_sweep` over :func:`floor_variants`, each with a verdict read off the
-    data. ``where`` names the trigger point in the claim names (e.g. "x0 at 3 l")."""
+    data. ``where`` names the trigger point in the claim names (e.g. "x0 at 3 l"); the
+    sweep carries the NTKs' ``depth`` (as :func:`floor_at_points` writes it)."""
     rs = sweep["r_over_l"]
     rf = sweep["radial_floor"]
     rel, rsph, rnrm = sweep["relu_raw"], sweep["relu_sphere"], sweep["relu_normalized"]
     erw, esph, enrm = sweep["erf_raw"], sweep["erf_sphere"], sweep["erf_normalized"]
     r0 = f"r/l = {rs.min():.0e}"
     share = rel["closed_form_share"]
+    depth = int(sweep["depth"])
+    c2 = relu_cusp_constant(depth) ** 2
     rep.claim(
         f"ntk floor ({where}): ReLU raw = radial + cusp",
         "On raw inputs the ReLU NTK's R_k keeps a floor as r -> 0 (log-log slope in r "
         f"within {slope_tol:g} of 0 over r/l <= 0.01). It is homogeneous of degree 1, so its "
-        "radial part is exactly l^2/|x0|^2, about 90% of the floor (THEORY.md: within 5 "
-        "points); the arc-cosine cusp (angular part) is the rest.",
-        abs(rel["slope_floor"]) <= slope_tol and abs(share - 0.9) <= 0.05,
+        "radial part is exactly l^2/|x0|^2; with the cusp c_L = L/(2 pi) the floor is "
+        "(1 + c_L^2) l^2/|zeta|^2, so the radial share is 1/(1 + c_L^2) (THEORY.md: about "
+        "90%); the measured share is within 1 point of it.",
+        abs(rel["slope_floor"]) <= slope_tol and abs(share - 1 / (1 + c2)) <= 0.01,
         f"R_k l^2 = {rel['floor']:.4g} at {r0} (slope {rel['slope_floor']:.3f}); radial floor "
-        f"l^2/|x0|^2 = {rf:.4g} = {share:.1%} of it (measured radial part by projecting "
-        f"grad_x k on x0: {rel['radial_share']:.1%}); the cusp {1 - share:.1%}.", [figure])
+        f"l^2/|x0|^2 = {rf:.4g} = {share:.2%} of it (measured radial part by projecting "
+        f"grad_x k on x0: {rel['radial_share']:.2%}; closed form at depth {depth}: "
+        f"{1 / (1 + c2):.2%}); the cusp {1 - share:.2%}.", [figure])
     ident = float(np.max(np.abs(rsph["R_k"] - (rel["R_k"] - rf)) / rel["R_k"]))
     rep.claim(
         f"ntk floor ({where}): ReLU cusp survives the sphere",

@@ -46,8 +46,13 @@ def test_relu_ntk_radial_floor_is_one_over_norm_squared(rng):
     # k(x, x) of the ReLU NTK carries an O(sqrt(eps)) error (test_kernels): 1e-6
     np.testing.assert_allclose(nrm["R_k"], sph["R_k"], rtol=1e-6)
     np.testing.assert_allclose(sph["radial"], 0.0, atol=1e-12 * inv)
-    # the floor: the angular part stays O(1/|x0|^2) as r -> 0 (the arc-cosine cusp)
-    assert np.all(sph["R_k"] > 1e-3 * inv)
+    # the floor: the angular part tends to c_L^2/|x0|^2 as r -> 0 (the arc-cosine cusp,
+    # c_L = L/(2 pi) from the recursion), so R_k |x0|^2 -> 1 + c_L^2; O(theta) at r = 1e-4
+    c2 = floor.relu_cusp_constant(depth) ** 2
+    assert c2 == pytest.approx(1.0 / np.pi ** 2, rel=1e-15)
+    np.testing.assert_allclose(raw["R_k"][-1] / inv, 1.0 + c2, rtol=1e-3)
+    np.testing.assert_allclose(sph["R_k"][-1] / inv, c2, rtol=1e-3)
+    assert abs(raw["R_k"][0] / inv - 1.0 - c2) > 1e-2          # not yet at r = 0.3
     # R_k at r = 0.3 against finite differences of the numpy NTK
     z = Z[0]
     k_np = lambda a: arccos.relu_ntk(a[None], z[None], depth, 1.3)[0, 0]  # noqa: E731
@@ -107,5 +112,7 @@ def test_floor_bad_inputs(rng):
     with pytest.raises(ValueError, match="rs"):
         floor.floor_sweep({"lin": k}, rng.standard_normal(3), rng.standard_normal((2, 3)),
                           [0.1], 1.0)
+    with pytest.raises(ValueError, match="depth"):
+        floor.relu_cusp_constant(0)
     with pytest.raises(ValueError, match="Kernel"):
         floor.spike_parts("linear", rng.standard_normal(3), rng.standard_normal((2, 3)))
