@@ -18,6 +18,10 @@ to ``r_max``, at a fixed m. Each poisoned training set is an attack artefact
   artefact's training set, eps = the poison fraction: AUROC at separating the clones
   from the clean training points.
 
+**The NTK floor** at x0p (THEORY.md section 2, corrections; ``ntk_poison.floor``): R_k l^2
+against r/l for the ReLU and erf NTKs raw, on the sphere and cosine-normalised; the
+radial term l^2/|x0p|^2 and the ReLU cusp, and the erf NTK's r^2 law on the sphere.
+
 Kernels and data as in the lag experiment: RBF and nt_fc on flat inputs, nt_cnn
 on its own small image subset (``cnn_n_train``, ``cnn_pool``) as ``(n, H, W, 1)``
 images, with the same smoothness check of the input Hessian (here at x0p).
@@ -34,7 +38,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, krr, metrics, scenario, spectra
+from ntk_poison import attacks, floor, krr, metrics, scenario, spectra
 from ntk_poison.defences import SpectralSignatures, evaluate_artefact, kernel_pca_features
 from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
 from ntk_poison.report import Report, new_figure, progress, x64_run
@@ -165,8 +169,9 @@ def _claims(rep, name, s, cfg):
     a0, a1 = float(s["auroc"][0]), float(s["auroc"][-1])
     ok_auc = abs(a0 - 0.5) <= cfg.auroc_tol
     theory_note = ("THEORY.md's prediction for the RBF kernel." if name in ("rbf", "matern52")
-                   else "THEORY.md's r^2 law is for the RBF kernel; the ReLU NTK has a cusp "
-                        "at x = x', so it is reported, not predicted.")
+                   else "THEORY.md's r^2 law needs a stationary or normalised smooth kernel; "
+                        "the ReLU NTK on raw inputs keeps a radial term (it is homogeneous of "
+                        "degree 1) and a cusp at x = x', so it is reported, not predicted.")
     rep.claim(f"{name}: curvature AUROC -> 0.5 as r -> 0",
               "The curvature detector's AUROC (triggered vs clean test inputs) falls towards "
               f"0.5 (within {cfg.auroc_tol:g}) as the clones approach x0p.",
@@ -186,8 +191,9 @@ def _claims(rep, name, s, cfg):
         stmt = "At x0p the poison's GN spike falls like r^2 (RBF: R_k = r^2 / l^4)."
     else:
         ok = abs(sl) <= 0.5 if np.isfinite(sl) else None
-        stmt = ("At x0p the poison's GN spike does not vanish as r -> 0 (ReLU NTK cusp; the "
-                "demo found slope ~ 0).")
+        stmt = ("At x0p the poison's GN spike does not vanish as r -> 0: the ReLU NTK on raw "
+                "inputs keeps a radial term (degree-1 homogeneity, R_k -> 1/|zeta|^2) and the "
+                "arc-cosine cusp (the demo found slope ~ 0; see the 'ntk floor' claims).")
     rep.claim(f"{name}: spike at x0p vs r", stmt, ok,
               f"log-log slope of ||grad Delta f(x0p)||^2 in r over the {int(near.sum())} radii "
               f"r/l <= 0.1: {sl:.3f}; spike {s['spike_x0p'][0]:.3g} at r/l = {r[0]:.0e}, "
@@ -283,7 +289,14 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         _claims(rep, name, s, cfg)
     _figures(rep, res, cfg)
     ell = scenario.flat_length_scale(built)
-    rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
+    fl = None
+    if False in built:                  # the NTK floor at x0p (flat inputs; floor.py)
+        sc = built[False][0]
+        fl = floor.floor_at_points({"x0p": sc.zeta}, sc.X, rs, sc.length_scale, cfg.seed,
+                                   cfg.nt_depth)
+        floor.floor_claims(rep, fl["points"]["x0p"], "x0p", "ntk_floor.png")
+        floor.floor_figure(rep, fl["points"], "ntk_floor")
+    rep.results = dict(length_scale=ell, kernels=res, ntk_floor=fl, seconds=time.time() - t0,
                        x0p="the triggered prototype (mean non-target training image + "
                            "trigger)", r_unit="the RBF length scale l")
     rep.text(_discussion(res, cfg, ell, time.time() - t0))
@@ -349,10 +362,12 @@ def _agreement(res, cfg) -> str:
                 "(THEORY: r^2).")
         else:
             other.append(f"{name}: the poison's GN spike at x0p scales as r^{sl:.2f} for "
-                         "r/l <= 0.1" + (": it does not vanish as r -> 0 (the ReLU kernel's "
-                                         "cusp at x = x' keeps it)" if abs(sl) <= 0.5 else "")
-                         + ". THEORY.md's r^2 law is for exponential kernels and makes no "
-                         "prediction for a ReLU NTK.")
+                         "r/l <= 0.1" + (": it does not vanish as r -> 0 (the ReLU NTK's "
+                                         "radial term and its cusp at x = x' keep it)"
+                                         if abs(sl) <= 0.5 else "")
+                         + ". THEORY.md's r^2 law needs grad_x k(x, x') -> 0 at x' = x (a "
+                         "stationary or normalised smooth kernel) and makes no prediction "
+                         "for a ReLU NTK on raw inputs.")
         a0 = float(s["auroc"][0])
         if abs(a0 - 0.5) > cfg.auroc_tol:
             disagree.append(

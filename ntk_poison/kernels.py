@@ -46,7 +46,7 @@ KernelFn = Callable[[Array, Array], Array]
 
 __all__ = [
     "Kernel", "register", "get", "available", "sq_dists",
-    "rbf", "linear", "matern52", "nt_fc", "nt_cnn", "from_stax",
+    "rbf", "linear", "matern52", "nt_fc", "nt_cnn", "from_stax", "normalized", "on_sphere",
 ]
 
 
@@ -275,9 +275,14 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     ``kappa_0 = (pi - t) / (2 pi)`` for angle t; see ``tests/oracles`` for a numpy
     version. ``kind`` picks ``"ntk"`` (Theta) or ``"nngp"`` (Sigma).
 
-    Note: the ReLU NTK has a cusp at ``x = x'`` (the ``kappa_0`` term is linear in the
-    angle), unlike the RBF kernel; its input gradient at a near clone does not
-    vanish.
+    Note: with ``b_std = 0`` the ReLU NTK is positively homogeneous of degree 1 in each
+    argument, ``k(a x, x') = a k(x, x')`` (a > 0), so ``x . grad_x k(x, x') = k(x, x')``
+    and its input gradient keeps a radial part ``k / |x|`` at ``x' -> x``: the spike
+    factor ``R_k -> 1/|x'|^2`` as ``x -> x'``. It also has a cusp at ``x = x'`` (the
+    ``kappa_0`` term is linear in the angle), which keeps an angular part. Neither
+    vanishes at a near clone (THEORY.md section 2, corrections); :func:`on_sphere` and
+    :func:`normalized` remove the radial part, and only a smooth base kernel
+    (``activation="erf"``) then has ``grad_x k(x, x') -> 0``.
 
     ``activation="erf"`` uses ``stax.Erf()`` (the arcsine kernel of Williams 1997):
     a smooth kernel, so the input-gradient functionals of :mod:`ntk_poison.flow` are
@@ -336,3 +341,90 @@ def nt_cnn(depth: int = 2, channels: int = 64, filter_size: int = 3, W_std: floa
     params = (("depth", depth), ("channels", channels), ("filter_size", filter_size),
               ("W_std", W_std), ("b_std", b_std))
     return from_stax(kernel_fn, kind, name="nt_cnn", params=params, input_rank=3)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+def _base_kernel(base: Any, base_params: Dict[str, Any]) -> Kernel:
+    """A wrapper's base kernel: a :class:`Kernel`, or a registered name built with
+    ``base_params``."""
+    if isinstance(base, Kernel):
+        if base_params:
+            raise ValueError(f"Parameters {sorted(base_params)} were given with a Kernel "
+                             "`base`; pass them to the base kernel's factory instead.")
+        return base
+    if isinstance(base, str):
+        return get(base, **base_params)
+    raise ValueError(f"`base` must be a Kernel or a registered kernel name, got {base!r}.")
+
+
+def _flat_norms(x: Array) -> Array:
+    return jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1))
+
+
+@register("normalized")
+def normalized(base: Any = "nt_fc", **base_params: Any) -> Kernel:
+    """The cosine-normalised kernel of ``base`` (THEORY.md section 2, corrections):
+
+        k_n(x, x') = k(x, x') / sqrt(k(x, x) k(x', x'))
+
+    It is PSD when k is (``D^-1/2 K D^-1/2`` with D the positive diagonal), and
+    ``k_n(x, x) = 1``, so by Cauchy-Schwarz ``k_n(., x') <= 1`` has its maximum at
+    ``x = x'``. For a smooth base kernel ``grad_x k_n(x, x') = 0`` at ``x = x'`` and the
+    spike factor of a near clone at ``x = x' + r u`` is
+
+        R_k = ||grad_x k_n||^2 / k_n^2 = r^2 ||H u||^2 + O(r^3),
+        H = hess_x k_n(x, x')|_{x = x'},
+
+    the r^2 law of a stationary kernel. The input gradient is
+    ``grad_x log k_n = grad_x log k(x, x') - grad_x log k(x, x) / 2``: for a base that is
+    homogeneous of degree 1 in each argument (the ReLU NTK with ``b_std = 0``) the second
+    term is ``x / |x|^2``, exactly the radial part of the first, so only the angular
+    part (the ReLU kernel's cusp) remains.
+
+    Args:
+      base: a :class:`Kernel` or a registered name (then built with ``base_params``).
+        It must have ``k(x, x) > 0`` at every input it is called on.
+
+    ``normalized(k)`` is equal to (and hashes as) ``get("normalized", base=name, ...)``
+    when k is the registered kernel of those parameters.
+    """
+    k = _base_kernel(base, base_params)
+
+    def fn(x1, x2):
+        d1 = jax.vmap(k.pair)(x1, x1)
+        d2 = jax.vmap(k.pair)(x2, x2)
+        return k.fn(x1, x2) / jnp.sqrt(d1[:, None] * d2[None, :])
+
+    return Kernel(fn, "normalized", (("base", k),), k.input_rank)
+
+
+@register("on_sphere")
+def on_sphere(base: Any = "nt_fc", radius: float = 1.0, **base_params: Any) -> Kernel:
+    """``base`` on inputs projected to the sphere of radius rho (THEORY.md section 2):
+
+        k_s(x, x') = k(rho x / |x|, rho x' / |x'|)     (|x| over all of an input's axes)
+
+    The projection is part of the kernel, so ``grad_x k_s = rho / |x| (I - x x^T / |x|^2)
+    grad_1 k``: it has no radial part. For a base homogeneous of degree 1 in each argument
+    (the ReLU NTK with ``b_std = 0``) ``k_s = rho^2 k(x, x') / (|x| |x'|)``, so the spike
+    factors obey ``R_k(k) = 1/|x|^2 + R_k(k_s)`` exactly (the radial term and the rest),
+    and ``k_s`` equals ``normalized(k)`` up to the constant ``k(rho e, rho e)``. For a
+    dot-product base ``k_s = h(x.x' / (|x| |x'|))`` and a smooth h with non-negative
+    Taylor coefficients (the erf NTK) peaks at ``x' = x``: the r^2 law.
+
+    Args:
+      base: a :class:`Kernel` or a registered name (built with ``base_params``).
+      radius: rho > 0. Inputs must be non-zero.
+    """
+    k = _base_kernel(base, base_params)
+    rho = _positive("radius", radius)
+
+    def proj(x):
+        scale = rho / _flat_norms(x)
+        return x * scale.reshape((-1,) + (1,) * (x.ndim - 1))
+
+    def fn(x1, x2):
+        return k.fn(proj(x1), proj(x2))
+
+    return Kernel(fn, "on_sphere", (("base", k), ("radius", rho)), k.input_rank)

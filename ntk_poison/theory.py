@@ -49,7 +49,7 @@ Array = Any
 __all__ = [
     "poison_gain", "efficacy_law", "spike_factor", "spike_law",
     "visibility_threshold", "clone_law", "clone_effect", "CloneLaw",
-    "resolvent_solve",
+    "resolvent_solve", "efficacy_law_factors", "posterior_covariance",
 ]
 
 
@@ -325,3 +325,76 @@ def clone_effect(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array,
     for a batch of Q poisons too).
     """
     return clone_law(k, X, y, ridge, zeta, y_target, ms, x0).delta_f
+
+
+# --------------------------------------------------------------------------- the paper's law, decomposed
+
+def efficacy_law_factors(law: CloneLaw, ridge: float, y_target: float) -> dict:
+    """Why the paper's ``y_t k0 S(m; lam)`` differs from the exact ``Delta f``
+    (THEORY.md section 2, corrections). With ``S = m / (n lam + m k_zz)`` and
+    ``Delta f = m (y_t - fc) kt / (n lam + m s2)`` the ratio factors exactly:
+
+        y_t k0 S / Delta f = (k0 / kt) * (y_t / (y_t - fc(zeta)))
+                             * ((n lam + m s2) / (n lam + m k_zz))
+
+    the posterior-covariance factor (kt < k0 where the kernel covaries with clean data
+    beyond zeta), the clean-prediction factor (fc -> 0 in the tight-cluster law) and the
+    s2 term (s2 -> k_zz; near 1 while ``m k_zz << n lam``).
+
+    Args:
+      law: a :class:`CloneLaw` from :func:`clone_law`.
+      ridge: the relative ridge lam it was computed with (absolute ``n lam``).
+      y_target: its poison label.
+
+    Returns:
+      ``k0_over_kt``, ``target_over_residual``, ``s2_term`` and their ``product``, each
+      shaped like ``law.kt`` (M, [Q], [P]); at m = 0 the product is defined but the
+      ratio it equals is 0/0.
+    """
+    if not isinstance(law, CloneLaw):
+        raise ValueError(f"`law` must be a theory.CloneLaw, got {type(law).__name__}.")
+    _validate.nonneg("ridge", ridge)
+    kt = np.asarray(law.kt)
+    tail = (1,) * (kt.ndim - 1)
+    fc, s2, kzz = np.asarray(law.fc_zeta), np.asarray(law.s2), np.asarray(law.k_zz)[None]
+    if not law.single_x0:
+        fc, s2, kzz = fc[..., None], s2[..., None], kzz[..., None]
+    k0 = np.asarray(law.k0)[None]
+    nlam = (np.asarray(law.n, float) * float(ridge)).reshape((-1,) + tail)
+    m = np.asarray(law.ms, float).reshape((-1,) + tail)
+    out = dict(k0_over_kt=k0 / kt, target_over_residual=y_target / (y_target - fc),
+               s2_term=(nlam + m * s2) / (nlam + m * kzz))
+    out["product"] = out["k0_over_kt"] * out["target_over_residual"] * out["s2_term"]
+    return out
+
+
+def posterior_covariance(k: Kernel, X: Array, shift: float, zeta: Array, x0: Array
+                         ) -> dict:
+    """The posterior covariance of THEORY.md section 2 and its spike factor, by one
+    direct Cholesky solve (an oracle for :func:`clone_law`, independent of its shifted
+    solves):
+
+        kt(x0) = k(x0, zeta) - k(x0, X) (K + shift I)^-1 k(X, zeta),
+        R_k(kt) = ||grad_x kt(x0)||^2 / kt(x0)^2   (autodiff in x0)
+
+    ``shift`` is the absolute ridge ``(N + m) lam``. The exact poison spike is
+    ``||grad Delta f||^2 = R_k(kt) Delta f^2`` (``grad Delta f / Delta f = grad kt / kt``).
+    Returns ``kt``, ``grad_kt`` and ``R_kt``.
+    """
+    k = check_kernel(k)
+    Xc = as_inputs(k, "X", X)
+    _validate.nonneg("shift", shift, positive=True)
+    zeta = as_inputs(k, "zeta", zeta, single_ok=True)[0]
+    x0 = as_inputs(k, "x0", x0, single_ok=True)[0]
+    K = np.asarray(k.fn(Xc, Xc), dtype=float)
+    kz = np.asarray(k.fn(Xc, zeta[None]), dtype=float)[:, 0]
+    import scipy.linalg
+    v = jnp.asarray(scipy.linalg.cho_solve(
+        scipy.linalg.cho_factor(K + float(shift) * np.eye(len(K))), kz))
+
+    def kt_fn(a):
+        return k.pair(a, zeta) - k.fn(a[None], Xc)[0] @ v
+
+    val, g = jax.value_and_grad(kt_fn)(x0)
+    return dict(kt=float(val), grad_kt=np.asarray(g),
+                R_kt=float(jnp.sum(g * g) / val ** 2))

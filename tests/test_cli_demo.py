@@ -26,7 +26,7 @@ def test_demo_writes_results_figures_and_report(small_run):
     res = json.loads((out / "results.json").read_text())
     assert res["config"]["n_train"] == 150
     assert res["versions"]["jax"] and res["versions"]["neural-tangents"] == "0.6.5"
-    for fig in ("efficacy.png", "spike.png", "near_clone.png", "asr.png"):
+    for fig in ("efficacy.png", "spike.png", "near_clone.png", "asr.png", "ntk_floor.png"):
         data = (out / fig).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     md = (out / "report.md").read_text()
@@ -47,10 +47,18 @@ def test_demo_rbf_theory_claims_hold_in_tight_cluster_regime(small_run):
     e = res["results"]["kernels"]["rbf"]["efficacy"]
     df = np.array(e["delta_f"])
     ms = np.array(e["ms"])
-    # Spike of the poison alone is exactly quadratic in efficacy with slope near R_k.
+    # The poison's spike is exactly R_k(kt) Delta f^2 (THEORY.md section 2, corrections):
+    # its ratio to Delta f^2 against R_k(kt) from a separate Cholesky solve.
     pos = ms > 0
     ratio = np.array(e["spike_poison"])[pos] / df[pos] ** 2
-    assert np.all(np.abs(ratio / e["R_k"] - 1) < 0.2)
+    np.testing.assert_allclose(ratio, e["R_kt"], rtol=1e-12)
+    d = e["R_kt_direct"]
+    at = np.searchsorted(ms[pos], d["ms"])
+    np.testing.assert_allclose(ratio[at], d["R_kt"], rtol=1e-8)
+    # ... and the paper-law ratio is the product of its three factors (an identity)
+    fac = e["law_factors"]
+    np.testing.assert_allclose(np.array(fac["product"])[pos],
+                               np.array(e["approx"])[pos] / df[pos], rtol=1e-10)
     nc = res["results"]["kernels"]["rbf"]["near_clone"]["3"]
     r = np.array(nc["r_over_l"])
     # The paper's term (m alpha)^2 |grad k0|^2 of the RBF kernel is (m alpha)^2 k0^2 r^2/l^4:
@@ -63,9 +71,22 @@ def test_demo_rbf_theory_claims_hold_in_tight_cluster_regime(small_run):
     assert np.all(sp >= 0.5 * fl)
 
 
+def test_demo_ntk_floor_identities(small_run):
+    """The ReLU NTK (b_std = 0) is homogeneous of degree 1: on the sphere its R_k is the
+    raw R_k minus the radial term l^2/|x0|^2 at every r (floor.py), and the normalised
+    kernel's equals the sphere's."""
+    out, _ = small_run
+    fl = json.loads((out / "results.json").read_text())["results"]["ntk_floor"]
+    for sw in fl["points"].values():
+        raw, sph = np.array(sw["relu_raw"]["R_k"]), np.array(sw["relu_sphere"]["R_k"])
+        np.testing.assert_allclose(sph, raw - sw["radial_floor"], rtol=1e-6)
+        np.testing.assert_allclose(np.array(sw["relu_normalized"]["R_k"]), sph, rtol=1e-5)
+        np.testing.assert_allclose(sw["relu_raw"]["radial"], sw["radial_floor"], rtol=1e-8)
+
+
 def test_demo_is_deterministic(tmp_path, small_run):
     out, _ = small_run
-    cfg = demo.Config(**(SMALL | {"kernels": ["rbf"]}))
+    cfg = demo.Config(**(SMALL | {"kernels": ["rbf"], "ntk_floor": False}))
     demo.run(cfg, tmp_path)
     a = json.loads((out / "results.json").read_text())["results"]["kernels"]["rbf"]
     b = json.loads((tmp_path / "results.json").read_text())["results"]["kernels"]["rbf"]

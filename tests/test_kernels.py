@@ -13,6 +13,7 @@ import pytest
 from ntk_poison import kernels
 from oracles import arccos
 from oracles import closed_forms as cf
+from oracles import finite_diff as fd
 from oracles.util import eps, rel_err
 
 # --------------------------------------------------------------------------- closed forms
@@ -74,6 +75,8 @@ REGISTERED = [
     ("nt_fc", {"depth": 2, "W_std": 1.5, "b_std": 0.1}),
     ("nt_fc", {"depth": 1, "kind": "nngp"}),
     ("nt_cnn", {"depth": 1, "W_std": 1.2, "b_std": 0.05}),
+    ("normalized", {"base": "nt_fc", "depth": 1, "activation": "erf"}),
+    ("on_sphere", {"base": "rbf", "radius": 2.0, "length_scale": 0.8}),
 ]
 
 
@@ -90,7 +93,8 @@ def test_get_by_name_equals_direct_construction(name, params, rng):
 
 
 def test_available_lists_the_builtin_kernels():
-    assert {"rbf", "linear", "matern52", "nt_fc", "nt_cnn"} <= set(kernels.available())
+    assert {"rbf", "linear", "matern52", "nt_fc", "nt_cnn", "normalized",
+            "on_sphere"} <= set(kernels.available())
 
 
 def test_unknown_name_is_value_error_listing_known_names():
@@ -121,6 +125,11 @@ BAD_PARAMS = [
     ("nt_cnn", {"kind": "foo"}),
     ("nt_cnn", {"filter_size": 0}),
     ("nt_cnn", {"channels": 2.5}),
+    ("normalized", {"base": "no_such_kernel"}),
+    ("normalized", {"base": 3.0}),
+    ("normalized", {"base": "nt_fc", "depth": 0}),
+    ("on_sphere", {"radius": -1.0}),
+    ("on_sphere", {"radius": 0.0}),
 ]
 
 
@@ -134,9 +143,14 @@ def test_bad_parameters_are_value_errors(name, params):
             getattr(kernels, name)(**params)
 
 
-@pytest.mark.parametrize("name", ["rbf", "linear", "matern52", "nt_fc"])
+# the wrappers walk the same checks over a cheap non-stationary base
+WALK_PARAMS = {"normalized": {"base": "linear", "bias": 0.5}, "on_sphere": {"base": "linear"}}
+
+
+@pytest.mark.parametrize("name", ["rbf", "linear", "matern52", "nt_fc", "normalized",
+                                  "on_sphere"])
 def test_input_shape_mismatch_is_value_error(name, rng):
-    k = kernels.get(name)
+    k = kernels.get(name, **WALK_PARAMS.get(name, {}))
     x3 = jnp.asarray(rng.standard_normal((4, 3)))
     x4 = jnp.asarray(rng.standard_normal((4, 4)))
     with pytest.raises(ValueError, match="same input space"):
@@ -195,9 +209,9 @@ def test_kernel_is_usable_as_static_jit_argument_and_reuses_cache(rng):
     np.testing.assert_allclose(float(v3), cf.rbf_gram(xn, xn, 0.5).sum(), rtol=1e-13)
 
 
-@pytest.mark.parametrize("name", ["rbf", "matern52", "nt_fc"])
+@pytest.mark.parametrize("name", ["rbf", "matern52", "nt_fc", "normalized", "on_sphere"])
 def test_kernel_call_works_on_tracers(name, rng):
-    k = kernels.get(name)
+    k = kernels.get(name, **WALK_PARAMS.get(name, {}))
     x1 = jnp.asarray(rng.standard_normal((4, 3)))
     x2 = jnp.asarray(rng.standard_normal((2, 3)))
     jitted = jax.jit(lambda a, b: k(a, b))(x1, x2)
@@ -389,3 +403,88 @@ def test_matern52_hessian_at_the_diagonal_is_exact():
         h = 1e-6
         fd = np.array([(g(x + h * e) - g(x - h * e)) / (2 * h) for e in np.eye(3)])
         np.testing.assert_allclose(H, fd, atol=1e-8)
+
+
+# --------------------------------------------------------------------------- wrappers
+
+def _np_normalized(K12, d1, d2):
+    return K12 / np.sqrt(np.outer(d1, d2))
+
+
+def _np_sphere(x, radius):
+    return radius * x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# base kernel, its numpy oracle (x1, x2) -> Gram, tolerance of k(x, x) = 1
+NORMALIZED_BASES = [
+    ("relu", lambda: kernels.nt_fc(depth=2, W_std=1.5, b_std=0.1),
+     lambda a, b: arccos.relu_kernels(a, b, 2, 1.5, 0.1)[1], 1e-6),
+    ("erf", lambda: kernels.nt_fc(depth=1, W_std=1.5, b_std=0.1, activation="erf"),
+     lambda a, b: arccos.erf_kernels(a, b, 1, 1.5, 0.1)[1], 1e-13),
+    ("rbf", lambda: kernels.rbf(0.9, variance=0.3),
+     lambda a, b: cf.rbf_gram(a, b, 0.9, 0.3), 1e-14),
+]
+
+
+@pytest.mark.parametrize("label,base,oracle,tol", NORMALIZED_BASES,
+                         ids=[b[0] for b in NORMALIZED_BASES])
+def test_normalized_kernel_against_numpy_normalisation(label, base, oracle, tol, rng):
+    """k_n = k / sqrt(k(x,x) k(x',x')) against the numpy kernel normalised in numpy;
+    k_n(x, x) = 1, symmetric, PSD."""
+    x1 = rng.standard_normal((6, 5))
+    x1[1] *= 3.0                                   # norms matter for the NTKs
+    x2 = rng.standard_normal((4, 5)) * 0.5
+    k = kernels.normalized(base())
+    ref = _np_normalized(oracle(x1, x2), np.diag(oracle(x1, x1)), np.diag(oracle(x2, x2)))
+    np.testing.assert_allclose(np.asarray(k(jnp.asarray(x1), jnp.asarray(x2))), ref,
+                               rtol=max(tol, 1e-10), atol=0)
+    K = np.asarray(k(jnp.asarray(x1), jnp.asarray(x1)))
+    np.testing.assert_allclose(np.diag(K), 1.0, rtol=0, atol=tol)
+    np.testing.assert_allclose(np.asarray(k.diag(jnp.asarray(x1))), 1.0, rtol=0, atol=tol)
+    np.testing.assert_allclose(K, K.T, rtol=0, atol=1e-14)
+    assert np.linalg.eigvalsh(K).min() > -1e-12
+    assert np.max(np.abs(K)) <= 1.0 + tol           # Cauchy-Schwarz
+    assert k == kernels.get("normalized", base=base()) and k != base()
+
+
+def test_on_sphere_against_numpy_projection(rng):
+    x1, x2 = rng.standard_normal((5, 4)) * 2.0, rng.standard_normal((3, 4))
+    k = kernels.on_sphere(kernels.nt_fc(depth=1, activation="erf"), radius=1.7)
+    ref = arccos.erf_kernels(_np_sphere(x1, 1.7), _np_sphere(x2, 1.7), 1)[1]
+    np.testing.assert_allclose(np.asarray(k(jnp.asarray(x1), jnp.asarray(x2))), ref,
+                               rtol=1e-10, atol=0)
+    # scaling an input does not change it
+    np.testing.assert_allclose(np.asarray(k(jnp.asarray(3.0 * x1), jnp.asarray(x2))), ref,
+                               rtol=1e-10, atol=0)
+    assert k == kernels.get("on_sphere", base="nt_fc", depth=1, activation="erf", radius=1.7)
+    assert k != kernels.on_sphere(kernels.nt_fc(depth=1, activation="erf"), radius=1.0)
+
+
+@pytest.mark.parametrize("which", ["normalized", "on_sphere"])
+def test_wrapper_input_gradients_match_finite_differences(which, rng):
+    """grad_x k(x, x') of the smooth wrappers (erf NTK base) by autodiff against
+    Richardson central differences of the numpy oracle."""
+    x, x2 = rng.standard_normal(5), rng.standard_normal(5)
+    if which == "normalized":
+        k = kernels.normalized(kernels.nt_fc(depth=1, b_std=0.2, activation="erf"))
+
+        def f(a):
+            num = arccos.erf_kernels(a[None], x2[None], 1, 1.0, 0.2)[1][0, 0]
+            d1 = arccos.erf_kernels(a[None], a[None], 1, 1.0, 0.2)[1][0, 0]
+            d2 = arccos.erf_kernels(x2[None], x2[None], 1, 1.0, 0.2)[1][0, 0]
+            return num / np.sqrt(d1 * d2)
+    else:
+        k = kernels.on_sphere(kernels.nt_fc(depth=1, activation="erf"), radius=1.3)
+
+        def f(a):
+            return arccos.erf_kernels(_np_sphere(a[None], 1.3), _np_sphere(x2[None], 1.3),
+                                      1)[1][0, 0]
+    g = np.asarray(jax.grad(lambda a: k.pair(a, jnp.asarray(x2)))(jnp.asarray(x)))
+    np.testing.assert_allclose(g, fd.gradient(f, x), rtol=1e-7, atol=1e-10)
+    if which == "on_sphere":                         # no radial part: g . x = 0
+        assert abs(float(g @ x)) <= 1e-12 * np.linalg.norm(g) * np.linalg.norm(x)
+
+
+def test_wrappers_reject_params_with_a_kernel_base():
+    with pytest.raises(ValueError, match="base"):
+        kernels.normalized(kernels.rbf(1.0), length_scale=2.0)

@@ -379,3 +379,59 @@ def test_clone_law_bad_inputs_are_value_errors(case, clean):
         theory.clone_law(**args)
     with pytest.raises(ValueError):
         theory.clone_effect(*args.values())
+
+
+# --------------------------------------------------------------------------- the paper's law, decomposed
+
+@pytest.mark.parametrize("name", ["rbf", "nt_fc"])
+def test_efficacy_law_factors_multiply_to_the_paper_over_refit_ratio(name, rng):
+    """(k0/kt) (y_t/(y_t - fc)) ((n lam + m s2)/(n lam + m k_zz)) is exactly
+    y_t k0 S(m) / Delta f: an identity, checked against Delta f from two refits and
+    S from poison_gain; clean data near zeta make every factor differ from 1."""
+    X = rng.standard_normal((N, 3))
+    y = np.tanh(X[:, 0]) + 0.1 * rng.standard_normal(N)
+    zeta = X[0] + 0.2 * rng.standard_normal(3)
+    x0 = attacks.near_clone(zeta, 0.3, seed=2)
+    k = KERNELS[name]()
+    y_t, lam, ms = 1.4, 0.05, [1, 60]
+    # the ReLU NTK's k(x, x) carries an O(sqrt(eps)) round-off (test_kernels), which the
+    # refit's Gram and the law's diagonal see differently: 1e-8 there, 1e-10 for RBF
+    rtol = 1e-10 if name == "rbf" else 1e-8
+    law = theory.clone_law(k, X, y, lam, zeta, y_t, ms, x0)
+    fac = theory.efficacy_law_factors(law, lam, y_t)
+    k0 = float(k(jnp.asarray(x0[None]), jnp.asarray(zeta[None]))[0, 0])
+    kzz = float(k(jnp.asarray(zeta[None]), jnp.asarray(zeta[None]))[0, 0])
+    for i, m in enumerate(ms):
+        delta = refit_effect(k, X, y, lam, zeta, y_t, m, x0)[2][0]
+        paper = float(theory.efficacy_law(m, N + m, lam, k0, kzz, y_t))
+        np.testing.assert_allclose(fac["product"][i], paper / delta, rtol=rtol)
+        cov = theory.posterior_covariance(k, X, (N + m) * lam, zeta, x0)
+        np.testing.assert_allclose(fac["k0_over_kt"][i], k0 / cov["kt"], rtol=rtol)
+    for key in ("k0_over_kt", "target_over_residual", "s2_term"):
+        assert np.all(np.abs(fac[key] - 1) > 1e-4), key
+    assert fac["product"].shape == (len(ms),)
+
+
+def test_posterior_covariance_spike_is_the_exact_spike_over_delta_f_squared(clean):
+    """||grad Delta f||^2 = R_k(kt) Delta f^2 (grad Delta f / Delta f = grad kt / kt):
+    the clone law's gradient (shifted solves) against a direct Cholesky solve and
+    autodiff of kt, and grad kt against finite differences of the numpy RBF kt."""
+    X, y, zeta, x0 = clean
+    k = kernels.rbf(1.1)
+    for m in (1, 30):
+        law = theory.clone_law(k, X, y, LAM, zeta, -1.0, [m], x0, with_grad=True)
+        cov = theory.posterior_covariance(k, X, (N + m) * LAM, zeta, x0)
+        spike = float(np.sum(np.asarray(law.grad_delta[0]) ** 2))
+        np.testing.assert_allclose(spike, cov["R_kt"] * float(law.delta_f[0]) ** 2,
+                                   rtol=1e-9)
+        np.testing.assert_allclose(cov["kt"], float(law.kt[0]), rtol=1e-10)
+        A = cf.rbf_gram(X, X, 1.1) + (N + m) * LAM * np.eye(N)
+        v = np.linalg.solve(A, cf.rbf_gram(X, zeta[None], 1.1)[:, 0])
+        kt_np = lambda a: (cf.rbf_gram(a[None], zeta[None], 1.1)[0, 0]  # noqa: E731
+                           - cf.rbf_gram(a[None], X, 1.1)[0] @ v)
+        np.testing.assert_allclose(cov["grad_kt"], fd.gradient(kt_np, x0), rtol=1e-7,
+                                   atol=1e-11)
+    with pytest.raises(ValueError, match="shift"):
+        theory.posterior_covariance(k, X, 0.0, zeta, x0)
+    with pytest.raises(ValueError, match="law"):
+        theory.efficacy_law_factors("not a law", LAM, 1.0)
