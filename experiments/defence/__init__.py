@@ -66,6 +66,7 @@ from ntk_poison.artefact import Artefact
 from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
+from experiments.defence.contraction import eigen_contraction
 from experiments.defence.figures import figures
 
 NAME = "defence"
@@ -330,6 +331,7 @@ def nets_vs_kernel(prep, cfg) -> dict:
     t_end = 3.0 / max(kc * flow.penalty_curvature(U, s, n, b), 1e-12)
     times = np.linspace(0.0, t_end, cfg.n_times)
     con = flow.contraction(U, s, n, yp, lam, kc, b, c0, times)
+    con["eigen"] = eigen_contraction(Kf, U, s, n, yp, lam, kc, b, c0, times)
     con_lr = cfg.lr_factor / flow.flow_rate(Kf, n, kc, lam)
     # the nets
     runs = {}
@@ -441,7 +443,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
 def _rbf_contraction(k, m0, prep, cfg) -> dict:
     """Item 2 for the RBF kernel: the flow from the undefended minimiser, per kappa."""
     Xp, yp, ell2 = prep.Xp, prep.yp, prep.ell ** 2
-    _, U, s = flow.joint_coordinates(k, Xp)
+    Kf, U, s = flow.joint_coordinates(k, Xp)
     lam_top, u = _top_direction(m0, prep.x0, cfg.y_target)
     b, c0 = flow.functional_coefficients(m0, prep.x0, u)
     g = np.asarray(m0.input_grad(prep.x0[None]))[0]
@@ -453,6 +455,7 @@ def _rbf_contraction(k, m0, prep, cfg) -> dict:
         times = np.linspace(0.0, 3.0, cfg.n_times) / max(kappa * a, 1e-300)
         r = flow.contraction(U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
         r["kappa_over_l2"] = kr
+        r["eigen"] = eigen_contraction(Kf, U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
         out["runs"].append(r)
     return out
 
