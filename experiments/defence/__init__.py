@@ -67,6 +67,7 @@ from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
 from experiments.defence.contraction import eigen_contraction
+from experiments.defence.poisons import distance_sweep, frontier_extras, near_clean_poisons
 from experiments.defence.figures import figures
 
 NAME = "defence"
@@ -93,6 +94,10 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
     augment_sigma: float = 0.3     # jitter norm, in units of l
     r_over_l: Tuple[float, ...] = (1e-3, 0.1, 0.3, 0.6, 1.0, 1.5)
     n_directions: int = 8          # random directions e of the near-clone trigger points
+    distance_over_l: Tuple[float, ...] = (0.03, 0.1, 0.33, 0.67, 1.0, 1.5)  # poison to
+                                   # nearest clean point (triggered clean images; () skips)
+    distance_bases: int = 2        # clean non-target base images per distance
+    near_clean: bool = True        # the frontier for near-clean-image poisons
     n_filter_dirs: int = 3         # |E| of the anisotropy subspaces
     fit_growth_max: float = 0.5    # the c fit uses kappa with l_eff^2/l0^2 - 1 <= this
     contraction_kappas: Tuple[float, ...] = (0.01, 0.1, 1.0)   # kappa / l^2
@@ -120,7 +125,8 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
         self.check_positive("net_time", "lr_factor", "fd_step", "augment_sigma",
                             "fit_growth_max", "kappas", "contraction_kappas", "net_kappas",
                             "r_over_l")
-        self.check_positive("widths", "loss_kappas", allow_empty=True)   # () skips a part
+        self.check_positive("widths", "loss_kappas", "distance_over_l", allow_empty=True)
+        self.check_min(1, "distance_bases")   # () skips a part
         self.check_min(0, "augment_copies", "weak_m")
         if list(self.kappas) != sorted(set(self.kappas)):
             raise ValueError("`kappas` must be strictly increasing.")
@@ -188,13 +194,14 @@ def frontier(sp, sc, prep, cfg) -> dict:
     """ASR, clean accuracy and the poison's efficacy for each member of the sweeps."""
     fp_t, fc_t = np.asarray(sp.predict(prep.Xtrig)), np.asarray(sc.predict(prep.Xtrig))
     yte, tgt = prep.yte[None], cfg.y_target
-    return dict(
+    out = dict(
         asr=metrics.attack_success_rate(fp_t, tgt),
         asr_clean_model=metrics.trigger_alone_asr(fc_t, tgt),
         flip=metrics.flip_rate(fp_t, fc_t, tgt),
         clean_acc=metrics.clean_accuracy(sp.predict(prep.Xte), yte),
         clean_acc_clean_model=metrics.clean_accuracy(sc.predict(prep.Xte), yte),
         efficacy=(fp_t - fc_t).mean(1))
+    return dict(out, **frontier_extras(fp_t, fc_t, out["clean_acc"], prep.yte))
 
 
 def loss_penalty_frontier(k, prep, cfg) -> dict:
@@ -404,7 +411,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                r_zeta_data_over_l=float(np.sqrt(((prep.X - prep.zeta) ** 2).sum(1)).min()
                                         / ell))
     steps = ["sweeps", "capacity", "filter", "contraction", "loss penalty", "weak attack",
-             "augmented", "nets"]
+             "augmented", "distance", "near clean", "nets"]
     bar = progress(steps, "defence")
     for step in bar:
         ts = time.time()
@@ -426,7 +433,15 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             res["frontier_weak"] = frontier(spw, scw, prep, cfg)
         elif step == "augmented" and cfg.augment_copies:
             spa, sca = _sweeps(k, *prep.aug, lam, kappas)
-            res["frontier_augmented"] = frontier(spa, sca, prep, cfg)
+            res["frontier_augmented"] = dict(frontier(spa, sca, prep, cfg),
+                                             arm="jitter (Gaussian input noise)")
+        elif step == "distance" and cfg.distance_over_l:
+            res["distance_sweep"] = distance_sweep(k, sc, prep, cfg, kappas)
+        elif step == "near clean" and cfg.near_clean:
+            Xn, yn, info = near_clean_poisons(prep, cfg)     # same n: the clean sweep is sc
+            res["frontier_near_clean"] = dict(
+                frontier(penalized.fit_penalized_sweep(k, Xn, yn, lam, kappas), sc, prep, cfg),
+                **info)
         elif step == "nets" and cfg.widths:
             res["nets"] = nets_vs_kernel(prep, cfg)
         secs[step] = time.time() - ts
