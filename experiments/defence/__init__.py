@@ -17,12 +17,16 @@ What it measures (the numbers of the issue's list):
    residual ``mean (f(x_i) - y_i)^2`` against kappa.
 2. **Contraction.** Start from the undefended fit (kappa = 0), switch the penalty on
    and follow the gradient flow (``flow.contraction``, linear in orthonormal
-   coordinates theta of the joint span). The poison-aligned direction is the
-   representer v of ``u . grad f(x0)`` (``flow.functional_coefficients``), u the top
-   eigenvector of the loss input-Hessian at the trigger point x0. Its energy ``E(t) = (v^ . (theta(t) - theta*))^2``
-   is set beside the bound ``E(0) exp(-2 kappa a t)`` with the curvature of the
-   penalty along v^ = v/|v|: ``a = v^T (Phi_g^T Phi_g / n) v^`` (THEORY.md: the
-   penalty's Hessian ``d_w g d_w g^T`` averaged over the points).
+   coordinates theta of the joint span: ``d theta/dt = -H (theta - theta*)``,
+   ``H = D/n + kappa G + lam I``). The theorem tested (``contraction.eigen_contraction``,
+   ``ntk_poison.modes``): along each eigenvector of H with eigenvalue h the energy is
+   ``E_j(0) exp(-2 h t)``, measured on the c-space flow. The poison-aligned direction is
+   the representer v of ``u . grad f(x0)`` (``flow.functional_coefficients``), u the top
+   eigenvector of the loss input-Hessian at the trigger point x0; reported: the
+   fraction of its energy on H's modes slower than kappa a
+   (``a = v^T (Phi_g^T Phi_g / n) v^``), and its energy ``E(t) = (v^ . (theta(t) -
+   theta*))^2`` beside the naive curve ``E(0) exp(-2 kappa a t)`` as a measured
+   comparison only (not a theorem: v is not an eigenvector of H).
 3. **High-pass filter.** The poison's response ``Delta f = f_poisoned - f_clean``
    (clean fit at the same absolute ridge and kappa) has at zeta an effective length
    ``l_eff^2(E) = -Delta f(zeta) |E| / tr(E^T hess Delta f(zeta) E)`` over a subspace
@@ -31,14 +35,18 @@ What it measures (the numbers of the issue's list):
    ``mean grad f(x_i) grad f(x_i)^T`` ("along the data's gradients"), its bottom ones
    ("orthogonal"), and all of R^d. The slope c of ``l_eff^2/l^2 = l0^2/l^2 + c kappa/l^2``
    is fitted over the small-kappa range.
-4. **Near clones go first.** The efficacy ``Delta f(x0)`` at trigger points
-   ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
-   several r/l; ``kappa_half(r)`` is where it halves.
+4. **Which poisons the penalty reaches.** The efficacy ``Delta f(x0)`` at trigger
+   points ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
+   several r/l; ``kappa_half(r)`` is where it halves (kept; r cannot show the penalty's
+   leverage). Beside it (``poisons.distance_sweep``): kappa_half at zeta against zeta's
+   distance D to the nearest clean point, zeta a triggered clean opposite-label image.
 5. **The frontier.** ASR (triggered non-target test points classified as the
    target), clean accuracy, the clean model's own ASR at the same kappa (the trigger
-   alone) and the poison's mean efficacy on triggered inputs, against kappa; with the
-   penalty alone and with jitter augmentation (Gaussian copies of every training
-   point, the kernel-regime stand-in for the paper's crop + flip).
+   alone), the poison's mean efficacy on triggered inputs, the margin ratio
+   ``Delta f / |f_clean|`` and a collapse flag (clean accuracy within 5 points of
+   chance), against kappa; with the penalty alone, with jitter (Gaussian input
+   noise: a kernel-regime stand-in, not the paper's crop + flip), and for
+   near-clean-image poisons (m triggered clean opposite-label images).
 6. **Kernel against finite width.** Erf MLPs (``nets``, NTK parameterisation,
    smooth, so the penalised kernel model exists) trained by full-batch gradient
    descent with the penalty for time T, at several widths, beside
@@ -60,13 +68,12 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ntk_poison import (data, flow, kernels, metrics, models, nets, penalized, scenario,
-                        spectra)
+from ntk_poison import data, flow, kernels, metrics, models, nets, penalized, scenario
 from ntk_poison.artefact import Artefact
 from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
-from experiments.defence.contraction import eigen_contraction
+from experiments.defence.contraction import eigen_contraction, rbf_contraction, top_direction
 from experiments.defence.poisons import distance_sweep, frontier_extras, near_clean_poisons
 from experiments.defence.figures import figures
 
@@ -171,14 +178,6 @@ def prepare(cfg: Config) -> Reduced:
         aug = (data.jitter(art.x, c, sd, rng), np.tile(art.y, c + 1),
                data.jitter(red.X, c, sd, rng), np.tile(red.y, c + 1))
     return Reduced(red, art, sc.length_scale, aug)
-
-
-def _top_direction(model, x0, label):
-    """u: the top eigenvector of the loss input-Hessian at x0 (dense; d is small)."""
-    import jax.numpy as jnp
-    vals, vecs = spectra.top_eigenpairs(spectra.loss_fn(model, label), jnp.asarray(x0), k=1,
-                                        method="dense")
-    return float(vals[0]), np.asarray(vecs[0])
 
 
 # --------------------------------------------------------------------------- kernel parts
@@ -318,7 +317,7 @@ def nets_vs_kernel(prep, cfg) -> dict:
         kern["rate"].append(rate)
         kern["lr"].append(cfg.lr_factor / rate)
     m0 = paths[0]
-    _, u = _top_direction(m0, prep.x0, cfg.y_target)
+    _, u = top_direction(m0, prep.x0, cfg.y_target)
     h = cfg.fd_step * prep.ell
     Xe = _net_eval_points(prep, u, h)
     for mod in paths:
@@ -424,7 +423,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         elif step == "filter":
             res["high_pass"] = high_pass(sp, sc, prep, cfg, kappas)
         elif step == "contraction":
-            res["contraction"] = _rbf_contraction(k, sp.at(0), prep, cfg)
+            res["contraction"] = rbf_contraction(k, sp.at(0), prep, cfg)
         elif step == "loss penalty" and cfg.loss_kappas:
             res["frontier_loss"] = loss_penalty_frontier(k, prep, cfg)
         elif step == "weak attack" and cfg.weak_m:
@@ -453,25 +452,3 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     rep.text(reading(res))
     rep.write()
     return rep
-
-
-def _rbf_contraction(k, m0, prep, cfg) -> dict:
-    """Item 2 for the RBF kernel: the flow from the undefended minimiser, per kappa."""
-    Xp, yp, ell2 = prep.Xp, prep.yp, prep.ell ** 2
-    Kf, U, s = flow.joint_coordinates(k, Xp)
-    lam_top, u = _top_direction(m0, prep.x0, cfg.y_target)
-    b, c0 = flow.functional_coefficients(m0, prep.x0, u)
-    g = np.asarray(m0.input_grad(prep.x0[None]))[0]
-    out = dict(top_eigenvalue=lam_top, u_trigger_cos2=float((u @ prep.trigger_direction) ** 2),
-               u_grad_cos2=float((u @ g) ** 2 / (g @ g)), runs=[])
-    for kr in cfg.contraction_kappas:
-        kappa = kr * ell2
-        a = flow.penalty_curvature(U, s, len(Xp), b)
-        times = np.linspace(0.0, 3.0, cfg.n_times) / max(kappa * a, 1e-300)
-        r = flow.contraction(U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
-        r["kappa_over_l2"] = kr
-        r["eigen"] = eigen_contraction(Kf, U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
-        out["runs"].append(r)
-    return out
-
-

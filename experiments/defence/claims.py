@@ -238,8 +238,12 @@ zeta is {res['r_zeta_data_over_l']:.3g} l from the nearest clean point; the trig
 lam = {cfg.ridge:g} (absolute n lam), output penalty, exact kernel minimiser
 (flow.fit_penalized_sweep); kappa/l^2 in 0 and {list(cfg.kappas)}. ASR on
 {cfg.n_trigger} triggered non-target test images, clean accuracy on {cfg.n_test}. Jitter
-augmentation: {cfg.augment_copies} Gaussian cop{'y' if cfg.augment_copies == 1 else 'ies'} of
-every training point, |jitter| ~ {cfg.augment_sigma:g} l. Nets: erf MLP, depth {cfg.net_depth},
+(Gaussian input noise, not the paper's crop + flip augmentation): {cfg.augment_copies}
+Gaussian cop{'y' if cfg.augment_copies == 1 else 'ies'} of every training point,
+|jitter| ~ {cfg.augment_sigma:g} l. Near-clean-image poisons: {cfg.m} clean non-target
+training images plus the trigger, label {cfg.y_target:+g}. Distance sweep: m clones of a
+triggered clean non-target image at D/l in {list(cfg.distance_over_l)} from the nearest clean
+point ({cfg.distance_bases} base images). Nets: erf MLP, depth {cfg.net_depth},
 W_std {cfg.W_std:g}, b_std {cfg.b_std:g}, widths {list(cfg.widths)}, {cfg.net_seeds} seeds, full-batch
 gradient descent (lr = {cfg.lr_factor:g} / the flow's top rate) to T = {cfg.net_time:g}, against
 flow.kernel_flow of kernels.nt_fc(activation="erf") at the same T.
@@ -269,4 +273,4 @@ def distance_claim(rep, ds, nc):
               + "; per base image: " + "; ".join(
                   ", ".join(_fmt(h) for h in row) for row in ds["kappa_half"])
               + f". The r-sweep's kappa_half varies by a factor {rs} over r/l in "
-              f"[{nc['r_over_l'][0]:g}, {nc['r_over_l'][-1]:g}].", ["near_clones.png"])
+              f"[{nc['r_over_l'][0]:g}, {nc['r_over_l'][-1]:g}].", ["distance.png", "near_clones.png"])

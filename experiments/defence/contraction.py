@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntk_poison import modes
+from ntk_poison import flow, modes, spectra
 
 #: the eigen-statement's tolerance on the relative error of the mode energies (float64;
 #: the two routes differ by rounding in two N x N eigendecompositions)
@@ -75,3 +75,33 @@ def evidence(e: dict) -> str:
             f"displacement {e['slowest_carrying_rate']:.3g}; naive comparison E_v(0) "
             f"exp(-2 kappa a t), measured: max E_v/naive {e['naive_max_ratio']:.3g}"
             + ("" if first is None else f", first above it at kappa a t = {first:.3g}"))
+
+
+def top_direction(model, x0, label):
+    """u: the top eigenvector of the loss input-Hessian at x0 (dense; d is small)."""
+    import jax.numpy as jnp
+    vals, vecs = spectra.top_eigenpairs(spectra.loss_fn(model, label), jnp.asarray(x0), k=1,
+                                        method="dense")
+    return float(vals[0]), np.asarray(vecs[0])
+
+
+def rbf_contraction(k, m0, prep, cfg) -> dict:
+    """Item 2 for the RBF kernel: the flow from the undefended minimiser, per kappa."""
+    Xp, yp, ell2 = prep.Xp, prep.yp, prep.ell ** 2
+    Kf, U, s = flow.joint_coordinates(k, Xp)
+    lam_top, u = top_direction(m0, prep.x0, cfg.y_target)
+    b, c0 = flow.functional_coefficients(m0, prep.x0, u)
+    g = np.asarray(m0.input_grad(prep.x0[None]))[0]
+    out = dict(top_eigenvalue=lam_top, u_trigger_cos2=float((u @ prep.trigger_direction) ** 2),
+               u_grad_cos2=float((u @ g) ** 2 / (g @ g)), runs=[])
+    for kr in cfg.contraction_kappas:
+        kappa = kr * ell2
+        a = flow.penalty_curvature(U, s, len(Xp), b)
+        times = np.linspace(0.0, 3.0, cfg.n_times) / max(kappa * a, 1e-300)
+        r = flow.contraction(U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
+        r["kappa_over_l2"] = kr
+        r["eigen"] = eigen_contraction(Kf, U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
+        out["runs"].append(r)
+    return out
+
+
