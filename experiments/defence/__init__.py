@@ -74,7 +74,8 @@ from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
 from experiments.defence.contraction import eigen_contraction, rbf_contraction, top_direction
-from experiments.defence.poisons import distance_sweep, frontier_extras, near_clean_poisons
+from experiments.defence.poisons import (crop_flip_sets, distance_sweep, frontier_extras,
+                                         near_clean_poisons)
 from experiments.defence.figures import figures
 
 NAME = "defence"
@@ -99,6 +100,8 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
                                    # loss penalty |grad_x L|^2 (Newton fits); () skips it
     augment_copies: int = 1        # jitter copies per training point (0: no augmented run)
     augment_sigma: float = 0.3     # jitter norm, in units of l
+    crop_flip_copies: int = 1      # pixel-space crop + flip copies (0: no such arm)
+    crop_pad: int = 2              # crop offsets up to +-crop_pad pixels
     r_over_l: Tuple[float, ...] = (1e-3, 0.1, 0.3, 0.6, 1.0, 1.5)
     n_directions: int = 8          # random directions e of the near-clone trigger points
     distance_over_l: Tuple[float, ...] = (0.03, 0.1, 0.33, 0.67, 1.0, 1.5)  # poison to
@@ -134,7 +137,7 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
                             "r_over_l")
         self.check_positive("widths", "loss_kappas", "distance_over_l", allow_empty=True)
         self.check_min(1, "distance_bases")   # () skips a part
-        self.check_min(0, "augment_copies", "weak_m")
+        self.check_min(0, "augment_copies", "weak_m", "crop_flip_copies", "crop_pad")
         if list(self.kappas) != sorted(set(self.kappas)):
             raise ValueError("`kappas` must be strictly increasing.")
 
@@ -151,6 +154,7 @@ class Reduced:
     art: Artefact
     pixel_ell: float
     aug: Optional[Tuple[np.ndarray, ...]] = None
+    crop_flip: Optional[Tuple[np.ndarray, ...]] = None
 
     X = property(lambda self: self.sc.X)
     y = property(lambda self: self.sc.y)
@@ -168,7 +172,8 @@ class Reduced:
 def prepare(cfg: Config) -> Reduced:
     """The reduced clean/test/triggered sets, the clone artefact and the jitter copies."""
     sc = scenario.build(cfg)
-    red = sc.reduced(data.pca_reduction(sc.X, sc.trigger_direction, cfg.dim))
+    reduce = data.pca_reduction(sc.X, sc.trigger_direction, cfg.dim)
+    red = sc.reduced(reduce)
     art = red.clone_attack(cfg.m, cfg.y_target, cfg.seed)
     aug = None
     if cfg.augment_copies:
@@ -177,7 +182,9 @@ def prepare(cfg: Config) -> Reduced:
         c = cfg.augment_copies
         aug = (data.jitter(art.x, c, sd, rng), np.tile(art.y, c + 1),
                data.jitter(red.X, c, sd, rng), np.tile(red.y, c + 1))
-    return Reduced(red, art, sc.length_scale, aug)
+    cf = None if not cfg.crop_flip_copies else crop_flip_sets(
+        sc, reduce, cfg.m, cfg.y_target, cfg.crop_flip_copies, cfg.crop_pad, cfg.seed + 13)
+    return Reduced(red, art, sc.length_scale, aug, cf)
 
 
 # --------------------------------------------------------------------------- kernel parts
@@ -410,7 +417,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                r_zeta_data_over_l=float(np.sqrt(((prep.X - prep.zeta) ** 2).sum(1)).min()
                                         / ell))
     steps = ["sweeps", "capacity", "filter", "contraction", "loss penalty", "weak attack",
-             "augmented", "distance", "near clean", "nets"]
+             "augmented", "crop flip", "distance", "near clean", "nets"]
     bar = progress(steps, "defence")
     for step in bar:
         ts = time.time()
@@ -433,7 +440,11 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         elif step == "augmented" and cfg.augment_copies:
             spa, sca = _sweeps(k, *prep.aug, lam, kappas)
             res["frontier_augmented"] = dict(frontier(spa, sca, prep, cfg),
-                                             arm="jitter (Gaussian input noise)")
+                                             arm="jitter (Gaussian input noise; not crop + flip)")
+        elif step == "crop flip" and cfg.crop_flip_copies:
+            spa, sca = _sweeps(k, *prep.crop_flip, lam, kappas)
+            res["frontier_crop_flip"] = dict(frontier(spa, sca, prep, cfg),
+                                             arm="crop + flip in pixel space, before the PCA")
         elif step == "distance" and cfg.distance_over_l:
             res["distance_sweep"] = distance_sweep(k, sc, prep, cfg, kappas)
         elif step == "near clean" and cfg.near_clean:

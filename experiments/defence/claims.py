@@ -101,6 +101,7 @@ def claims(rep, res, cfg):
     for key, label in (("frontier", "output penalty"), ("frontier_loss", "loss penalty"),
                        ("frontier_weak", f"output penalty, m = {cfg.weak_m}"),
                        ("frontier_augmented", "output penalty + jitter"),
+                       ("frontier_crop_flip", "output penalty + crop + flip"),
                        ("frontier_near_clean", "output penalty, near-clean-image poisons")):
         if key not in res:
             continue
@@ -117,7 +118,7 @@ def claims(rep, res, cfg):
         stop = np.flatnonzero(asr <= 0.5)
         half = np.flatnonzero(f["efficacy"] <= 0.5 * f["efficacy"][0])
         acc0 = f["clean_acc"][0]
-        txt = ("" if "arm" not in f else f"Arm: {f['arm']}, not the paper's crop + flip. ") + (
+        txt = ("" if "arm" not in f else f"Arm: {f['arm']}. ") + (
             "" if "poison_distance_over_l" not in f else
             f"{len(f['poison_distance_over_l'])} triggered clean opposite-label images, "
             f"{np.min(f['poison_distance_over_l']):.3g}-{np.max(f['poison_distance_over_l']):.3g} l "
@@ -243,7 +244,9 @@ Gaussian cop{'y' if cfg.augment_copies == 1 else 'ies'} of every training point,
 |jitter| ~ {cfg.augment_sigma:g} l. Near-clean-image poisons: {cfg.m} clean non-target
 training images plus the trigger, label {cfg.y_target:+g}. Distance sweep: m clones of a
 triggered clean non-target image at D/l in {list(cfg.distance_over_l)} from the nearest clean
-point ({cfg.distance_bases} base images). Nets: erf MLP, depth {cfg.net_depth},
+point ({cfg.distance_bases} base images). Crop + flip: {cfg.crop_flip_copies} cop{'y' if
+cfg.crop_flip_copies == 1 else 'ies'} of every training image (poisons included), zero-padded
+by {cfg.crop_pad} px, randomly cropped back and flipped (p = 1/2) in pixel space, then reduced. Nets: erf MLP, depth {cfg.net_depth},
 W_std {cfg.W_std:g}, b_std {cfg.b_std:g}, widths {list(cfg.widths)}, {cfg.net_seeds} seeds, full-batch
 gradient descent (lr = {cfg.lr_factor:g} / the flow's top rate) to T = {cfg.net_time:g}, against
 flow.kernel_flow of kernels.nt_fc(activation="erf") at the same T.

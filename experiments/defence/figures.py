@@ -131,6 +131,7 @@ def _frontier_figure(rep, res, nv):
     for key, label in (("frontier_loss", "RBF, loss penalty"),
                        ("frontier_weak", "RBF, output penalty, weaker attack"),
                        ("frontier_augmented", "RBF, output penalty + jitter (Gaussian noise)"),
+                       ("frontier_crop_flip", "RBF, output penalty + crop + flip"),
                        ("frontier_near_clean", "RBF, output penalty, near-clean-image poisons")):
         if key in res:
             curves.append((label, res[key]))

@@ -129,3 +129,27 @@ def frontier_extras(fp_t, fc_t, acc, yte) -> dict:
     return dict(margin_ratio=np.median(ratio, axis=-1),
                 margin_ratio_of_means=(fp_t - fc_t).mean(-1) / np.abs(fc_t).mean(-1),
                 chance=chance, collapsed=acc <= chance + COLLAPSE_POINTS)
+
+
+def crop_flip_sets(sc_pixel, reduce, m, y_target, copies, pad, seed):
+    """Real augmentation for the frontier's crop + flip arm: the poisoned set (clean
+    images then m clones of the pixel-space zeta, label y_t) and the clean set, each
+    followed by ``copies`` random crop (zero-pad ``pad``, crop back) + horizontal-flip
+    copies (``nets.augment_flip_crop``) made in PIXEL space, then mapped by the same
+    ``reduce`` (the PCA reduction fitted on the clean images). The trigger of an
+    augmented poison is shifted and flipped with it. Returns ``(Xp, yp, X, y)``."""
+    import jax
+    from ntk_poison import nets
+    X = np.asarray(sc_pixel.X, np.float64)
+    side = int(round(np.sqrt(X.shape[1])))
+    Xp = np.vstack([X, np.repeat(np.asarray(sc_pixel.zeta, np.float64)[None], m, 0)])
+    yp = np.r_[sc_pixel.y, np.full(m, y_target)]
+    keys = jax.random.split(jax.random.key(seed), 2 * copies)
+
+    def augmented(A, ks):
+        imgs = A.reshape(len(A), side, side, 1)
+        return np.vstack([A] + [np.asarray(nets.augment_flip_crop(kk, imgs, pad),
+                                           np.float64).reshape(len(A), -1) for kk in ks])
+
+    return (reduce(augmented(Xp, keys[:copies])), np.tile(yp, copies + 1),
+            reduce(augmented(X, keys[copies:])), np.tile(np.asarray(sc_pixel.y), copies + 1))
