@@ -82,6 +82,7 @@ def test_tiny_kernel_part_against_independent_refits(tmp_path):
         assert name in names
     assert any(n.startswith("frontier (output penalty + jitter") for n in names)
     assert any(n.startswith("frontier (output penalty, near-clean-image") for n in names)
+    assert any(n.startswith("frontier (output penalty + crop + flip") for n in names)
     prep = defence.prepare(cfg)
     ell, lam, m = prep.ell, cfg.ridge, cfg.m
     kappas = np.r_[0.0, cfg.kappas] * ell ** 2
@@ -146,6 +147,18 @@ def test_tiny_kernel_part_against_independent_refits(tmp_path):
         assert nf["asr"][i] == pytest.approx(np.mean(fp > 0), abs=1e-12)
         assert nf["margin_ratio"][i] == pytest.approx(np.median((fp - fc) / np.abs(fc)),
                                                       rel=1e-6)
+    # the crop + flip arm: its first rows are the un-augmented poisoned and clean sets
+    Xa, ya, Xca, yca = prep.crop_flip
+    np.testing.assert_allclose(Xa[:n], prep.Xp, atol=1e-10)
+    np.testing.assert_allclose(Xca[:N], prep.X, atol=1e-10)
+    assert len(Xa) == 2 * n and np.all(ya[n:] == prep.yp) and np.all(yca[N:] == prep.y)
+    assert not np.allclose(Xa[n:], prep.Xp)
+    fp = np.asarray(penalized.fit_penalized(k, Xa, ya, lam, kappas[0]).predict(prep.Xtrig))
+    fc = np.asarray(penalized.fit_penalized(k, Xca, yca, lam * len(Xa) / len(Xca),
+                                            kappas[0]).predict(prep.Xtrig))
+    cf = res["frontier_crop_flip"]
+    assert cf["asr"][0] == pytest.approx(np.mean(fp > 0), abs=1e-12)
+    assert cf["asr_clean_model"][0] == pytest.approx(np.mean(fc > 0), abs=1e-12)
     # the exact-model capacity claim is a theorem: dof strictly decreases
     assert np.all(np.diff(res["capacity"]["dof"]) < 0)
 
