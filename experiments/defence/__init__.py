@@ -45,8 +45,9 @@ What it measures (the numbers of the issue's list):
    alone), the poison's mean efficacy on triggered inputs, the margin ratio
    ``Delta f / |f_clean|`` and a collapse flag (clean accuracy within 5 points of
    chance), against kappa; with the penalty alone, with jitter (Gaussian input
-   noise: a kernel-regime stand-in, not the paper's crop + flip), and for
-   near-clean-image poisons (m triggered clean opposite-label images).
+   noise: not the paper's augmentation), with real crop + flip (pixel space, before
+   the reduction), and for near-clean-image poisons (m triggered clean
+   opposite-label images).
 6. **Kernel against finite width.** Erf MLPs (``nets``, NTK parameterisation,
    smooth, so the penalised kernel model exists) trained by full-batch gradient
    descent with the penalty for time T, at several widths, beside
@@ -135,8 +136,9 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart):
         self.check_positive("net_time", "lr_factor", "fd_step", "augment_sigma",
                             "fit_growth_max", "kappas", "contraction_kappas", "net_kappas",
                             "r_over_l")
-        self.check_positive("widths", "loss_kappas", "distance_over_l", allow_empty=True)
-        self.check_min(1, "distance_bases")   # () skips a part
+        self.check_positive("widths", "loss_kappas", "distance_over_l",
+                            allow_empty=True)   # () skips a part
+        self.check_min(1, "distance_bases")
         self.check_min(0, "augment_copies", "weak_m", "crop_flip_copies", "crop_pad")
         if list(self.kappas) != sorted(set(self.kappas)):
             raise ValueError("`kappas` must be strictly increasing.")
@@ -170,7 +172,8 @@ class Reduced:
 
 
 def prepare(cfg: Config) -> Reduced:
-    """The reduced clean/test/triggered sets, the clone artefact and the jitter copies."""
+    """The reduced clean/test/triggered sets, the clone artefact, the jitter copies and
+    the crop + flip copies (``poisons.crop_flip_sets``)."""
     sc = scenario.build(cfg)
     reduce = data.pca_reduction(sc.X, sc.trigger_direction, cfg.dim)
     red = sc.reduced(reduce)

@@ -121,7 +121,8 @@ def claims(rep, res, cfg):
         txt = ("" if "arm" not in f else f"Arm: {f['arm']}. ") + (
             "" if "poison_distance_over_l" not in f else
             f"{len(f['poison_distance_over_l'])} triggered clean opposite-label images, "
-            f"{np.min(f['poison_distance_over_l']):.3g}-{np.max(f['poison_distance_over_l']):.3g} l "
+            f"{np.min(f['poison_distance_over_l']):.3g}-"
+            f"{np.max(f['poison_distance_over_l']):.3g} l "
             "from the nearest clean point. ") + f"kappa = 0: {at(0)}; "
         if stop.size:
             i = stop[np.argmax(f["clean_acc"][stop])]
@@ -246,7 +247,8 @@ training images plus the trigger, label {cfg.y_target:+g}. Distance sweep: m clo
 triggered clean non-target image at D/l in {list(cfg.distance_over_l)} from the nearest clean
 point ({cfg.distance_bases} base images). Crop + flip: {cfg.crop_flip_copies} cop{'y' if
 cfg.crop_flip_copies == 1 else 'ies'} of every training image (poisons included), zero-padded
-by {cfg.crop_pad} px, randomly cropped back and flipped (p = 1/2) in pixel space, then reduced. Nets: erf MLP, depth {cfg.net_depth},
+by {cfg.crop_pad} px, randomly cropped back and flipped (p = 1/2) in pixel space, then reduced.
+Nets: erf MLP, depth {cfg.net_depth},
 W_std {cfg.W_std:g}, b_std {cfg.b_std:g}, widths {list(cfg.widths)}, {cfg.net_seeds} seeds, full-batch
 gradient descent (lr = {cfg.lr_factor:g} / the flow's top rate) to T = {cfg.net_time:g}, against
 flow.kernel_flow of kernels.nt_fc(activation="erf") at the same T.
@@ -276,4 +278,5 @@ def distance_claim(rep, ds, nc):
               + "; per base image: " + "; ".join(
                   ", ".join(_fmt(h) for h in row) for row in ds["kappa_half"])
               + f". The r-sweep's kappa_half varies by a factor {rs} over r/l in "
-              f"[{nc['r_over_l'][0]:g}, {nc['r_over_l'][-1]:g}].", ["distance.png", "near_clones.png"])
+              f"[{nc['r_over_l'][0]:g}, {nc['r_over_l'][-1]:g}].",
+              ["distance.png", "near_clones.png"])
