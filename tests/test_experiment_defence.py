@@ -126,27 +126,115 @@ TINY = dict(dataset="digits", n_train=30, n_test=60, n_trigger=40, dim=4, m=4,
             **FILTER_TINY)
 
 
-def test_tiny_kernel_part_end_to_end(tmp_path):
-    """Items 1-5 (widths=() skips the nets)."""
-    cfg = defence.Config(**dict(TINY, widths=()))
+def _half(x, rel):
+    """The first kappa where rel <= 1/2, linear in log kappa (kappa = 0 drawn a decade
+    below the smallest positive kappa); None if never."""
+    i = int(np.argmax(rel <= 0.5))
+    if rel[i] > 0.5:
+        return None
+    if i == 0:
+        return float(x[0])
+    lx = np.log(np.maximum(x, x[1] / 10.0))
+    return float(np.exp(lx[i - 1] + (0.5 - rel[i - 1]) / (rel[i] - rel[i - 1])
+                        * (lx[i] - lx[i - 1])))
+
+
+def test_tiny_kernel_part_against_independent_refits(tmp_path):
+    """Items 1-5 and the new measures end to end (widths=() skips the nets), each
+    number checked against separate fits by penalized.fit_penalized at every kappa
+    (not the sweep the experiment uses) and numpy: the frontier (ASR, trigger-alone
+    ASR, clean accuracy, margin ratio, collapse), near_clones' efficacy and kappa_half,
+    the distance sweep (zeta's distance to the clean data, efficacy, kappa_half) and
+    the near-clean-image frontier."""
+    cfg = defence.Config(**dict(TINY, widths=(), loss_kappas=(0.1,),
+                                distance_over_l=(0.03, 1.5), distance_bases=1))
     rep = defence.run(cfg, tmp_path)
-    res = json.loads((tmp_path / "results.json").read_text())
-    for f in ("capacity.png", "contraction.png", "high_pass.png", "near_clones.png",
-              "frontier.png", "report.md"):
-        assert (tmp_path / f).stat().st_size > 0
+    res = json.loads((tmp_path / "results.json").read_text())["results"]
     names = [c.name for c in rep.claims]
-    assert "capacity: degrees of freedom" in names
+    for name in ("capacity: degrees of freedom", "contraction (RBF)",
+                 "which poisons the penalty reaches"):
+        assert name in names
     assert any(n.startswith("frontier (output penalty + jitter") for n in names)
-    assert any(n.startswith("frontier (loss penalty") for n in names)
-    assert "skipped" in (tmp_path / "report.md").read_text()
-    # the exact-model capacity claim is a theorem (module docstring of flow): it must hold
-    dof = np.asarray(res["results"]["capacity"]["dof"])
-    assert np.all(np.diff(dof) < 0)
-    fr = res["results"]["frontier"]
-    assert all(0 <= a <= 1 for a in fr["asr"] + fr["clean_acc"])
-    # the contraction curves start at E(0) and are positive
-    for r in res["results"]["contraction"]["runs"]:
-        assert r["energy"][0] == pytest.approx(r["bound"][0]) and min(r["energy"]) >= 0
+    assert any(n.startswith("frontier (output penalty, near-clean-image") for n in names)
+    assert any(n.startswith("frontier (output penalty + crop + flip") for n in names)
+    prep = defence.prepare(cfg)
+    ell, lam, m = prep.ell, cfg.ridge, cfg.m
+    kappas = np.r_[0.0, cfg.kappas] * ell ** 2
+    k = kernels.rbf(ell)
+    N, n = len(prep.X), len(prep.Xp)
+    lam_c = lam * n / N
+    clean = [penalized.fit_penalized(k, prep.X, prep.y, lam_c, kap) for kap in kappas]
+    pois = [penalized.fit_penalized(k, prep.Xp, prep.yp, lam, kap) for kap in kappas]
+    # the frontier
+    fr = res["frontier"]
+    chance = max(np.mean(prep.yte > 0), np.mean(prep.yte < 0))
+    for i in range(len(kappas)):
+        fp = np.asarray(pois[i].predict(prep.Xtrig))
+        fc = np.asarray(clean[i].predict(prep.Xtrig))
+        acc = np.mean(np.sign(np.asarray(pois[i].predict(prep.Xte))) == prep.yte)
+        assert fr["asr"][i] == pytest.approx(np.mean(fp > 0), abs=1e-12)
+        assert fr["asr_clean_model"][i] == pytest.approx(np.mean(fc > 0), abs=1e-12)
+        assert fr["clean_acc"][i] == pytest.approx(acc, abs=1e-12)
+        assert fr["margin_ratio"][i] == pytest.approx(np.median((fp - fc) / np.abs(fc)),
+                                                      rel=1e-6)
+        assert fr["efficacy"][i] == pytest.approx(np.mean(fp - fc), rel=1e-6, abs=1e-10)
+        assert fr["collapsed"][i] == bool(acc <= chance + 0.05)
+    # near clones: Delta f(zeta + r e) over the experiment's random unit e
+    nc = res["near_clones"]
+    E = np.random.default_rng(cfg.seed + 3).standard_normal((cfg.n_directions, cfg.dim))
+    E /= np.linalg.norm(E, axis=1, keepdims=True)
+    x = kappas / ell ** 2
+    for j, r in enumerate(cfg.r_over_l):
+        pts = prep.zeta[None] + r * ell * E
+        eff = np.array([np.mean(np.asarray(p.predict(pts)) - np.asarray(c.predict(pts)))
+                        for p, c in zip(pois, clean)])
+        np.testing.assert_allclose(np.asarray(nc["efficacy"])[:, j], eff, rtol=1e-6)
+        h = _half(x, eff / eff[0])
+        assert (nc["kappa_half"][j] is None) == (h is None)
+        if h is not None:
+            assert nc["kappa_half"][j] == pytest.approx(h, rel=1e-6)
+    # the distance sweep: zeta at distance D from the clean data, then refits
+    ds = res["distance_sweep"]
+    base = ds["base_index"][0]
+    for j, D in enumerate(cfg.distance_over_l):
+        zeta = prep.X[base] + ds["trigger_norm_over_l"][0][j] * ell * prep.trigger_direction
+        assert np.min(np.linalg.norm(prep.X - zeta, axis=1)) == pytest.approx(D * ell,
+                                                                              rel=1e-9)
+        Xp = np.vstack([prep.X, np.repeat(zeta[None], m, 0)])
+        yp = np.r_[prep.y, np.full(m, cfg.y_target)]
+        eff = np.array([float(penalized.fit_penalized(k, Xp, yp, lam, kap).predict(
+            zeta[None])[0]) - float(c.predict(zeta[None])[0]) for kap, c in zip(kappas, clean)])
+        np.testing.assert_allclose(np.asarray(ds["efficacy"])[0, j], eff, rtol=1e-6)
+        h = _half(x, eff / eff[0])
+        assert (ds["kappa_half"][0][j] is None) == (h is None)
+        if h is not None:
+            assert ds["kappa_half"][0][j] == pytest.approx(h, rel=1e-6)
+    # the near-clean-image frontier: m triggered clean non-target images, label +1
+    nf = res["frontier_near_clean"]
+    trig = prep.x0 - prep.sc.x0_clean
+    P = prep.X[nf["base_index"]] + trig[None]
+    assert np.all(prep.y[nf["base_index"]] != cfg.y_target)
+    Xn, yn = np.vstack([prep.X, P]), np.r_[prep.y, np.full(m, cfg.y_target)]
+    for i in (0, len(kappas) - 1):
+        fp = np.asarray(penalized.fit_penalized(k, Xn, yn, lam, kappas[i]).predict(prep.Xtrig))
+        fc = np.asarray(clean[i].predict(prep.Xtrig))
+        assert nf["asr"][i] == pytest.approx(np.mean(fp > 0), abs=1e-12)
+        assert nf["margin_ratio"][i] == pytest.approx(np.median((fp - fc) / np.abs(fc)),
+                                                      rel=1e-6)
+    # the crop + flip arm: its first rows are the un-augmented poisoned and clean sets
+    Xa, ya, Xca, yca = prep.crop_flip
+    np.testing.assert_allclose(Xa[:n], prep.Xp, atol=1e-10)
+    np.testing.assert_allclose(Xca[:N], prep.X, atol=1e-10)
+    assert len(Xa) == 2 * n and np.all(ya[n:] == prep.yp) and np.all(yca[N:] == prep.y)
+    assert not np.allclose(Xa[n:], prep.Xp)
+    fp = np.asarray(penalized.fit_penalized(k, Xa, ya, lam, kappas[0]).predict(prep.Xtrig))
+    fc = np.asarray(penalized.fit_penalized(k, Xca, yca, lam * len(Xa) / len(Xca),
+                                            kappas[0]).predict(prep.Xtrig))
+    cf = res["frontier_crop_flip"]
+    assert cf["asr"][0] == pytest.approx(np.mean(fp > 0), abs=1e-12)
+    assert cf["asr_clean_model"][0] == pytest.approx(np.mean(fc > 0), abs=1e-12)
+    # the exact-model capacity claim is a theorem: dof strictly decreases
+    assert np.all(np.diff(res["capacity"]["dof"]) < 0)
 
 
 @pytest.mark.slow

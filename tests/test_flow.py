@@ -444,22 +444,46 @@ def test_loss_flow_decreases_objective_and_approaches_minimiser(trig):
 
 # --------------------------------------------------------------------------- monotonicity
 
+def _restricted_dof_reference(k, X, lam, kappas):
+    """``tr[K (K^2 + n lam K + kappa G)^-1 K]`` with the dual ``G_jl = sum_i grad_x
+    k(x_i, x_j) . grad_x k(x_i, x_l)`` from jax.jacfwd of the kernel alone, in numpy."""
+    n = len(X)
+    K = np.asarray(k(X, X))
+    Xj = jnp.asarray(X)
+    J = np.asarray(jax.vmap(jax.jacfwd(lambda x: k(x[None], Xj)[0]))(Xj))   # (i, j, a)
+    G = np.einsum("ija,ila->jl", J, J)
+    return np.array([np.trace(K @ np.linalg.solve(K @ K + n * lam * K + kap * G, K))
+                     for kap in kappas])
+
+
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("kernel,restricted", [
     ("rbf", False), ("rbf", True), ("nt_fc", True)])
 def test_capacity_falls_with_kappa(seed, kernel, restricted):
-    """df(kappa) strictly decreases; the training residual increases (THEORY.md 3).
+    """df(kappa) strictly decreases (a theorem, THEORY.md 3), checked on an independent
+    computation of df: the exact model's hat-matrix trace from the closed-form RBF joint
+    Gram (tests/oracles/rbf_joint.py), the restricted one's from its normal equations
+    with G built from the kernel's own input Jacobians. The training residual is
+    measured, not asserted: it is not monotone in general
+    (test_training_residual_is_not_monotone_in_general).
 
     nt_fc is tested in the restricted model only: its exact model is not defined
     (see test_nonsmooth_kernel_warns_for_exact_model_only)."""
+    from oracles.rbf_joint import exact_hat_trace, rbf_joint_gram
     X, _, _ = _problem(100 + seed)
     y = np.random.default_rng(seed).standard_normal(len(X))
     k = RBF if kernel == "rbf" else NT
     df = np.asarray(penalized.effective_dof(k, X, LAM, KAPPAS, restricted=restricted))
-    assert np.all(np.diff(df) < 0)
+    if restricted:
+        ref = _restricted_dof_reference(k, X, LAM, KAPPAS)
+    else:
+        Kf = rbf_joint_gram(X, 1.2)
+        ref = np.array([exact_hat_trace(Kf, len(X), LAM, kap) for kap in KAPPAS])
+    np.testing.assert_allclose(df, ref, rtol=1e-6, atol=1e-8)
+    assert np.all(np.diff(ref) < 0) and np.all(np.diff(df) < 0)
     sweep = penalized.fit_penalized_sweep(k, X, y, LAM, KAPPAS, restricted=restricted)
     residual = np.linalg.norm(np.asarray(sweep.predict(X)) - y[None], axis=1)
-    assert np.all(np.diff(residual) > 0)
+    print(f"{kernel} restricted={restricted}: residual {np.round(residual, 4)} (measured)")
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -627,11 +651,6 @@ def test_contraction_matches_the_c_space_flow_by_expm(kappa, rng):
     g_fit = u @ np.asarray(penalized.fit_penalized(k, X, y, lam, kappa).input_grad(x0[None]))[0]
     np.testing.assert_allclose(r["g_inf"], g_fit, rtol=1e-7)
     np.testing.assert_allclose(r["g"][-1], g_fit, rtol=1e-7)
-    # the curvature a is the Rayleigh quotient of the penalty block along v (definition)
-    Phi = U * np.sqrt(s)
-    v = (U.T @ b) / np.sqrt(s)
-    vh = v / np.linalg.norm(v)
-    assert r["a"] == pytest.approx(np.sum((Phi[n:] @ vh) ** 2) / n, rel=1e-10)
 
 
 

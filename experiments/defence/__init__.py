@@ -17,12 +17,16 @@ What it measures (the numbers of the issue's list):
    residual ``mean (f(x_i) - y_i)^2`` against kappa.
 2. **Contraction.** Start from the undefended fit (kappa = 0), switch the penalty on
    and follow the gradient flow (``flow.contraction``, linear in orthonormal
-   coordinates theta of the joint span). The poison-aligned direction is the
-   representer v of ``u . grad f(x0)`` (``flow.functional_coefficients``), u the top
-   eigenvector of the loss input-Hessian at the trigger point x0. Its energy ``E(t) = (v^ . (theta(t) - theta*))^2``
-   is set beside the bound ``E(0) exp(-2 kappa a t)`` with the curvature of the
-   penalty along v^ = v/|v|: ``a = v^T (Phi_g^T Phi_g / n) v^`` (THEORY.md: the
-   penalty's Hessian ``d_w g d_w g^T`` averaged over the points).
+   coordinates theta of the joint span: ``d theta/dt = -H (theta - theta*)``,
+   ``H = D/n + kappa G + lam I``). The theorem tested (``contraction.eigen_contraction``,
+   ``ntk_poison.modes``): along each eigenvector of H with eigenvalue h the energy is
+   ``E_j(0) exp(-2 h t)``, measured on the c-space flow. The poison-aligned direction is
+   the representer v of ``u . grad f(x0)`` (``flow.functional_coefficients``), u the top
+   eigenvector of the loss input-Hessian at the trigger point x0; reported: the
+   fraction of its energy on H's modes slower than kappa a
+   (``a = v^T (Phi_g^T Phi_g / n) v^``), and its energy ``E(t) = (v^ . (theta(t) -
+   theta*))^2`` beside the naive curve ``E(0) exp(-2 kappa a t)`` as a measured
+   comparison only (not a theorem: v is not an eigenvector of H).
 3. **High-pass filter.** The poison's response ``Delta f = f_poisoned - f_clean``
    (clean fit at the same absolute ridge and kappa) has at zeta an effective length
    ``l_eff^2(E) = -Delta f(zeta) |E| / tr(E^T hess Delta f(zeta) E)`` over a subspace
@@ -32,14 +36,19 @@ What it measures (the numbers of the issue's list):
    ("orthogonal"), and all of R^d. The slope c of ``l_eff^2/l^2 = l0^2/l^2 + c kappa/l^2``
    is fitted over the small-kappa range. c against data density and the clean-free gap
    around zeta, and the continuum check: ``experiments/defence/filter.py`` (1-D).
-4. **Near clones go first.** The efficacy ``Delta f(x0)`` at trigger points
-   ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
-   several r/l; ``kappa_half(r)`` is where it halves.
+4. **Which poisons the penalty reaches.** The efficacy ``Delta f(x0)`` at trigger
+   points ``x0 = zeta + r e`` (random unit e), relative to kappa = 0, against kappa for
+   several r/l; ``kappa_half(r)`` is where it halves (kept; r cannot show the penalty's
+   leverage). Beside it (``poisons.distance_sweep``): kappa_half at zeta against zeta's
+   distance D to the nearest clean point, zeta a triggered clean opposite-label image.
 5. **The frontier.** ASR (triggered non-target test points classified as the
    target), clean accuracy, the clean model's own ASR at the same kappa (the trigger
-   alone) and the poison's mean efficacy on triggered inputs, against kappa; with the
-   penalty alone and with jitter augmentation (Gaussian copies of every training
-   point, the kernel-regime stand-in for the paper's crop + flip).
+   alone), the poison's mean efficacy on triggered inputs, the margin ratio
+   ``Delta f / |f_clean|`` and a collapse flag (clean accuracy within 5 points of
+   chance), against kappa; with the penalty alone, with jitter (Gaussian input
+   noise: not the paper's augmentation), with real crop + flip (pixel space, before
+   the reduction), and for near-clean-image poisons (m triggered clean
+   opposite-label images).
 6. **Kernel against finite width.** Erf MLPs (``nets``, NTK parameterisation,
    smooth, so the penalised kernel model exists) trained by full-batch gradient
    descent with the penalty for time T, at several widths, beside
@@ -61,12 +70,14 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ntk_poison import (data, flow, kernels, metrics, models, nets, penalized, scenario,
-                        spectra)
+from ntk_poison import data, flow, kernels, metrics, models, nets, penalized, scenario
 from ntk_poison.artefact import Artefact
 from ntk_poison.report import Report, progress, x64_run
 
 from experiments.defence.claims import claims, reading, setup_text
+from experiments.defence.contraction import eigen_contraction, rbf_contraction, top_direction
+from experiments.defence.poisons import (crop_flip_sets, distance_sweep, frontier_extras,
+                                         near_clean_poisons, near_clones)
 from experiments.defence.figures import figures
 from experiments.defence.filter import FilterPart, gap_study, gap_table
 
@@ -92,8 +103,14 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart, FilterP
                                    # loss penalty |grad_x L|^2 (Newton fits); () skips it
     augment_copies: int = 1        # jitter copies per training point (0: no augmented run)
     augment_sigma: float = 0.3     # jitter norm, in units of l
+    crop_flip_copies: int = 1      # pixel-space crop + flip copies (0: no such arm)
+    crop_pad: int = 2              # crop offsets up to +-crop_pad pixels
     r_over_l: Tuple[float, ...] = (1e-3, 0.1, 0.3, 0.6, 1.0, 1.5)
     n_directions: int = 8          # random directions e of the near-clone trigger points
+    distance_over_l: Tuple[float, ...] = (0.03, 0.1, 0.33, 0.67, 1.0, 1.5)  # poison to
+                                   # nearest clean point (triggered clean images; () skips)
+    distance_bases: int = 2        # clean non-target base images per distance
+    near_clean: bool = True        # the frontier for near-clean-image poisons
     n_filter_dirs: int = 3         # |E| of the anisotropy subspaces
     fit_growth_max: float = 0.5    # the c fit uses kappa with l_eff^2/l0^2 - 1 <= this
     contraction_kappas: Tuple[float, ...] = (0.01, 0.1, 1.0)   # kappa / l^2
@@ -121,8 +138,10 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart, FilterP
         self.check_positive("net_time", "lr_factor", "fd_step", "augment_sigma",
                             "fit_growth_max", "kappas", "contraction_kappas", "net_kappas",
                             "r_over_l")
-        self.check_positive("widths", "loss_kappas", allow_empty=True)   # () skips a part
-        self.check_min(0, "augment_copies", "weak_m")
+        self.check_positive("widths", "loss_kappas", "distance_over_l",
+                            allow_empty=True)   # () skips a part
+        self.check_min(1, "distance_bases")
+        self.check_min(0, "augment_copies", "weak_m", "crop_flip_copies", "crop_pad")
         if list(self.kappas) != sorted(set(self.kappas)):
             raise ValueError("`kappas` must be strictly increasing.")
 
@@ -139,6 +158,7 @@ class Reduced:
     art: Artefact
     pixel_ell: float
     aug: Optional[Tuple[np.ndarray, ...]] = None
+    crop_flip: Optional[Tuple[np.ndarray, ...]] = None
 
     X = property(lambda self: self.sc.X)
     y = property(lambda self: self.sc.y)
@@ -154,9 +174,11 @@ class Reduced:
 
 
 def prepare(cfg: Config) -> Reduced:
-    """The reduced clean/test/triggered sets, the clone artefact and the jitter copies."""
+    """The reduced clean/test/triggered sets, the clone artefact, the jitter copies and
+    the crop + flip copies (``poisons.crop_flip_sets``)."""
     sc = scenario.build(cfg)
-    red = sc.reduced(data.pca_reduction(sc.X, sc.trigger_direction, cfg.dim))
+    reduce = data.pca_reduction(sc.X, sc.trigger_direction, cfg.dim)
+    red = sc.reduced(reduce)
     art = red.clone_attack(cfg.m, cfg.y_target, cfg.seed)
     aug = None
     if cfg.augment_copies:
@@ -165,15 +187,9 @@ def prepare(cfg: Config) -> Reduced:
         c = cfg.augment_copies
         aug = (data.jitter(art.x, c, sd, rng), np.tile(art.y, c + 1),
                data.jitter(red.X, c, sd, rng), np.tile(red.y, c + 1))
-    return Reduced(red, art, sc.length_scale, aug)
-
-
-def _top_direction(model, x0, label):
-    """u: the top eigenvector of the loss input-Hessian at x0 (dense; d is small)."""
-    import jax.numpy as jnp
-    vals, vecs = spectra.top_eigenpairs(spectra.loss_fn(model, label), jnp.asarray(x0), k=1,
-                                        method="dense")
-    return float(vals[0]), np.asarray(vecs[0])
+    cf = None if not cfg.crop_flip_copies else crop_flip_sets(
+        sc, reduce, cfg.m, cfg.y_target, cfg.crop_flip_copies, cfg.crop_pad, cfg.seed + 13)
+    return Reduced(red, art, sc.length_scale, aug, cf)
 
 
 # --------------------------------------------------------------------------- kernel parts
@@ -189,13 +205,14 @@ def frontier(sp, sc, prep, cfg) -> dict:
     """ASR, clean accuracy and the poison's efficacy for each member of the sweeps."""
     fp_t, fc_t = np.asarray(sp.predict(prep.Xtrig)), np.asarray(sc.predict(prep.Xtrig))
     yte, tgt = prep.yte[None], cfg.y_target
-    return dict(
+    out = dict(
         asr=metrics.attack_success_rate(fp_t, tgt),
         asr_clean_model=metrics.trigger_alone_asr(fc_t, tgt),
         flip=metrics.flip_rate(fp_t, fc_t, tgt),
         clean_acc=metrics.clean_accuracy(sp.predict(prep.Xte), yte),
         clean_acc_clean_model=metrics.clean_accuracy(sc.predict(prep.Xte), yte),
         efficacy=(fp_t - fc_t).mean(1))
+    return dict(out, **frontier_extras(fp_t, fc_t, out["clean_acc"], prep.yte))
 
 
 def loss_penalty_frontier(k, prep, cfg) -> dict:
@@ -256,24 +273,6 @@ def high_pass(sp, sc, prep, cfg, kappas) -> dict:
     return out
 
 
-def near_clones(sp, sc, prep, cfg, kappas) -> dict:
-    """Efficacy ``Delta f(zeta + r e)`` (mean over random unit e) relative to kappa = 0."""
-    rng = np.random.default_rng(cfg.seed + 3)
-    E = rng.standard_normal((cfg.n_directions, cfg.dim))
-    E /= np.linalg.norm(E, axis=1, keepdims=True)
-    rs = np.asarray(cfg.r_over_l, float)
-    pts = prep.zeta[None, None] + (rs[:, None, None] * prep.ell) * E[None]   # (R, D, d)
-    flat = pts.reshape(-1, cfg.dim)
-    df = (np.asarray(sp.predict(flat)) - np.asarray(sc.predict(flat))).reshape(
-        len(kappas), len(rs), cfg.n_directions).mean(-1)
-    rel = df / df[0]
-    x = np.asarray(kappas) / prep.ell ** 2
-    return dict(r_over_l=rs, efficacy=df, relative=rel,
-                kappa_half=[metrics.first_crossing(x, rel[:, j], 0.5, direction="down",
-                                                   zero_divisor=10.0)
-                            for j in range(len(rs))])
-
-
 # --------------------------------------------------------------------------- finite nets
 
 def _net_eval_points(prep, u, h):
@@ -312,7 +311,7 @@ def nets_vs_kernel(prep, cfg) -> dict:
         kern["rate"].append(rate)
         kern["lr"].append(cfg.lr_factor / rate)
     m0 = paths[0]
-    _, u = _top_direction(m0, prep.x0, cfg.y_target)
+    _, u = top_direction(m0, prep.x0, cfg.y_target)
     h = cfg.fd_step * prep.ell
     Xe = _net_eval_points(prep, u, h)
     for mod in paths:
@@ -332,6 +331,7 @@ def nets_vs_kernel(prep, cfg) -> dict:
     t_end = 3.0 / max(kc * flow.penalty_curvature(U, s, n, b), 1e-12)
     times = np.linspace(0.0, t_end, cfg.n_times)
     con = flow.contraction(U, s, n, yp, lam, kc, b, c0, times)
+    con["eigen"] = eigen_contraction(Kf, U, s, n, yp, lam, kc, b, c0, times)
     con_lr = cfg.lr_factor / flow.flow_rate(Kf, n, kc, lam)
     # the nets
     runs = {}
@@ -404,7 +404,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                r_zeta_data_over_l=float(np.sqrt(((prep.X - prep.zeta) ** 2).sum(1)).min()
                                         / ell))
     steps = ["sweeps", "capacity", "filter", "contraction", "loss penalty", "weak attack",
-             "augmented", "nets"]
+             "augmented", "crop flip", "distance", "near clean", "nets"]
     bar = progress(steps, "defence")
     for step in bar:
         ts = time.time()
@@ -418,7 +418,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             res["high_pass"] = high_pass(sp, sc, prep, cfg, kappas)
             res["filter_1d"] = gap_study(cfg)             # c against density and gap
         elif step == "contraction":
-            res["contraction"] = _rbf_contraction(k, sp.at(0), prep, cfg)
+            res["contraction"] = rbf_contraction(k, sp.at(0), prep, cfg)
         elif step == "loss penalty" and cfg.loss_kappas:
             res["frontier_loss"] = loss_penalty_frontier(k, prep, cfg)
         elif step == "weak attack" and cfg.weak_m:
@@ -427,7 +427,19 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             res["frontier_weak"] = frontier(spw, scw, prep, cfg)
         elif step == "augmented" and cfg.augment_copies:
             spa, sca = _sweeps(k, *prep.aug, lam, kappas)
-            res["frontier_augmented"] = frontier(spa, sca, prep, cfg)
+            res["frontier_augmented"] = dict(frontier(spa, sca, prep, cfg),
+                                             arm="jitter (Gaussian input noise; not crop + flip)")
+        elif step == "crop flip" and cfg.crop_flip_copies:
+            spa, sca = _sweeps(k, *prep.crop_flip, lam, kappas)
+            res["frontier_crop_flip"] = dict(frontier(spa, sca, prep, cfg),
+                                             arm="crop + flip in pixel space, before the PCA")
+        elif step == "distance" and cfg.distance_over_l:
+            res["distance_sweep"] = distance_sweep(k, sc, prep, cfg, kappas)
+        elif step == "near clean" and cfg.near_clean:
+            Xn, yn, info = near_clean_poisons(prep, cfg)     # same n: the clean sweep is sc
+            res["frontier_near_clean"] = dict(
+                frontier(penalized.fit_penalized_sweep(k, Xn, yn, lam, kappas), sc, prep, cfg),
+                **info)
         elif step == "nets" and cfg.widths:
             res["nets"] = nets_vs_kernel(prep, cfg)
         secs[step] = time.time() - ts
@@ -440,24 +452,3 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     rep.text(gap_table(res))
     rep.write()
     return rep
-
-
-def _rbf_contraction(k, m0, prep, cfg) -> dict:
-    """Item 2 for the RBF kernel: the flow from the undefended minimiser, per kappa."""
-    Xp, yp, ell2 = prep.Xp, prep.yp, prep.ell ** 2
-    _, U, s = flow.joint_coordinates(k, Xp)
-    lam_top, u = _top_direction(m0, prep.x0, cfg.y_target)
-    b, c0 = flow.functional_coefficients(m0, prep.x0, u)
-    g = np.asarray(m0.input_grad(prep.x0[None]))[0]
-    out = dict(top_eigenvalue=lam_top, u_trigger_cos2=float((u @ prep.trigger_direction) ** 2),
-               u_grad_cos2=float((u @ g) ** 2 / (g @ g)), runs=[])
-    for kr in cfg.contraction_kappas:
-        kappa = kr * ell2
-        a = flow.penalty_curvature(U, s, len(Xp), b)
-        times = np.linspace(0.0, 3.0, cfg.n_times) / max(kappa * a, 1e-300)
-        r = flow.contraction(U, s, len(Xp), yp, cfg.ridge, kappa, b, c0, times)
-        r["kappa_over_l2"] = kr
-        out["runs"].append(r)
-    return out
-
-

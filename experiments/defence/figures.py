@@ -42,7 +42,8 @@ def figures(rep, res, cfg):
         ax[0, 0].semilogy(x, r["energy"] / r["energy"][0], "o-", ms=2,
                           label=f"kappa/l^2 = {r['kappa_over_l2']:g} (a = {r['a']:.2g})")
     x = np.linspace(0, 3, 50)
-    ax[0, 0].semilogy(x, np.exp(-2 * x), "k--", label="bound exp(-2 kappa a t)")
+    ax[0, 0].semilogy(x, np.exp(-2 * x), "k--",
+                      label="naive exp(-2 kappa a t) (a comparison, not a theorem)")
     ax[0, 0].set(xlabel="kappa a t", ylabel="E(t) / E(0)",
                  title="RBF: poison-aligned energy after the penalty is on")
     ax[0, 0].legend(fontsize=7)
@@ -52,6 +53,8 @@ def figures(rep, res, cfg):
     _high_pass_figure(rep, hp, kx, xp)
     gap_figure(rep, res)
     _near_clone_figure(rep, nc, xp)
+    if "distance_sweep" in res:
+        _distance_figure(rep, res["distance_sweep"], xp)
     _frontier_figure(rep, res, nv)
     if nv is not None:
         _nets_figure(rep, nv)
@@ -105,16 +108,41 @@ def _near_clone_figure(rep, nc, xp):
     rep.figure(fig, "near_clones")
 
 
+def _distance_figure(rep, ds, xp):
+    """kappa_half against the poison's distance to the nearest clean point."""
+    fig, ax = new_figure(2, 1, size=(5.0, 3.8))
+    rel = np.asarray(ds["relative"])
+    for j, d in enumerate(ds["distance_over_l"]):
+        ax[0, 0].semilogx(xp, rel[:, j].mean(0), "o-", ms=3, label=f"D/l = {d:g}")
+    ax[0, 0].axhline(0.5, color="k", lw=0.5)
+    ax[0, 0].set(xlabel="kappa / l^2", ylabel="Delta f(zeta) / (kappa = 0 value)",
+                 title="efficacy at zeta (mean over base images)")
+    ax[0, 0].legend(fontsize=7)
+    for b, row in enumerate(ds["kappa_half"]):
+        kh = [np.nan if h is None else h for h in row]
+        ax[0, 1].semilogy(ds["distance_over_l"], kh, "o-", ms=3, label=f"base image {b}")
+    ax[0, 1].set(xlabel="distance from zeta to the nearest clean point / l",
+                 ylabel="kappa_half / l^2 (missing: never)", title="which poisons it reaches")
+    ax[0, 1].legend(fontsize=7)
+    rep.figure(fig, "distance")
+
+
 def _frontier_figure(rep, res, nv):
     fig, ax = new_figure(2, 1, size=(5.0, 3.8))
     curves = [("RBF, output penalty", res["frontier"])]
     for key, label in (("frontier_loss", "RBF, loss penalty"),
                        ("frontier_weak", "RBF, output penalty, weaker attack"),
-                       ("frontier_augmented", "RBF, output penalty + jitter")):
+                       ("frontier_augmented", "RBF, output penalty + jitter (Gaussian noise)"),
+                       ("frontier_crop_flip", "RBF, output penalty + crop + flip"),
+                       ("frontier_near_clean", "RBF, output penalty, near-clean-image poisons")):
         if key in res:
             curves.append((label, res[key]))
     for label, f in curves:
         ax[0, 0].plot(f["clean_acc"], f["asr"], "o-", ms=3, label=label)
+    f = res["frontier"]
+    ax[0, 0].plot(f["clean_acc_clean_model"], f["asr_clean_model"], "k:", lw=1,
+                  label="trigger alone (clean model)")
+    for label, f in curves:
         ax[0, 1].plot(f["clean_acc"], f["efficacy"], "o-", ms=3, label=label)
     if nv is not None:
         ax[0, 0].plot(nv["kernel"]["clean_acc"], nv["kernel"]["asr"], "s-", ms=3,
