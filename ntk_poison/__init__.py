@@ -43,6 +43,7 @@ def __getattr__(name):
     import importlib
     if name in ("data", "report", "spectra", "flow", "nets", "defences", "cli", "artefact",
                 "triggers", "config", "io", "linalg", "models", "joint", "penalty",
-                "penalized", "metrics", "attacks", "scenario"):
+                "penalized", "metrics", "attacks", "scenario", "continuum", "modes", "floor",
+                "linear"):
         return importlib.import_module(f"ntk_poison.{name}")
     raise AttributeError(f"module 'ntk_poison' has no attribute {name!r}")
