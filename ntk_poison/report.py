@@ -76,7 +76,9 @@ def new_figure(ncols: int = 1, nrows: int = 1, size=(5.0, 3.8)):
 class Claim:
     """One statement of the theory and what the measurement says about it.
 
-    ``supported`` is True, False, or None (not testable with these data).
+    ``supported`` is True, False, or None (not testable with these data). A
+    ``measured`` line (:meth:`Report.measurement`) states a quantity that is not a
+    theorem: it is reported as measured and gets no verdict.
     """
 
     name: str
@@ -84,10 +86,19 @@ class Claim:
     supported: Optional[bool]
     evidence: str
     figures: List[str] = dataclasses.field(default_factory=list)
+    measured: bool = False
 
     @property
     def verdict(self) -> str:
+        if self.measured:
+            return "measured (no verdict: not a theorem)"
         return {True: "supported", False: "NOT supported", None: "inconclusive"}[self.supported]
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self) | {"verdict": self.verdict}
+        if not self.measured:
+            del d["measured"]
+        return d
 
 
 class Report:
@@ -107,6 +118,14 @@ class Report:
               figures: Iterable[str] = ()) -> Claim:
         c = Claim(name, statement, None if supported is None else bool(supported), evidence,
                   list(figures))
+        self.claims.append(c)
+        return c
+
+    def measurement(self, name: str, statement: str, evidence: str,
+                    figures: Iterable[str] = ()) -> Claim:
+        """A measured quantity that is not a theorem (e.g. the training residual against
+        kappa): listed with the claims, with no verdict and not counted as one."""
+        c = Claim(name, statement, None, evidence, list(figures), measured=True)
         self.claims.append(c)
         return c
 
@@ -131,7 +150,7 @@ class Report:
             "started_utc": self.started.isoformat(),
             "config": cfg,
             "versions": versions(),
-            "claims": [dataclasses.asdict(c) | {"verdict": c.verdict} for c in self.claims],
+            "claims": [c.to_dict() for c in self.claims],
             "figures": self.figures,
             "results": self.results,
         }
@@ -139,7 +158,11 @@ class Report:
     def markdown(self) -> str:
         lines = [f"# {self.title}", ""]
         n_ok = sum(c.supported is True for c in self.claims)
-        lines += [f"{n_ok} of {len(self.claims)} claims supported by the measured data.", ""]
+        n_claims = sum(not c.measured for c in self.claims)
+        n_meas = len(self.claims) - n_claims
+        lines += [f"{n_ok} of {n_claims} claims supported by the measured data"
+                  + (f" ({n_meas} measured lines beside them, with no verdict)." if n_meas
+                     else "."), ""]
         lines += ["| claim | verdict | evidence |", "|---|---|---|"]
         for c in self.claims:
             ev = c.evidence.replace("|", "\\|").replace("\n", " ")

@@ -38,14 +38,15 @@ def claims(rep, res, cfg):
               f"df {cap['dof'][0]:.3f} -> {cap['dof'][-1]:.3f} over kappa/l^2 in "
               f"[0, {kx[-1]:g}]; largest step {dd.max():.3g} (must be < 0).", ["capacity.png"])
     dr = np.diff(cap["residual"])
-    rep.claim("capacity: training residual",
-              "The training residual mean (f(x_i) - y_i)^2 strictly increases in kappa (RBF).",
-              bool(np.all(dr > 0)),
-              f"residual {cap['residual'][0]:.4f} -> {cap['residual'][-1]:.4f}; "
-              f"{int((dr <= 0).sum())} of {len(dr)} steps do not increase (smallest step "
-              f"{dr.min():.3g}); the penalty term falls {cap['penalty'][0]:.3g} -> "
-              f"{cap['penalty'][-1]:.3g}. (Minimisation guarantees only fit + ridge up and "
-              "penalty down; see flow's module docstring.)", ["capacity.png"])
+    rep.measurement("capacity: training residual",
+                    "The training residual mean (f(x_i) - y_i)^2 against kappa (RBF). It usually "
+                    "rises but is not monotone in general (tests/test_flow.py has a "
+                    "counterexample), so it is measured, not judged.",
+                    f"residual {cap['residual'][0]:.4f} -> {cap['residual'][-1]:.4f}; "
+                    f"{int((dr <= 0).sum())} of {len(dr)} steps do not increase (smallest step "
+                    f"{dr.min():.3g}); the penalty term falls {cap['penalty'][0]:.3g} -> "
+                    f"{cap['penalty'][-1]:.3g}. (Minimisation guarantees only fit + ridge up and "
+                    "penalty down; see flow's module docstring.)", ["capacity.png"])
     # 2. contraction: the eigen-statement (a theorem), the naive bound as a comparison
     con = res["contraction"]
     ev = "; ".join(f"kappa/l^2 = {r['kappa_over_l2']:g}: a = {r['a']:.3g}, "
@@ -145,14 +146,16 @@ def claims(rep, res, cfg):
     res_n = mean_runs(nv["runs"], "residual")
     mono = [bool(np.all(np.diff(res_n[w][1]) > 0)) for w in ws]
     rep.claim("finite width: capacity falls",
-              "The erf NTK's dof falls with kappa, and the training residual at T rises with "
-              "kappa for the kernel and every width.",
-              bool(np.all(np.diff(kern["dof"]) < 0) and np.all(np.diff(kern["residual"]) > 0)
-                   and all(mono)),
+              "The erf NTK's dof falls with kappa (a theorem). Beside it, measured and not "
+              "judged: the training residual at T against kappa, for the kernel and every width.",
+              bool(np.all(np.diff(kern["dof"]) < 0)),
               f"erf NTK dof {kern['dof'][0]:.2f} -> {kern['dof'][-1]:.2f}; residual at T: kernel "
               f"{kern['residual'][0]:.3f} -> {kern['residual'][-1]:.3f}, "
               + ", ".join(f"width {w}: {res_n[w][1][0]:.3f} -> {res_n[w][1][-1]:.3f}"
-                          for w in ws) + ".", ["nets.png"])
+                          for w in ws)
+              + f" (rising at every kappa step: kernel "
+              f"{bool(np.all(np.diff(kern['residual']) > 0))}, "
+              + ", ".join(f"width {w} {m}" for w, m in zip(ws, mono)) + ").", ["nets.png"])
     c = nv["contraction"]
     net_err = []
     for w in ws:
