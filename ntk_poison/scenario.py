@@ -48,6 +48,7 @@ Array = Any
 
 __all__ = ["DataPart", "AttackPart", "TargetPart", "TARGET_MODES", "centred_one_hot", "RidgePart", "KernelPart", "ImagePart",
            "DetectorPart", "Scenario", "DetectionSplits", "build", "build_for_detection", "describe",
+           "describe_targets",
            "describe_kernels",
            "kernel_for", "is_image_kernel", "clone_count", "detector_for", "for_kernel",
            "flat_length_scale"]
@@ -320,6 +321,29 @@ def describe(info: Dict[str, Any]) -> str:
            and info["pool"] > 1 else (f"{shp} images" if info["images"] else
                                       f"flat inputs of d = {shp}"))
     return f"{info['n_train']} training points, {how}, l = {info['length_scale']:.4g}"
+
+
+def describe_targets(cfg: Any) -> str:
+    """The target mode of a config, in words for a report's set-up: the binary task,
+    or the all-to-one task and what the binary statements become in it."""
+    if getattr(cfg, "target_mode", "binary") != "all_to_one":
+        return (f"Targets: +1 for classes {list(cfg.positive_classes)}, -1 otherwise; poison "
+                f"label {cfg.y_target:+g}; ASR = sign f = +1 on triggered non-target "
+                "test points.")
+    return (f"**All-to-one** (`target_mode = all_to_one`): every class kept, multi-output "
+            f"KRR on CENTRED one-hot targets (1 - 1/C at the label's class, -1/C elsewhere; "
+            f"argmax decisions are those of plain one-hot targets); the poison is labelled "
+            f"{cfg.y_target:g} x the centred one-hot row of class {cfg.target_class}; ASR = "
+            f"argmax f = {cfg.target_class} on triggered test points of the other classes; "
+            "clean accuracy = argmax accuracy; `positive_classes` is not used. The loss is "
+            "1/2 |f(x) - y|^2 summed over outputs, its input Hessian sum_c [grad f_c grad "
+            "f_c^T + (f_c - y_c) hess f_c], with the detector's pseudo-label the centred "
+            "one-hot row of argmax f. Delta f means the Euclidean norm ||Delta f|| over "
+            "outputs: the poison moves every output's gradient along the one direction "
+            "grad_x kt(x, zeta), so its Gauss-Newton spike is R_k ||Delta f||^2 and the "
+            "binary spike and visibility laws hold with ||Delta f|| for |Delta f|. "
+            "Explanations in terms of the binary residual (f - sign f, 1 - f) are the "
+            "binary case's and do not apply literally here.")
 
 
 def describe_kernels(res: Dict[str, Any], dataset: str) -> str:
