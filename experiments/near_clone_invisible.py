@@ -306,8 +306,9 @@ x0p + r u, u a fixed random unit vector (seed {cfg.seed}), r/l in [{cfg.r_min:g}
 k(x0p, x0p), absolute (N + m) x that). x0 is the first triggered non-target test input
 (for the smoothness check). ASR on {cfg.n_trigger} triggered non-target test
 points, beside the trigger-alone ASR (the clean model's at the same inputs).
-{scenario.describe_targets(cfg)} Curvature detector: top loss-Hessian eigenvalue (Lanczos,
-pseudo-labels the model's decision), threshold from {cfg.n_cal} clean test inputs at {cfg.fpr:g} FPR, AUROC over
+{scenario.describe_targets(cfg)}
+Curvature detector: top loss-Hessian eigenvalue (Lanczos, pseudo-labels the model's
+decision), threshold from {cfg.n_cal} clean test inputs at {cfg.fpr:g} FPR, AUROC over
 {cfg.n_eval} triggered vs {cfg.n_eval} clean test inputs. Spectral signatures: per class,
 on {cfg.kpca_components} centred kernel-PCA components of the artefact's inputs, eps = the
 poison fraction. Total time {secs:.1f} s.
@@ -317,7 +318,8 @@ poison fraction. Total time {secs:.1f} s.
         s = r["sweep"]
         lines.append(f"""
 **{name}** ({scenario.describe(r['data'])}; m = {s['m']}). ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
-(r/l = {cfg.r_max:g}), trigger-alone ASR {s['trigger_alone_asr'][0]:.2f}; curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
+(r/l = {cfg.r_max:g}), trigger-alone ASR {s['trigger_alone_asr'][0]:.2f};
+curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
 spectral-signature AUROC {np.min(s['ss_auroc']):.3f} .. {np.max(s['ss_auroc']):.3f}; at x0p
 the poison's GN spike goes {s['spike_x0p'][0]:.3g} -> {s['spike_x0p'][-1]:.3g} and the top
 eigenvalue is {s['ratio_x0p'][0]:.3g}x .. {s['ratio_x0p'][-1]:.3g}x the clean model's

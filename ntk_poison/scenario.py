@@ -46,7 +46,8 @@ from ntk_poison.config import Config
 
 Array = Any
 
-__all__ = ["DataPart", "AttackPart", "TargetPart", "TARGET_MODES", "centred_one_hot", "RidgePart", "KernelPart", "ImagePart",
+__all__ = ["DataPart", "AttackPart", "TargetPart", "TARGET_MODES", "centred_one_hot",
+           "RidgePart", "KernelPart", "ImagePart",
            "DetectorPart", "Scenario", "DetectionSplits", "build", "build_for_detection", "describe",
            "describe_targets",
            "describe_kernels",

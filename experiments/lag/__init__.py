@@ -142,7 +142,8 @@ def _sweep_m(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, ms, det):
                delta_f_eval=sc.effect(df[:, 1:1 + ne]), R_k=R_k, R_k_eval=R_eval,
                k0=float(np.asarray(law.k0)[0]), k_zz=float(np.asarray(law.k_zz)),
                # how local the attack is: |Delta f| at triggered vs at clean test inputs
-               abs_df_trig_median=np.median(np.abs(sc.effect(df[:, 1 + ne:1 + ne + na])), axis=1),
+               abs_df_trig_median=np.median(np.abs(sc.effect(df[:, 1 + ne:1 + ne + na])),
+                                            axis=1),
                abs_df_clean_median=np.median(np.abs(sc.effect(df[:, 1 + ne + na:])), axis=1),
                # the clean model (same absolute ridge) at the same triggered inputs
                trigger_alone_asr=sc.attack_success_rate(
