@@ -22,6 +22,8 @@ Kernels and data as in the lag experiment: RBF and nt_fc on flat inputs, nt_cnn
 on its own small image subset (``cnn_n_train``, ``cnn_pool``) as ``(n, H, W, 1)``
 images, with the same smoothness check of the input Hessian (here at x0p).
 
+All-to-one mode: ``--set target_mode=all_to_one`` (:class:`scenario.TargetPart`).
+
 Run: ``ntk-poison run near_clone_invisible --out results/near_clone_invisible``.
 """
 

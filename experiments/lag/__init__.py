@@ -52,6 +52,13 @@ The clean comparison flows on the clean points with the same absolute ridge n la
 and the same 1/n (``flow.flow_pair``), so both reach the KRR models of the m-sweep as
 t -> inf.
 
+All-to-one mode (``--set target_mode=all_to_one``, :class:`scenario.TargetPart`):
+multi-output KRR on centred one-hot targets over all classes, the clones labelled with
+``target_class``'s row, ASR = argmax = target on triggered inputs of the other classes;
+Delta f is then ``||Delta f||`` over outputs (the poison's spike is
+``R_k ||Delta f||^2``: every output's gradient moves along ``grad_x kt(x0, zeta)``).
+Every ASR comes with the trigger-alone ASR (the clean model's at the same inputs).
+
 Run: ``ntk-poison run lag --out results/lag``.
 """
 
