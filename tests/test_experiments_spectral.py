@@ -5,7 +5,9 @@ tests then check the written files and a few properties from an independent angl
 AUROCs recomputed with scikit-learn from the stored scores, the merged refits
 against the rank-one law, the Lanczos eigenvalue against a dense ``eigh``, the
 closed-form flow against ``flow.kernel_flow``, the ASR against a fresh refit, and
-determinism (same seed, identical numbers). The CNN kernel (``nt_cnn``) runs through
+determinism (same seed, identical numbers). Both also run in all-to-one mode
+(``target_mode = all_to_one``), checked against independent multi-output refits.
+The CNN kernel (``nt_cnn``) runs through
 both experiments on 8x8 digits images, as ``(n, 8, 8, 1)`` inputs (the lag one is
 marked slow: ``make test-slow``).
 """
@@ -398,6 +400,8 @@ def a2o_lag_run(tmp_path_factory):
     return out, cfg
 
 
+# the near-clone run above keeps the all-to-one experiment path in the fast suite
+@pytest.mark.slow
 def test_lag_all_to_one_against_independent_refits(a2o_lag_run):
     import jax
     jax.config.update("jax_enable_x64", True)
