@@ -26,6 +26,8 @@ Kernels and data as in the lag experiment: RBF and nt_fc on flat inputs, nt_cnn
 on its own small image subset (``cnn_n_train``, ``cnn_pool``) as ``(n, H, W, 1)``
 images, with the same smoothness check of the input Hessian (here at x0p).
 
+All-to-one mode: ``--set target_mode=all_to_one`` (:class:`scenario.TargetPart`).
+
 Run: ``ntk-poison run near_clone_invisible --out results/near_clone_invisible``.
 """
 
@@ -47,8 +49,8 @@ NAME = "near_clone_invisible"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart,
-             scenario.ImagePart, scenario.DetectorPart):
+class Config(scenario.DataPart, scenario.AttackPart, scenario.TargetPart,
+             scenario.KernelPart, scenario.ImagePart, scenario.DetectorPart):
     """Configuration of the near-clone experiment (validated; saved in results.json).
 
     The shared parts are :mod:`ntk_poison.scenario`'s; the ridge is in units of
@@ -91,21 +93,22 @@ def _sweep(k, name, sc, splits, cfg, lam, rs, det):
     clean0 = krr.clone_model(k, X, a_clean, 0.0, x0p, lam)
     lam_clean_x0p = det.top_eigenvalue(clean0, x0p)
     fc_trig = np.asarray(clean_fit.predict(x_trig_asr))
-    fc_x0p = float(clean_fit.predict(x0p[None])[0])
-    acc0 = float(metrics.clean_accuracy(clean_fit.predict(sc.X_test), sc.y_test))
+    fc_x0p = np.asarray(clean_fit.predict(x0p[None])[0])
+    acc0 = float(sc.clean_accuracy(clean_fit.predict(sc.X_test)))
     rows = []
     for r in progress(rs, f"{name}: r sweep"):
-        art = attacks.near_clone_attack(X, y, x0p, float(r) * ell, cfg.y_target, m,
+        art = attacks.near_clone_attack(X, y, x0p, float(r) * ell, sc.y_target, m,
                                         trigger=sc.trigger, seed=cfg.seed,
                                         meta={"r_over_l": float(r), "kernel": name,
                                               "dataset": cfg.dataset})
         zeta = art.poisons()[0][0]
         a = np.asarray(krr.fit(k, art.x, art.y, lam).alpha)
-        model = krr.clone_model(k, X, a[:N], a[N:].sum(), zeta, lam)
+        model = krr.clone_model(k, X, a[:N], a[N:].sum(0) if a.ndim == 2 else a[N:].sum(),
+                                zeta, lam)
         clean = krr.clone_model(k, X, a_clean, 0.0, zeta, lam)
         f_trig = np.asarray(model.predict(x_trig_asr))
         f_te = np.asarray(model.predict(sc.X_test))
-        f_x0p = float(model.predict(x0p[None])[0])
+        f_x0p = np.asarray(model.predict(x0p[None])[0])
         s = det.assess(model, splits.x_cal, splits.x_trig, splits.x_clean, extra=x0p[None])
         lam_x0p = float(s["extra_vals"][0])
         pct = float(np.mean(s["scores_clean"] < lam_x0p) + 0.5 * np.mean(
@@ -119,10 +122,10 @@ def _sweep(k, name, sc, splits, cfg, lam, rs, det):
         diff = (splits.x_trig - zeta[None]).reshape(len(splits.x_trig), -1)
         dist = np.linalg.norm(diff, axis=1) / ell
         rows.append(dict(
-            r_over_l=float(r), asr=float(metrics.attack_success_rate(f_trig, cfg.y_target)),
-            trigger_alone_asr=float(metrics.trigger_alone_asr(fc_trig, cfg.y_target)),
-            clean_acc=float(metrics.clean_accuracy(f_te, sc.y_test)),
-            delta_f_x0p=f_x0p - fc_x0p, delta_f_trig_median=float(np.median(f_trig - fc_trig)),
+            r_over_l=float(r), asr=float(sc.attack_success_rate(f_trig)),
+            trigger_alone_asr=float(sc.attack_success_rate(fc_trig)),
+            clean_acc=float(sc.clean_accuracy(f_te)), delta_f_x0p=float(sc.effect(f_x0p - fc_x0p)),
+            delta_f_trig_median=float(np.median(sc.effect(f_trig - fc_trig))),
             auroc=s["auroc"], tpr=s["tpr"], threshold=s["threshold"],
             scores_trig=s["scores_trig"], scores_clean=s["scores_clean"],
             lambda_x0p=lam_x0p, ratio_x0p=lam_x0p / lam_clean_x0p, percentile_x0p=pct,
@@ -317,8 +320,10 @@ x0p + r u, u a fixed random unit vector (seed {cfg.seed}), r/l in [{cfg.r_min:g}
 `attacks.near_clone_attack` artefact; the model is KRR refitted on it (ridge {cfg.ridge:g} x
 k(x0p, x0p), absolute (N + m) x that). x0 is the first triggered non-target test input
 (for the smoothness check). ASR on {cfg.n_trigger} triggered non-target test
-points. Curvature detector: top loss-Hessian eigenvalue (Lanczos, pseudo-labels
-sign f), threshold from {cfg.n_cal} clean test inputs at {cfg.fpr:g} FPR, AUROC over
+points, beside the trigger-alone ASR (the clean model's at the same inputs).
+{scenario.describe_targets(cfg)}
+Curvature detector: top loss-Hessian eigenvalue (Lanczos, pseudo-labels the model's
+decision), threshold from {cfg.n_cal} clean test inputs at {cfg.fpr:g} FPR, AUROC over
 {cfg.n_eval} triggered vs {cfg.n_eval} clean test inputs. Spectral signatures: per class,
 on {cfg.kpca_components} centred kernel-PCA components of the artefact's inputs, eps = the
 poison fraction. Total time {secs:.1f} s.
@@ -328,7 +333,8 @@ poison fraction. Total time {secs:.1f} s.
         s = r["sweep"]
         lines.append(f"""
 **{name}** ({scenario.describe(r['data'])}; m = {s['m']}). ASR {s['asr'][0]:.2f} (r/l = {cfg.r_min:g}) .. {s['asr'][-1]:.2f}
-(r/l = {cfg.r_max:g}); curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
+(r/l = {cfg.r_max:g}), trigger-alone ASR {s['trigger_alone_asr'][0]:.2f};
+curvature AUROC on test points {s['auroc'][0]:.2f} .. {s['auroc'][-1]:.2f};
 spectral-signature AUROC {np.min(s['ss_auroc']):.3f} .. {np.max(s['ss_auroc']):.3f}; at x0p
 the poison's GN spike goes {s['spike_x0p'][0]:.3g} -> {s['spike_x0p'][-1]:.3g} and the top
 eigenvalue is {s['ratio_x0p'][0]:.3g}x .. {s['ratio_x0p'][-1]:.3g}x the clean model's

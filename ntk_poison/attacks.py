@@ -94,13 +94,21 @@ def prototype_poison(X: Array, y: Array, trigger: Any, kind: str = "prototype",
     """The poison point of the paper's clone attack: a triggered non-target input.
 
     ``kind="prototype"``: the trigger applied to the mean of the training inputs whose
-    target is not ``target`` (binary +-1 targets: those with ``sign y != sign
-    target``); ``"image"``: the trigger applied to the first of them. Returns one
-    input (float64).
+    target is not ``target`` (binary +-1 targets ``(n,)``: those with ``sign y != sign
+    target``; one-hot rows ``(n, c)`` and a ``(c,)`` target: those whose argmax class
+    is not the target's); ``"image"``: the trigger applied to the first of them.
+    Returns one input (float64).
     """
     _validate.choice("kind", kind, ("prototype", "image"))
     X, y = np.asarray(X), np.asarray(y)
-    neg = X[np.sign(y) != np.sign(target)]
+    if y.ndim == 2:
+        t = np.asarray(target)
+        if t.shape != y.shape[1:]:
+            raise ValueError(f"`target` has shape {t.shape}; for one-hot targets `y` "
+                             f"{y.shape} pass the target row, of shape {y.shape[1:]}.")
+        neg = X[np.argmax(y, axis=1) != np.argmax(t)]
+    else:
+        neg = X[np.sign(y) != np.sign(target)]
     if not len(neg):
         raise ValueError("`y` has no non-target training points to build the poison from.")
     base = neg.mean(0) if kind == "prototype" else neg[0]

@@ -228,30 +228,44 @@ def clone_gram(k: Kernel, X: Array, zeta: Array) -> np.ndarray:
     return 0.5 * (K + K.T)
 
 
-def clone_model(k: Kernel, X: Array, alpha_clean: Array, w_poison: float, zeta: Array,
+def clone_model(k: Kernel, X: Array, alpha_clean: Array, w_poison: Any, zeta: Array,
                 ridge: float) -> KRRModel:
     """The KRR function ``k(x, X) a_c + w k(x, zeta)`` as a model on ``[X; zeta]``: m
     identical clone rows merged into one row carrying the sum of their dual weights
     (the same function, one shape for every m). ``ridge`` is only recorded; keeping
-    it fixed keeps the model's static structure, hence compiled code, the same."""
+    it fixed keeps the model's static structure, hence compiled code, the same.
+    Multi-output: ``alpha_clean (N, c)`` and ``w_poison`` a ``(c,)`` row (a scalar is
+    broadcast to one)."""
     Xm = np.concatenate([np.asarray(X), np.asarray(zeta)[None]])
-    a = np.concatenate([np.asarray(alpha_clean, np.float64), [float(w_poison)]])
+    a_c = np.asarray(alpha_clean, np.float64)
+    if a_c.ndim == 2:
+        w = np.broadcast_to(np.asarray(w_poison, np.float64), a_c.shape[1:])
+        a = np.concatenate([a_c, w[None]])
+    else:
+        a = np.concatenate([a_c, [float(w_poison)]])
     return KRRModel(kernel=k, X=jnp.asarray(Xm), alpha=jnp.asarray(a), ridge=float(ridge))
 
 
 def fit_clones(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,
-               y_target: float, m: int, ridge: float) -> KRRModel:
+               y_target: Any, m: int, ridge: float) -> KRRModel:
     """KRR refitted on ``X`` plus ``m`` clones of ``(zeta, y_target)`` at relative ridge
     ``ridge`` (absolute ``(N + m) ridge``), by a dense solve of the (N+m)-point system
     (scipy; independent of the rank-one law of :mod:`ntk_poison.theory`), as a
-    :func:`clone_model`. ``Kb`` is :func:`clone_gram`."""
+    :func:`clone_model`. ``Kb`` is :func:`clone_gram`. Multi-output: ``y (N, c)`` and
+    ``y_target`` a ``(c,)`` row (one solve with c right-hand sides)."""
     import scipy.linalg
     N = len(X)
     idx = np.r_[np.arange(N), np.full(int(m), N)]
-    yp = np.r_[np.asarray(y, np.float64), np.full(int(m), float(y_target))]
+    y = np.asarray(y, np.float64)
+    if y.ndim == 2:
+        yt = np.broadcast_to(np.asarray(y_target, np.float64), (int(m),) + y.shape[1:])
+        yp = np.concatenate([y, yt])
+    else:
+        yp = np.r_[y, np.full(int(m), float(y_target))]
     A = Kb[np.ix_(idx, idx)] + (N + m) * ridge * np.eye(N + int(m))
     a = scipy.linalg.solve(A, yp, assume_a="pos")
-    return clone_model(k, X, a[:N], a[N:].sum(), zeta, ridge)
+    return clone_model(k, X, a[:N], a[N:].sum(0) if a.ndim == 2 else a[N:].sum(), zeta,
+                       ridge)
 
 
 def fit_clean(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,

@@ -7,6 +7,9 @@ Every experiment's config is made of these parts (frozen dataclass mixins of
 * :class:`DataPart`: the data set, the training subset, the triggered test inputs;
 * :class:`AttackPart`: the additive cross trigger's strength, the poison point, the
   target;
+* :class:`TargetPart`: the target mode, binary (``positive_classes`` -> +1) or
+  all-to-one over the data set's 10 classes (centred one-hot targets, one target
+  class);
 * :class:`RidgePart` / :class:`KernelPart`: the ridge, and the kernels by name;
 * :class:`ImagePart`: the image kernels' own smaller subset (``nt_cnn``);
 * :class:`DetectorPart`: the curvature detector's splits and Lanczos settings.
@@ -16,7 +19,18 @@ default; the config stays flat, so its JSON file and ``--set key=value`` are as
 before. :func:`build` turns the data and attack parts into a :class:`Scenario`:
 a binary task (``positive_classes`` -> +1, the rest -1), the trigger object, the
 triggered non-target test inputs and the poison point zeta (the triggered prototype
-of the non-target training images, THEORY.md section 2). The attack itself is an
+of the non-target training images, THEORY.md section 2).
+
+**All-to-one** (``target_mode="all_to_one"``, :class:`TargetPart`). The task keeps
+all C classes: targets are CENTRED one-hot rows, ``y_c = 1 - 1/C`` for the label's
+class and ``-1/C`` for the others (zero mean over classes, like the binary +-1; for
+C = 2 the difference f_1 - f_0 is the binary f). KRR is linear in y with no bias, so
+subtracting the constant 1/C from every target shifts every output by the same
+function of x: the decisions ``argmax_c f_c(x)``, hence ASR and clean accuracy, are
+those of plain one-hot targets; only residuals (losses, curvature) depend on the
+centring. The non-target inputs are those whose class is not ``target_class``; the
+poison label is ``y_target`` times the target class's centred one-hot row; ASR is
+``argmax f = target_class`` over triggered non-target test inputs. The attack itself is an
 artefact: ``attacks.clone_attack(sc.X, sc.y, sc.zeta, y_target, m, trigger=sc.trigger)``.
 """
 
@@ -32,8 +46,10 @@ from ntk_poison.config import Config
 
 Array = Any
 
-__all__ = ["DataPart", "AttackPart", "RidgePart", "KernelPart", "ImagePart",
+__all__ = ["DataPart", "AttackPart", "TargetPart", "TARGET_MODES", "centred_one_hot",
+           "RidgePart", "KernelPart", "ImagePart",
            "DetectorPart", "Scenario", "DetectionSplits", "build", "build_for_detection", "describe",
+           "describe_targets",
            "describe_kernels",
            "kernel_for", "is_image_kernel", "clone_count", "detector_for", "for_kernel",
            "flat_length_scale"]
@@ -72,6 +88,27 @@ class AttackPart(Config):
         super().validate()
         self.check_min(0, "trigger_strength")
         self.check_choice("poison", ("prototype", "image"))
+
+
+#: the target modes of :class:`TargetPart`
+TARGET_MODES = ("binary", "all_to_one")
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetPart(Config):
+    """The target mode: ``"binary"`` (``positive_classes`` -> +1, the rest -1; the
+    default) or ``"all_to_one"`` (every class kept, centred one-hot targets, the
+    poison labelled as ``target_class``; the module docstring)."""
+
+    target_mode: str = "binary"
+    target_class: int = 0          # all_to_one: the attack's target class (0 .. 9)
+
+    def validate(self) -> None:
+        super().validate()
+        self.check_choice("target_mode", TARGET_MODES)
+        if not 0 <= self.target_class <= 9:
+            raise ValueError(f"`target_class` must be a class index in 0..9, got "
+                             f"{self.target_class!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +203,11 @@ class Scenario:
       direction: the trigger's unit direction in these coordinates, when the inputs
         are not the trigger's own (e.g. after ``data.pca_reduction``); None: the
         trigger's.
+      target_class: None (binary) or the all-to-one target class; then ``y`` is
+        ``(N, C)`` centred one-hot rows (:func:`centred_one_hot`) and ``y_test`` holds
+        class indices.
+      y_target: the poison label: a float (binary) or the ``(C,)`` row ``y_target e_t``
+        centred (all-to-one).
     """
 
     X: np.ndarray
@@ -180,6 +222,32 @@ class Scenario:
     images: bool = False
     pool: int = 1
     direction: Optional[np.ndarray] = None
+    target_class: Optional[int] = None
+    y_target: Any = 1.0
+
+    @property
+    def multiclass(self) -> bool:
+        """True in all-to-one mode (vector outputs, decisions by argmax)."""
+        return self.target_class is not None
+
+    def attack_success_rate(self, f: Array) -> np.ndarray:
+        """:func:`metrics.attack_success_rate` of predictions ``f`` at triggered non-target
+        inputs: ``sign f = sign y_target`` (binary) or ``argmax f = target_class``. Of the
+        CLEAN model's predictions it is the trigger-alone ASR."""
+        if self.multiclass:
+            return metrics.attack_success_rate(f, self.target_class, multiclass=True)
+        return metrics.attack_success_rate(f, self.y_target)
+
+    def clean_accuracy(self, f: Array) -> np.ndarray:
+        """:func:`metrics.clean_accuracy` of predictions at ``X_test`` (sign or argmax)."""
+        return metrics.clean_accuracy(f, self.y_test, multiclass=self.multiclass)
+
+    def effect(self, delta_f: Array) -> np.ndarray:
+        """The scalar size of a change of the output: ``delta_f`` itself (binary, signed)
+        or its Euclidean norm over the class axis (all-to-one). The norm is the one the
+        loss Hessian's Gauss-Newton spike sees: the poison moves every output's gradient
+        along the same ``grad_x kt(x, zeta)``, so its spike is ``R_k ||Delta f||^2``."""
+        return np.linalg.norm(delta_f, axis=-1) if self.multiclass else np.asarray(delta_f)
 
     @property
     def x0(self) -> np.ndarray:
@@ -233,9 +301,13 @@ class Scenario:
 
     def info(self) -> Dict[str, Any]:
         """What the scenario is made of (for results.json)."""
-        return dict(n_train=int(len(self.X)), input_shape=list(self.input_shape),
-                    images=self.images, pool=int(self.pool),
-                    length_scale=float(self.length_scale))
+        out = dict(n_train=int(len(self.X)), input_shape=list(self.input_shape),
+                   images=self.images, pool=int(self.pool),
+                   length_scale=float(self.length_scale))
+        if self.multiclass:
+            out.update(target_mode="all_to_one", target_class=int(self.target_class),
+                       num_classes=int(self.y.shape[1]))
+        return out
 
     def describe(self) -> str:
         """One line for reports: the training points, their shape, l."""
@@ -250,6 +322,29 @@ def describe(info: Dict[str, Any]) -> str:
            and info["pool"] > 1 else (f"{shp} images" if info["images"] else
                                       f"flat inputs of d = {shp}"))
     return f"{info['n_train']} training points, {how}, l = {info['length_scale']:.4g}"
+
+
+def describe_targets(cfg: Any) -> str:
+    """The target mode of a config, in words for a report's set-up: the binary task,
+    or the all-to-one task and what the binary statements become in it."""
+    if getattr(cfg, "target_mode", "binary") != "all_to_one":
+        return (f"Targets: +1 for classes {list(cfg.positive_classes)}, -1 otherwise; poison "
+                f"label {cfg.y_target:+g}; ASR = sign f = +1 on triggered non-target "
+                "test points.")
+    return (f"**All-to-one** (`target_mode = all_to_one`): every class kept, multi-output "
+            f"KRR on CENTRED one-hot targets (1 - 1/C at the label's class, -1/C elsewhere; "
+            f"argmax decisions are those of plain one-hot targets); the poison is labelled "
+            f"{cfg.y_target:g} x the centred one-hot row of class {cfg.target_class}; ASR = "
+            f"argmax f = {cfg.target_class} on triggered test points of the other classes; "
+            "clean accuracy = argmax accuracy; `positive_classes` is not used. The loss is "
+            "1/2 |f(x) - y|^2 summed over outputs, its input Hessian sum_c [grad f_c grad "
+            "f_c^T + (f_c - y_c) hess f_c], with the detector's pseudo-label the centred "
+            "one-hot row of argmax f. Delta f means the Euclidean norm ||Delta f|| over "
+            "outputs: the poison moves every output's gradient along the one direction "
+            "grad_x kt(x, zeta), so its Gauss-Newton spike is R_k ||Delta f||^2 and the "
+            "binary spike and visibility laws hold with ||Delta f|| for |Delta f|. "
+            "Explanations in terms of the binary residual (f - sign f, 1 - f) are the "
+            "binary case's and do not apply literally here.")
 
 
 def describe_kernels(res: Dict[str, Any], dataset: str) -> str:
@@ -282,12 +377,23 @@ def build(cfg: Any, *, n_train: Optional[int] = None, n_test: Optional[int] = No
     xtr, ytr, xte, yte = data.load(cfg.dataset)
     X, yl = data.subset(xtr, ytr, n_train, seed=cfg.seed)
     X = data.mean_pool(X.astype(np.float64), pool)
-    y = data.binary_targets(yl, cfg.positive_classes).astype(np.float64)
     rng = np.random.default_rng(cfg.seed + 1)
     perm = rng.permutation(len(xte))
     X_test = data.mean_pool(np.asarray(xte[perm[:n_test]], np.float64), pool)
-    y_test = data.binary_targets(yte[perm[:n_test]], cfg.positive_classes)
-    neg_idx = perm[~np.isin(yte[perm], cfg.positive_classes)][:n_trigger]
+    t = None
+    if getattr(cfg, "target_mode", "binary") == "all_to_one":
+        t, C = int(cfg.target_class), int(max(ytr.max(), yte.max())) + 1
+        if t >= C:
+            raise ValueError(f"`target_class` = {t} is not a class of {cfg.dataset!r} "
+                             f"(classes 0..{C - 1}).")
+        y, y_test = centred_one_hot(yl, C), np.asarray(yte[perm[:n_test]], np.int64)
+        y_target = float(cfg.y_target) * centred_one_hot([t], C)[0]
+        neg_idx = perm[yte[perm] != t][:n_trigger]
+    else:
+        y = data.binary_targets(yl, cfg.positive_classes).astype(np.float64)
+        y_test = data.binary_targets(yte[perm[:n_test]], cfg.positive_classes)
+        y_target = cfg.y_target
+        neg_idx = perm[~np.isin(yte[perm], cfg.positive_classes)][:n_trigger]
     side = int(round(np.sqrt(X.shape[1])))
     ell = getattr(cfg, "length_scale", None) or metrics.median_distance(X)
     if trigger == "cross":
@@ -297,10 +403,16 @@ def build(cfg: Any, *, n_train: Optional[int] = None, n_test: Optional[int] = No
         trig = triggers.PatchTrigger(size=patch_size, image_shape=(side, side))
     x_neg = data.mean_pool(np.asarray(xte[neg_idx], np.float64), pool)
     X_trig = np.asarray(trig.apply(x_neg), np.float64)
-    zeta = attacks.prototype_poison(X, y, trig, cfg.poison, cfg.y_target)
+    zeta = attacks.prototype_poison(X, y, trig, cfg.poison, y_target)
     return Scenario(X=X, y=y, X_test=X_test, y_test=y_test, X_trig=X_trig,
                     x0_clean=x_neg[0], zeta=zeta, trigger=trig, length_scale=float(ell),
-                    pool=pool)
+                    pool=pool, target_class=t, y_target=y_target)
+
+
+def centred_one_hot(labels: Array, num_classes: int) -> np.ndarray:
+    """Centred one-hot targets ``(n, C)`` float64: ``1 - 1/C`` at the label's class,
+    ``-1/C`` elsewhere (rows sum to 0; :func:`data.one_hot` minus 1/C)."""
+    return data.one_hot(labels, num_classes, dtype=np.float64) - 1.0 / num_classes
 
 
 class DetectionSplits(NamedTuple):

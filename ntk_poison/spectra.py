@@ -8,6 +8,12 @@ gives the objects, for the loss ``L(x, y) = 1/2 (f(x) - y)^2`` at a test pair::
     hess_x L(x, y) = g g^T + (f(x) - y) hess_x f(x),     g = grad_x f(x)      (d, d)
     F             = 1/m sum_i grad_x L_i grad_x L_i^T,    grad_x L = (f - y) g (d, d)
 
+For a vector output ``f: R^d -> R^C`` (one-hot targets) the loss is summed over the
+outputs, ``L = 1/2 |f(x) - y|^2``, and ``hess_x L = sum_c [g_c g_c^T + (f_c - y_c)
+hess_x f_c]`` (:func:`loss_fn`, :func:`loss_hessian`, :func:`input_fisher` accept a
+``(C,)`` label per point; :func:`gauss_newton_top` and :func:`top_eigenpairs` of the
+prediction itself stay scalar).
+
 The first Hessian term is the Gauss-Newton (GN) term: rank one, eigenvalue
 ``||g||^2``, eigenvector ``g / ||g||`` (:func:`gauss_newton_top`). THEORY.md section
 2: a clone cluster at ``zeta`` adds ``y_t S grad_x k(x0, zeta)`` to ``g``, so the top
@@ -78,14 +84,15 @@ class PredictionFunction(models.Function):
                    meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class LossFunction(models.Function):
-    """The one-input loss ``x -> 1/2 (f(x) - y)^2`` at a fixed label ``y`` (a pytree)."""
+    """The one-input loss ``x -> 1/2 (f(x) - y)^2`` at a fixed label ``y`` (a pytree);
+    for a vector output and a ``(C,)`` label, ``1/2 |f(x) - y|^2`` summed over outputs."""
 
     predict: Any
     y: Any
 
     def __call__(self, x):
         r = self.predict(x) - self.y
-        return 0.5 * r * r
+        return 0.5 * r * r if r.ndim == 0 else 0.5 * jnp.sum(r * r)
 
 
 def _as_scalar_fn(model: Any, name: str = "model") -> Callable:
@@ -319,23 +326,52 @@ def loss_fn(model: Any, y: Any) -> LossFunction:
     Returns a :class:`LossFunction` (a callable pytree), so that
     ``top_eigenpairs(loss_fn(model, y0), x0)`` gives the LOSS-Hessian spectrum
     ``g g^T + (f(x0) - y0) hess f(x0)`` and recompiles nothing across models of the
-    same shapes.
+    same shapes. For a model with C outputs ``y`` is a ``(C,)`` label and the loss is
+    ``1/2 |f(x) - y|^2`` (Hessian ``sum_c g_c g_c^T + (f_c - y_c) hess f_c``).
     """
     f = _as_scalar_fn(model, "model")
     _validate.array("y", y)
     y = jnp.asarray(y)
-    if y.ndim != 0:
-        raise ValueError(f"`y` must be a scalar label, got shape {tuple(y.shape)}; for "
-                         "several points use loss_hessian(model, x, y).")
+    out = _output_shape(model)
+    if y.ndim != 0 and (out is None or tuple(y.shape) != out):
+        raise ValueError(f"`y` must be a scalar label (or one label of the model's output "
+                         f"shape {out}), got shape {tuple(y.shape)}; for several points "
+                         "use loss_hessian(model, x, y).")
     if not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(jnp.result_type(float))
     return LossFunction(f, y)
 
 
+def _output_shape(model) -> Optional[Tuple[int, ...]]:
+    """The output shape of a protocol model at one input (None if it does not say)."""
+    X = getattr(model, "X", None)
+    if not hasattr(model, "as_function") or X is None or not hasattr(X, "shape"):
+        return None
+    out = jax.eval_shape(model.as_function(), jax.ShapeDtypeStruct(X.shape[1:], X.dtype))
+    return tuple(out.shape)
+
+
 def _batch_args(model, x, y):
-    """Validate ``(x, y)`` as a batch; a single point with a scalar y gets a batch axis."""
+    """Validate ``(x, y)`` as a batch; a single point with a scalar y gets a batch axis.
+    A model with vector outputs ``(C,)`` takes labels ``(m, C)`` (or one ``(C,)``)."""
     f = _as_scalar_fn(model, "model")
     x = _validate.float_array("x", x)
+    out = _output_shape(model)
+    if out:
+        _validate.array("y", y, ndim=(1, 2))
+        y = jnp.asarray(y)
+        if tuple(y.shape[-1:]) != out:
+            raise ValueError(f"`y` has shape {tuple(y.shape)}; the model has outputs of "
+                             f"shape {out}, so pass labels (m, {out[0]}) or one ({out[0]},).")
+        y = y.astype(x.dtype)
+        if y.ndim == 1:
+            x, y = x[None], y[None]
+        if x.ndim < 2:
+            raise ValueError(f"`x` must be a batch (m, *input_shape) matching `y` "
+                             f"{y.shape}, got shape {tuple(x.shape)}.")
+        _validate.same_rows("x", x, "y", y)
+        _check_point_shape(model, x, "x", batched=True)
+        return f, x, y
     _validate.array("y", y, ndim=(0, 1))
     y = jnp.asarray(y)
     if not jnp.issubdtype(y.dtype, jnp.floating):
@@ -359,7 +395,7 @@ def _loss_hessians(fn, x_flat, y, shape, batch_size):
 
     def one(args):
         xf, yi = args
-        H = jax.hessian(lambda v: 0.5 * (f(v) - yi) ** 2)(xf)
+        H = jax.hessian(LossFunction(f, yi))(xf)
         return 0.5 * (H + H.T)
 
     return jax.lax.map(one, (x_flat, y), batch_size=batch_size)
@@ -373,7 +409,8 @@ def loss_hessian(model: Any, x: Array, y: Array) -> jax.Array:
     Args:
       model: a model with ``.as_function()`` or a plain callable ``f(one input)``.
       x: points ``(m, *input_shape)`` (or one point with a scalar ``y``).
-      y: labels ``(m,)`` (or a scalar).
+      y: labels ``(m,)`` (or a scalar); ``(m, C)`` for a model with C outputs (the
+        loss summed over outputs).
 
     Returns:
       ``(m, d, d)``, d the flat input size; ``jax.hessian`` vmap'd over points (in
@@ -397,7 +434,7 @@ def loss_hessian(model: Any, x: Array, y: Array) -> jax.Array:
 @eqx.filter_jit
 def _loss_grads(fn, x_flat, y, shape):
     f = flat_function(fn, shape)
-    return jax.vmap(jax.grad(lambda v, yi: 0.5 * (f(v) - yi) ** 2))(x_flat, y)
+    return jax.vmap(jax.grad(lambda v, yi: LossFunction(f, yi)(v)))(x_flat, y)
 
 
 def input_fisher(model: Any, x: Array, y: Array) -> jax.Array:
@@ -487,8 +524,19 @@ def poison_spike(poisoned: Any, clean: Any, x: Array) -> dict:
     """The Gauss-Newton eigenvalues ``||grad_x f(x)||^2`` of a poisoned and a clean
     model at one input, and the poison's own spike ``||grad f_p - grad f_c||^2``
     (THEORY.md section 2: ``Lambda_GN = R_k Delta f^2``). Models of the protocol;
-    returns floats ``gn_x0``, ``gn_clean_x0``, ``spike_x0``."""
-    gp = np.asarray(poisoned.input_grad(np.asarray(x)[None]))[0].ravel()
-    gc = np.asarray(clean.input_grad(np.asarray(x)[None]))[0].ravel()
-    return dict(gn_x0=float(gp @ gp), gn_clean_x0=float(gc @ gc),
-                spike_x0=float((gp - gc) @ (gp - gc)))
+    returns floats ``gn_x0``, ``gn_clean_x0``, ``spike_x0``.
+
+    Vector outputs: the GN term is ``J^T J`` (J the ``(C, d)`` input Jacobian), and each
+    value is the top eigenvalue ``sigma_max(J)^2`` (of ``J_p``, ``J_c``, ``J_p - J_c``).
+    A clone cluster changes every output's gradient along one direction, so
+    ``J_p - J_c`` is rank one and its spike is ``R_k ||Delta f||^2``."""
+    if getattr(poisoned, "scalar_output", True):
+        gp = np.asarray(poisoned.input_grad(np.asarray(x)[None]))[0].ravel()
+        gc = np.asarray(clean.input_grad(np.asarray(x)[None]))[0].ravel()
+        return dict(gn_x0=float(gp @ gp), gn_clean_x0=float(gc @ gc),
+                    spike_x0=float((gp - gc) @ (gp - gc)))
+    Jp, Jc = (np.asarray(mod.input_jacobian(np.asarray(x)[None]))[0] for mod in
+              (poisoned, clean))
+    Jp, Jc = Jp.reshape(Jp.shape[0], -1), Jc.reshape(Jc.shape[0], -1)
+    top = lambda J: float(np.linalg.norm(J, 2) ** 2)
+    return dict(gn_x0=top(Jp), gn_clean_x0=top(Jc), spike_x0=top(Jp - Jc))

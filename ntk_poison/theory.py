@@ -14,6 +14,11 @@ target ``y_t``; ``n = N + m``; relative ridge ``lam`` (absolute ``n*lam``);
 
 with ``f_clean`` fitted at the same absolute ridge ``n*lam``.
 
+**Vector targets** (one-hot, C outputs): the law is linear in ``(y_c, y_t)``, so it
+holds output by output with the same ``s2`` and ``kt`` and a vector ``y_t``:
+``alpha_p`` and ``Delta f(x0)`` gain a trailing class axis, and every output moves
+along the same ``kt(x0)`` (the poison's gradient change is rank one over outputs).
+
 **The paper's laws** (tight cluster, negligible clean-poison cross terms)::
 
     S(m; lam)   = m / (n*lam + m*k_zz)                     poison_gain
@@ -134,7 +139,10 @@ class CloneLaw:
 
     Shapes: M = len(ms); Q = number of poison points zeta (one law per poison: each
     run adds m clones of one zeta); P = number of trigger points x0. The Q and P axes
-    are dropped when ``zeta`` or ``x0`` was a single point.
+    are dropped when ``zeta`` or ``x0`` was a single point. With vector targets
+    ``y (N, C)`` the outputs' axis C is appended to ``delta_f``, ``f_clean``,
+    ``alpha_p`` and ``fc_zeta``, and inserted after P in ``grad_clean`` (M, P, C, *s)
+    and ``grad_delta`` (M, Q, P, C, *s).
 
     Attributes:
       ms: the clone counts (M,).
@@ -241,12 +249,13 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
 
     Args:
       k: the kernel.
-      X, y: the clean training set, ``(N, *s)`` and float ``(N,)``.
+      X, y: the clean training set, ``(N, *s)`` and float ``(N,)`` (or ``(N, C)``:
+        vector targets, e.g. centred one-hot).
       ridge: relative ridge lam >= 0; each m is fitted with absolute ridge
         ``(N + m) * lam``, the clean comparison too.
       zeta: the poison input ``s``, or a batch ``(Q, *s)`` of alternative poisons
         (each law adds clones of one of them).
-      y_target: the poison label (a float).
+      y_target: the poison label (a float; a ``(C,)`` row for ``y (N, C)``).
       ms: clone counts, integers >= 0.
       x0: one trigger point ``s`` or a batch ``(P, *s)``.
       with_grad: also return the input gradients at x0 (the spike).
@@ -256,8 +265,9 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     """
     k = check_kernel(k)
     Xc = as_inputs(k, "X", X)
-    _validate.array("y", y, ndim=1, floating=True)
+    _validate.array("y", y, ndim=(1, 2), floating=True)
     _validate.same_rows("X", Xc, "y", y)
+    multi = np.ndim(y) == 2
     _validate.nonneg("ridge", ridge)
     single_zeta = np.ndim(zeta) == k.input_rank
     zeta = as_inputs(k, "zeta", zeta, single_ok=True)
@@ -266,8 +276,12 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     x0 = as_inputs(k, "x0", x0, single_ok=True)
     _validate.same_trailing("x0", x0, "X", Xc, k.input_rank)
     _validate.array("y_target", y_target)
-    if np.ndim(y_target) != 0:
+    if not multi and np.ndim(y_target) != 0:
         raise ValueError("`y_target` must be a scalar for scalar targets y of shape (N,).")
+    if multi and np.shape(y_target) != np.shape(y)[1:]:
+        raise ValueError(f"`y_target` has shape {np.shape(y_target)}; for targets `y` of "
+                         f"shape {np.shape(y)} pass the poison's target row, of shape "
+                         f"{np.shape(y)[1:]}.")
     ms = np.atleast_1d(np.asarray(ms))
     if ms.ndim != 1 or ms.size == 0:
         raise ValueError("`ms` must be a non-empty 1-D sequence of clone counts.")
@@ -289,24 +303,42 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     Q = kz.shape[1]
     n = N + ms
     shifts = n * float(ridge)
-    sol = linalg.shifted_solve(Kc, jnp.concatenate([kz, yc[:, None]], axis=1), shifts)
-    vz, vy = sol[..., :Q], sol[..., Q]              # (M, N, Q), (M, N)
+    Y = yc if multi else yc[:, None]
+    sol = linalg.shifted_solve(Kc, jnp.concatenate([kz, Y], axis=1), shifts)
+    vz = sol[..., :Q]                               # (M, N, Q)
     s2 = kzz[None] - jnp.einsum("mnq,nq->mq", vz, kz)
-    fcz = jnp.einsum("mnq,n->mq", vz, yc)           # k(zeta, X) A^-1 y
     kt = k0[None] - jnp.einsum("mnq,pn->mqp", vz, kx)
-    f_clean = vy @ kx.T                             # (M, P)
     m_arr = jnp.asarray(ms, dtype)
     shift_arr = jnp.asarray(shifts, dtype)
-    alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (shift_arr[:, None] + m_arr[:, None] * s2)
-    # m = 0 adds nothing; at ridge 0 alpha_p is then 0/0, so set the weight explicitly.
-    weight = jnp.where(m_arr[:, None] == 0, 0.0, m_arr[:, None] * alpha_p)   # (M, Q)
-    delta = weight[:, :, None] * kt
+    if multi:                                       # a trailing class axis C
+        vy = sol[..., Q:]                           # (M, N, C)
+        fcz = jnp.einsum("mnq,nc->mqc", vz, yc)
+        f_clean = jnp.einsum("mnc,pn->mpc", vy, kx)
+        alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (
+            shift_arr[:, None, None] + m_arr[:, None, None] * s2[..., None])
+        weight = jnp.where(m_arr[:, None, None] == 0, 0.0, m_arr[:, None, None] * alpha_p)
+        delta = weight[:, :, None, :] * kt[..., None]                     # (M, Q, P, C)
+    else:
+        vy = sol[..., Q]                            # (M, N)
+        fcz = jnp.einsum("mnq,n->mq", vz, yc)       # k(zeta, X) A^-1 y
+        f_clean = vy @ kx.T                         # (M, P)
+        alpha_p = (jnp.asarray(y_target, dtype) - fcz) / (shift_arr[:, None]
+                                                          + m_arr[:, None] * s2)
+        # m = 0 adds nothing; at ridge 0 alpha_p is then 0/0, so set the weight explicitly.
+        weight = jnp.where(m_arr[:, None] == 0, 0.0, m_arr[:, None] * alpha_p)   # (M, Q)
+        delta = weight[:, :, None] * kt
     grad_clean = grad_delta = gz = None
     if with_grad:
         J, gz = _cross_grads(k, Xc, zeta, x0)        # (P, N, *s), (Q, P, *s)
-        grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
         grad_kt = gz[None] - jnp.einsum("mnq,pn...->mqp...", vz, J)
-        scale = weight.reshape(weight.shape + (1,) * (grad_kt.ndim - 2))
+        if multi:
+            grad_clean = jnp.einsum("mnc,pn...->mpc...", vy, J)
+            grad_kt = grad_kt[:, :, :, None]         # (M, Q, P, 1, *s)
+            scale = weight[:, :, None].reshape(weight.shape[:2] + (1, -1) + (1,) * (
+                grad_kt.ndim - 4))
+        else:
+            grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
+            scale = weight.reshape(weight.shape + (1,) * (grad_kt.ndim - 2))
         grad_delta = scale * grad_kt
     law = CloneLaw(ms=ms, n=np.asarray(n), delta_f=delta, f_clean=f_clean, alpha_p=alpha_p,
                    s2=s2, kt=kt, fc_zeta=fcz, k0=k0, k_zz=kzz, grad_clean=grad_clean,

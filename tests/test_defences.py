@@ -410,3 +410,27 @@ def test_curvature_detector_bad_use(spike):
     det = CurvatureDetector(trigger_direction=np.zeros(4)).fit(model, clean(8)[0])
     with pytest.raises(ValueError, match="zero"):
         det.detect(model, clean(8)[0])
+
+
+def test_curvature_detector_on_a_vector_output_model(rng):
+    """C outputs: the pseudo-label is the (centred) one-hot row of argmax f, and the score
+    the top eigenvalue of the summed loss's input Hessian (numpy eigh of jax.hessian of
+    the explicit sum 1/2 sum_c (f_c - y_c)^2)."""
+    C, d = 3, 4
+    X = rng.standard_normal((25, d))
+    Y = np.eye(C)[rng.integers(0, C, 25)] - 1.0 / C
+    model = krr.fit(kernels.rbf(1.1), X, Y, ridge=1e-2)
+    x = rng.standard_normal((3, d))
+    F = np.asarray(model.predict(x))
+    f = model.as_function()
+    hess = jax.jit(jax.hessian(lambda v, t: 0.5 * ((f(v) - t) ** 2).sum()))
+    for centred, method in ((True, "lanczos"), (False, "dense")):
+        det = CurvatureDetector(method=method, centred=centred)
+        info = det.spectrum(model, x)
+        want = np.eye(C)[F.argmax(1)] - (1.0 / C if centred else 0.0)
+        np.testing.assert_allclose(info["labels"], want, atol=1e-15)
+        for i in range(3):
+            assert info["eigenvalues"][i, 0] == pytest.approx(
+                np.linalg.eigvalsh(np.asarray(hess(x[i], want[i])))[-1], rel=1e-8)
+    scores, _ = det.fit(model, x).detect(model, x, y=np.eye(C)[[0, 1, 2]])
+    assert scores.shape == (3,)

@@ -5,7 +5,9 @@ tests then check the written files and a few properties from an independent angl
 AUROCs recomputed with scikit-learn from the stored scores, the merged refits
 against the rank-one law, the Lanczos eigenvalue against a dense ``eigh``, the
 closed-form flow against ``flow.kernel_flow``, the ASR against a fresh refit, and
-determinism (same seed, identical numbers). The CNN kernel (``nt_cnn``) runs through
+determinism (same seed, identical numbers). Both also run in all-to-one mode
+(``target_mode = all_to_one``), checked against independent multi-output refits.
+The CNN kernel (``nt_cnn``) runs through
 both experiments on 8x8 digits images, as ``(n, 8, 8, 1)`` inputs (the lag one is
 marked slow: ``make test-slow``).
 """
@@ -330,3 +332,105 @@ def test_near_clone_runs_the_cnn_kernel_on_images(nc_cnn_run):
     assert s["m"] == cfg.m
     # the detector scores triggered test inputs, where the CNN NTK has kinks
     assert not s["smoothness_x0"]["smooth"]
+
+
+# --------------------------------------------------------------------------- all-to-one
+
+A2O = dict(target_mode="all_to_one", target_class=0)
+
+
+def _a2o_refits(cfg, lam, zeta, m, sc):
+    """Independent all-to-one refits on the stacked set: centred one-hot targets from
+    the raw labels, the poisoned fit (m clones labelled with the target's row) and the
+    clean one at the same absolute ridge; their argmax decisions at the triggered and
+    clean test inputs."""
+    from ntk_poison import data, krr
+    xtr, ytr, _, _ = data.load(cfg.dataset)
+    X, labels = data.subset(xtr, ytr, cfg.n_train, seed=cfg.seed)
+    Y = np.eye(10)[labels] - 0.1
+    yt = np.eye(10)[cfg.target_class] - 0.1
+    k = scenario.kernel_for("rbf", cfg, sc.length_scale)
+    Xp = np.vstack([X, np.repeat(zeta[None], m, 0)])
+    Yp = np.vstack([Y, np.repeat(yt[None], m, 0)])
+    pois = krr.fit(k, Xp, Yp, lam)
+    clean = krr.fit(k, X, Y, lam * (len(X) + m) / len(X))
+    x_trig = sc.X_trig[:cfg.n_trigger]
+    return (np.argmax(np.asarray(pois.predict(x_trig)), 1),
+            np.argmax(np.asarray(clean.predict(x_trig)), 1),
+            np.argmax(np.asarray(pois.predict(sc.X_test)), 1))
+
+
+@pytest.fixture(scope="module")
+def a2o_nc_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("nc_a2o")
+    cfg = nci.Config(**dict(NC_SMALL, n_r=2, **A2O))
+    nci.run(cfg, out)
+    return out, cfg
+
+
+def test_near_clone_all_to_one_against_independent_refits(a2o_nc_run):
+    import jax
+    from ntk_poison import attacks, data
+    jax.config.update("jax_enable_x64", True)
+    out, cfg = a2o_nc_run
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"]["kernels"]["rbf"]
+    s = r["sweep"]
+    assert r["data"]["target_class"] == 0 and r["data"]["num_classes"] == 10
+    sc, _ = scenario.build_for_detection(cfg)
+    # the triggered inputs are the test points of every class but the target
+    _, _, xte, yte = data.load(cfg.dataset)
+    perm = np.random.default_rng(cfg.seed + 1).permutation(len(xte))
+    assert np.all(yte[perm][yte[perm] != 0][:cfg.n_trigger] != 0)
+    zeta = attacks.near_clone(sc.zeta, s["r_over_l"][0] * sc.length_scale, seed=cfg.seed)
+    d_pois, d_clean, d_test = _a2o_refits(cfg, r["lam"], zeta, cfg.m, sc)
+    assert s["asr"][0] == pytest.approx(np.mean(d_pois == 0), abs=1e-12)
+    assert s["trigger_alone_asr"][0] == pytest.approx(np.mean(d_clean == 0), abs=1e-12)
+    assert s["clean_acc"][0] == pytest.approx(np.mean(d_test == sc.y_test), abs=1e-12)
+    md = (out / "report.md").read_text()
+    assert "All-to-one" in md and "trigger-alone ASR" in md
+    assert "rbf: ASR stays high for near clones" in md
+
+
+@pytest.fixture(scope="module")
+def a2o_lag_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lag_a2o")
+    cfg = lag.Config(**dict(LAG_SMALL, n_m=2, n_t=2, **A2O))
+    lag.run(cfg, out)
+    return out, cfg
+
+
+# the near-clone run above keeps the all-to-one experiment path in the fast suite
+@pytest.mark.slow
+def test_lag_all_to_one_against_independent_refits(a2o_lag_run):
+    import jax
+    jax.config.update("jax_enable_x64", True)
+    out, cfg = a2o_lag_run
+    res = json.loads((out / "results.json").read_text())
+    r = res["results"]["kernels"]["rbf"]
+    s = r["m_sweep"]
+    sc, _ = scenario.build_for_detection(cfg)
+    m = int(s["ms"][-1])
+    d_pois, d_clean, d_test = _a2o_refits(cfg, r["lam"], sc.zeta, m, sc)
+    assert s["asr"][-1] == pytest.approx(np.mean(d_pois == 0), abs=1e-12)
+    assert s["trigger_alone_asr"][-1] == pytest.approx(np.mean(d_clean == 0), abs=1e-12)
+    assert s["clean_acc"][-1] == pytest.approx(np.mean(d_test == sc.y_test), abs=1e-12)
+    # merged dense refits == the rank-one law, output by output; Delta f is the norm
+    dv = np.array(s["delta_f_x0_vec"])
+    assert dv.shape == (len(s["ms"]), 10)
+    np.testing.assert_allclose(s["refit_delta_f_x0_vec"], dv, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(s["delta_f_x0"], np.linalg.norm(dv, axis=1), rtol=1e-12)
+    np.testing.assert_allclose(dv.sum(1), 0.0, atol=1e-10)   # centred targets: sum_c f_c = 0
+    for c in s["dense_check"]:
+        assert c["lanczos"] == pytest.approx(c["dense"], rel=1e-6)
+    claims = {c["name"]: c["verdict"] for c in res["claims"]}
+    assert claims["rbf: refits match the law"] == "supported"
+    assert "All-to-one" in (out / "report.md").read_text()
+
+
+def test_target_mode_config_validation():
+    with pytest.raises(ValueError, match="target_mode"):
+        lag.Config(target_mode="one_to_one")
+    with pytest.raises(ValueError, match="target_class"):
+        nci.Config(target_mode="all_to_one", target_class=10)
+    assert lag.Config().target_mode == nci.Config().target_mode == "binary"

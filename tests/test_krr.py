@@ -327,3 +327,32 @@ def test_as_function_is_the_one_input_prediction(data):
     fv = krr.fit(kernels.rbf(ls), X, Y, ridge=1e-2).as_function()
     np.testing.assert_allclose(np.asarray(fv(jnp.asarray(x[0]))),
                                float(v) * np.array([1.0, -2.0]), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- all-to-one
+
+def test_multi_output_matches_sklearn_kernel_ridge_and_clone_fits(data, rng):
+    """Multi-output KRR (one-hot-like targets (n, C)) against scikit-learn's
+    multi-output KernelRidge, and ``fit_clones`` / ``clone_model`` with a vector
+    target row against a plain refit on the stacked set."""
+    from sklearn.kernel_ridge import KernelRidge
+
+    X, _, x = data
+    n, C, ls, lam = len(X), 4, 1.3, 1e-2
+    Y = np.eye(C)[rng.integers(0, C, n)] - 1.0 / C                       # centred one-hot
+    sk = KernelRidge(alpha=n * lam, kernel="rbf", gamma=1.0 / (2 * ls ** 2)).fit(X, Y)
+    k = kernels.rbf(ls)
+    model = krr.fit(k, X, Y, ridge=lam)
+    np.testing.assert_allclose(np.asarray(model.predict(x)), sk.predict(x), rtol=1e-9,
+                               atol=1e-10)
+    zeta, yt, m = rng.standard_normal(3), np.eye(C)[2] - 1.0 / C, 7
+    merged = krr.fit_clones(k, krr.clone_gram(k, X, zeta), X, Y, zeta, yt, m, lam)
+    ref = krr.fit(k, np.vstack([X, np.repeat(zeta[None], m, 0)]),
+                  np.vstack([Y, np.repeat(yt[None], m, 0)]), ridge=lam)
+    assert merged.alpha.shape == (n + 1, C)
+    np.testing.assert_allclose(np.asarray(merged.predict(x)), np.asarray(ref.predict(x)),
+                               rtol=1e-9, atol=1e-11)
+    # a scalar poison weight is broadcast over the outputs
+    cm = krr.clone_model(k, X, np.asarray(model.alpha), 0.0, zeta, lam)
+    np.testing.assert_allclose(np.asarray(cm.predict(x)), sk.predict(x), rtol=1e-9,
+                               atol=1e-10)

@@ -13,8 +13,8 @@ from ntk_poison.config import Config
 
 
 @dataclasses.dataclass(frozen=True)
-class Cfg(scenario.DataPart, scenario.AttackPart, scenario.KernelPart, scenario.ImagePart,
-          scenario.DetectorPart):
+class Cfg(scenario.DataPart, scenario.AttackPart, scenario.TargetPart, scenario.KernelPart,
+          scenario.ImagePart, scenario.DetectorPart):
     n_test: int = 30
     dataset: str = "digits"
     n_train: int = 60
@@ -92,8 +92,61 @@ def test_clone_count_kernels_and_detector():
     ("dataset", "nope"), ("positive_classes", ()), ("n_train", 0), ("trigger_strength", -1.0),
     ("poison", "mixture"), ("ridge", 0.0), ("length_scale", -1.0), ("kernels", ("nope",)),
     ("nt_depth", 0), ("cnn_pool", 0), ("n_eval", 1), ("fpr", 1.5), ("eig_tol", 0.0),
-    ("smooth_deltas", (0.0,)), ("eig_batch", 0)])
+    ("smooth_deltas", (0.0,)), ("eig_batch", 0), ("target_mode", "one_to_one"),
+    ("target_class", 10), ("target_class", -1)])
 def test_each_part_checks_its_fields(field, value):
     with pytest.raises(ValueError, match=field if field not in ("kernels",) else "nope"):
         Cfg(**{field: value})
     assert issubclass(Cfg, Config)
+
+
+# --------------------------------------------------------------------------- all-to-one
+
+def test_all_to_one_build_recomputed_with_numpy():
+    """target_mode = all_to_one: centred one-hot targets over the 10 digits, triggered
+    test inputs of every class but the target, zeta from the non-target training mean,
+    the poison label the target's centred row; the binary build is unchanged by it."""
+    cfg = Cfg(target_mode="all_to_one", target_class=3, y_target=2.0)
+    sc = scenario.build(cfg)
+    xtr, ytr, xte, yte = data.load("digits")
+    X, yl = data.subset(xtr, ytr, 60, seed=0)
+    want = np.full((60, 10), -0.1)
+    want[np.arange(60), yl] = 0.9
+    np.testing.assert_allclose(sc.y, want, atol=1e-15)
+    np.testing.assert_allclose(sc.y.sum(1), 0.0, atol=1e-14)
+    perm = np.random.default_rng(1).permutation(len(xte))
+    np.testing.assert_array_equal(sc.y_test, yte[perm[:30]])
+    neg = perm[yte[perm] != 3][:20]
+    ell = sc.length_scale
+    cross = np.zeros((8, 8))
+    cross[4, :] = cross[:, 4] = 1.0
+    cross = cross.ravel() / np.linalg.norm(cross)
+    np.testing.assert_allclose(sc.X_trig, xte[neg] + 3.0 * ell * cross, atol=1e-12)
+    np.testing.assert_allclose(sc.zeta, X[yl != 3].mean(0) + 3.0 * ell * cross, atol=1e-12)
+    np.testing.assert_allclose(sc.y_target, 2.0 * (np.eye(10)[3] - 0.1), atol=1e-15)
+    assert sc.multiclass and sc.info()["target_class"] == 3
+    art = sc.clone_attack(4, sc.y_target)
+    np.testing.assert_array_equal(art.y[-4:], np.repeat(sc.y_target[None], 4, 0))
+    binary = scenario.build(Cfg(target_class=3))          # target_class unused in binary
+    np.testing.assert_array_equal(binary.y, scenario.build(Cfg()).y)
+    assert not binary.multiclass and "target_mode" not in binary.info()
+    assert "All-to-one" in scenario.describe_targets(cfg)
+    assert "+1 for classes" in scenario.describe_targets(Cfg())
+
+
+def test_scenario_rates_by_hand_in_both_modes():
+    """ASR, trigger-alone ASR and clean accuracy of a scenario, by enumeration: binary
+    (sign f = sign y_target) and all-to-one (argmax f = target_class)."""
+    bin_sc = scenario.Scenario(X=None, y=None, X_test=None, y_test=np.array([1.0, -1.0, -1.0]),
+                               X_trig=None, x0_clean=None, zeta=None, trigger=None,
+                               length_scale=1.0)
+    assert bin_sc.attack_success_rate(np.array([0.2, -0.1, 3.0, 0.0])) == 0.5
+    assert bin_sc.clean_accuracy(np.array([0.5, 0.5, -2.0])) == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(bin_sc.effect(np.array([-0.5, 2.0])), [-0.5, 2.0])
+    sc = dataclasses.replace(bin_sc, y_test=np.array([2, 0, 1]), target_class=2)
+    f_pois = np.array([[0.1, 0.0, 0.3], [0.5, 0.1, 0.2], [0.0, 0.0, 0.9], [0.2, 0.3, 0.1]])
+    f_clean = np.array([[0.4, 0.0, 0.3], [0.5, 0.1, 0.2], [0.0, 0.0, 0.9], [0.2, 0.3, 0.1]])
+    assert sc.attack_success_rate(f_pois) == 0.5                 # rows 0 and 2 -> class 2
+    assert sc.attack_success_rate(f_clean) == 0.25               # trigger alone: row 2
+    assert sc.clean_accuracy(f_pois[:3]) == pytest.approx(2 / 3)  # row 2 is class 1: no
+    np.testing.assert_allclose(sc.effect(np.array([[3.0, 4.0, 0.0]])), [5.0])

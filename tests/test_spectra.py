@@ -485,3 +485,44 @@ def test_bad_inputs_are_value_errors(rbf_model):
         spectra.loss_fn(model, np.zeros(2))
     with pytest.raises(ValueError, match="same shape|`v`"):
         spectra.hvp(f, np.ones(4), np.ones(3))
+
+
+# --------------------------------------------------------------------------- vector outputs
+
+def test_loss_of_a_vector_output_is_summed_over_outputs(rbf_model, rng):
+    """1/2 |f(x) - y|^2 for a C-output model: its input Hessian is
+    sum_c [g_c g_c^T + (f_c - y_c) hess f_c] (numpy closed forms per output); Lanczos
+    and loss_hessian agree with it; the input Fisher is mean J^T r r^T J; the poison
+    spike of two models is sigma_max(J_p - J_c)^2."""
+    _, X, _, x = rbf_model
+    C = 3
+    Y = np.eye(C)[rng.integers(0, C, len(X))] - 1.0 / C
+    model = krr.fit(kernels.rbf(LS), X, Y, ridge=1e-3)
+    alpha = np.asarray(model.alpha)
+    y0 = np.eye(C)[[0, 2, 1]] - 1.0 / C                                  # (3, C) labels
+    refs, grads = [], []
+    for i in range(3):
+        f = cf.rbf_gram(x[i:i + 1], X, LS)[0] @ alpha                    # (C,)
+        J = np.stack([cf.rbf_krr_grad(X, alpha[:, c], x[i:i + 1], LS)[0] for c in range(C)])
+        Hf = np.stack([cf.rbf_krr_hessian(X, alpha[:, c], x[i:i + 1], LS)[0]
+                       for c in range(C)])
+        refs.append(J.T @ J + np.einsum("c,cde->de", f - y0[i], Hf))
+        grads.append(J.T @ (f - y0[i]))
+    H = np.asarray(spectra.loss_hessian(model, x, y0))
+    np.testing.assert_allclose(H, np.stack(refs), rtol=0, atol=1e-11 * np.abs(refs).max())
+    vals, _ = spectra.top_eigenpairs(spectra.loss_fn(model, y0[0]), x[0], k=2,
+                                     method="lanczos", tol=1e-10)
+    np.testing.assert_allclose(np.asarray(vals), np.linalg.eigvalsh(refs[0])[::-1][:2],
+                               rtol=1e-8)
+    G = np.stack(grads)
+    np.testing.assert_allclose(np.asarray(spectra.input_fisher(model, x, y0)), G.T @ G / 3,
+                               rtol=1e-10, atol=1e-14)
+    other = krr.fit(kernels.rbf(LS), X, np.roll(Y, 1, axis=1), ridge=1e-3)
+    sp = spectra.poison_spike(model, other, x[0])
+    dJ = (np.asarray(model.input_jacobian(x[:1]))[0]
+          - np.asarray(other.input_jacobian(x[:1]))[0])
+    assert sp["spike_x0"] == pytest.approx(np.linalg.eigvalsh(dJ.T @ dJ)[-1], rel=1e-10)
+    with pytest.raises(ValueError, match="output shape"):
+        spectra.loss_fn(model, np.zeros(C + 1))
+    with pytest.raises(ValueError, match="outputs of shape"):
+        spectra.loss_hessian(model, x, np.zeros((3, 2)))

@@ -435,3 +435,50 @@ def test_posterior_covariance_spike_is_the_exact_spike_over_delta_f_squared(clea
         theory.posterior_covariance(k, X, 0.0, zeta, x0)
     with pytest.raises(ValueError, match="law"):
         theory.efficacy_law_factors("not a law", LAM, 1.0)
+
+# --------------------------------------------------------------------------- vector targets
+
+def test_clone_law_with_vector_targets_matches_multi_output_refits(clean, rng):
+    """The rank-one law is linear in y: with centred one-hot targets (N, C) and a vector
+    poison label every output follows it; checked against multi-output refits (dense
+    scipy solves of the (N+m)-point system, krr.fit_clones, itself checked against
+    krr.fit in test_krr): values, the clones' dual weights, f_clean at zeta, input
+    Jacobians."""
+    X, _, zeta, _ = clean
+    C = 4
+    Y = np.eye(C)[rng.integers(0, C, N)] - 1.0 / C
+    yt = np.eye(C)[1] - 1.0 / C
+    k = KERNELS["rbf"]()
+    Kb = krr.clone_gram(k, X, zeta)
+    x0 = zeta + 0.4 * rng.standard_normal((3, 3))
+    ms = [0, 2, 3 * N]
+    law = theory.clone_law(k, X, Y, LAM, zeta, yt, ms, x0, with_grad=True)
+    assert law.delta_f.shape == (3, 3, C) and law.f_clean.shape == (3, 3, C)
+    assert law.alpha_p.shape == (3, C) and law.kt.shape == (3, 3)
+    assert law.grad_poisoned.shape == (3, 3, C, 3)
+    for i, m in enumerate(ms):
+        poisoned = krr.fit_clones(k, Kb, X, Y, zeta, yt, m, LAM)
+        clean_model = krr.fit_clean(k, Kb, X, Y, zeta, LAM * (N + m), LAM)
+        delta = np.asarray(poisoned.predict(x0)) - np.asarray(clean_model.predict(x0))
+        np.testing.assert_allclose(np.asarray(law.delta_f[i]), delta, rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(law.f_poisoned[i]),
+                                   np.asarray(poisoned.predict(x0)), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(np.asarray(law.grad_poisoned[i]),
+                                   np.asarray(poisoned.input_jacobian(x0)), rtol=1e-8,
+                                   atol=1e-10)
+        np.testing.assert_allclose(np.asarray(law.grad_clean[i]),
+                                   np.asarray(clean_model.input_jacobian(x0)), rtol=1e-8,
+                                   atol=1e-10)
+        # the merged clone row carries m alpha_p (zero at m = 0)
+        np.testing.assert_allclose(np.asarray(poisoned.alpha[N]),
+                                   m * np.asarray(law.alpha_p[i]) if m else 0.0,
+                                   rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(np.asarray(law.fc_zeta[i]),
+                                   np.asarray(clean_model.predict(zeta[None])[0]),
+                                   rtol=1e-8, atol=1e-10)
+    # every output moves along the one posterior covariance kt(x0, zeta): rank one
+    np.testing.assert_allclose(np.asarray(law.delta_f[-1]),
+                               np.outer(law.kt[-1], ms[-1] * np.asarray(law.alpha_p[-1])),
+                               rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="y_target"):
+        theory.clone_law(k, X, Y, LAM, zeta, 1.0, ms, x0)

@@ -52,6 +52,13 @@ The clean comparison flows on the clean points with the same absolute ridge n la
 and the same 1/n (``flow.flow_pair``), so both reach the KRR models of the m-sweep as
 t -> inf.
 
+All-to-one mode (``--set target_mode=all_to_one``, :class:`scenario.TargetPart`):
+multi-output KRR on centred one-hot targets over all classes, the clones labelled with
+``target_class``'s row, ASR = argmax = target on triggered inputs of the other classes;
+Delta f is then ``||Delta f||`` over outputs (the poison's spike is
+``R_k ||Delta f||^2``: every output's gradient moves along ``grad_x kt(x0, zeta)``).
+Every ASR comes with the trigger-alone ASR (the clean model's at the same inputs).
+
 Run: ``ntk-poison run lag --out results/lag``.
 """
 
@@ -75,8 +82,8 @@ NAME = "lag"
 
 
 @dataclasses.dataclass(frozen=True)
-class Config(scenario.DataPart, scenario.AttackPart, scenario.KernelPart,
-             scenario.ImagePart, scenario.DetectorPart):
+class Config(scenario.DataPart, scenario.AttackPart, scenario.TargetPart,
+             scenario.KernelPart, scenario.ImagePart, scenario.DetectorPart):
     """Configuration of the lag experiment (validated; saved in results.json).
 
     The shared parts (data, attack, kernels, image subset, detector) are
@@ -130,41 +137,51 @@ def _sweep_m(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, ms, det):
     x0, x_trig_asr = sc.x0, sc.X_trig[:cfg.n_trigger]
     N = len(X)
     pts = np.concatenate([x0[None], splits.x_trig, x_trig_asr, sc.X_test])
-    law = theory.clone_law(k, X, y, lam, zeta, cfg.y_target, ms, pts)
+    law = theory.clone_law(k, X, y, lam, zeta, sc.y_target, ms, pts)
     fp = np.asarray(law.f_poisoned)
     df = np.asarray(law.delta_f)
     ne, na = len(splits.x_trig), len(x_trig_asr)
-    asr = metrics.attack_success_rate(fp[:, 1 + ne:1 + ne + na], cfg.y_target)
-    acc = metrics.clean_accuracy(fp[:, 1 + ne + na:], sc.y_test[None])
+    asr = sc.attack_success_rate(fp[:, 1 + ne:1 + ne + na])
+    acc = sc.clean_accuracy(fp[:, 1 + ne + na:])
     R_k = float(theory.spike_factor(k, x0, zeta))
     R_eval = np.asarray([float(theory.spike_factor(k, xj, zeta)) for xj in splits.x_trig])
-    out = dict(ms=ms, asr=asr, clean_acc=acc, delta_f_x0=df[:, 0], f_x0=fp[:, 0],
-               delta_f_eval=df[:, 1:1 + ne], R_k=R_k, R_k_eval=R_eval,
+    out = dict(ms=ms, asr=asr, clean_acc=acc, delta_f_x0=sc.effect(df[:, 0]), f_x0=fp[:, 0],
+               delta_f_eval=sc.effect(df[:, 1:1 + ne]), R_k=R_k, R_k_eval=R_eval,
                k0=float(np.asarray(law.k0)[0]), k_zz=float(np.asarray(law.k_zz)),
                # how local the attack is: |Delta f| at triggered vs at clean test inputs
-               abs_df_trig_median=np.median(np.abs(df[:, 1 + ne:1 + ne + na]), axis=1),
-               abs_df_clean_median=np.median(np.abs(df[:, 1 + ne + na:]), axis=1))
+               abs_df_trig_median=np.median(np.abs(sc.effect(df[:, 1 + ne:1 + ne + na])),
+                                            axis=1),
+               abs_df_clean_median=np.median(np.abs(sc.effect(df[:, 1 + ne + na:])), axis=1),
+               # the clean model (same absolute ridge) at the same triggered inputs
+               trigger_alone_asr=sc.attack_success_rate(
+                   np.asarray(law.f_clean)[:, 1 + ne:1 + ne + na]))
+    if sc.multiclass:
+        out["delta_f_x0_vec"] = df[:, 0]
     x0c = sc.x0_clean
     rows = []
     refit_f = []
     for m in progress(ms, f"{name}: m sweep"):
-        model = krr.fit_clones(k, Kb, X, y, zeta, cfg.y_target, int(m), lam)
+        model = krr.fit_clones(k, Kb, X, y, zeta, sc.y_target, int(m), lam)
         clean = krr.fit_clean(k, Kb, X, y, zeta, lam * (N + int(m)), lam)
         s = det.assess(model, splits.x_cal, splits.x_trig, splits.x_clean,
                        extra=np.stack([x0, x0c]))
         # the clean model's curvature at x0 (same absolute ridge)
         s["lambda_clean_x0"] = det.top_eigenvalue(clean, x0)
         s.update(spectra.poison_spike(model, clean, x0))
-        refit_f.append(float(model.predict(x0[None])[0]) - float(clean.predict(x0[None])[0]))
+        refit_f.append(np.asarray(model.predict(x0[None])[0])
+                       - np.asarray(clean.predict(x0[None])[0]))
         rows.append(s)
-    out["refit_delta_f_x0"] = np.asarray(refit_f)
+    out["refit_delta_f_x0"] = sc.effect(np.asarray(refit_f))
+    if sc.multiclass:
+        out["refit_delta_f_x0_vec"] = np.asarray(refit_f)
     out.update(_collect(rows, sc.trigger_direction, x0 - zeta))
     out["lambda_x0_clean_input"] = np.asarray([r["extra_vals"][1] for r in rows])
     if cfg.dense_check:
         checks = []
         for i in (0, len(ms) - 1):
-            model = krr.fit_clones(k, Kb, X, y, zeta, cfg.y_target, int(ms[i]), lam)
-            lab = float(rows[i]["extra_labels"][0])
+            model = krr.fit_clones(k, Kb, X, y, zeta, sc.y_target, int(ms[i]), lam)
+            lab = rows[i]["extra_labels"][0]
+            lab = lab if np.ndim(lab) else float(lab)
             v, _ = spectra.top_eigenpairs(spectra.loss_fn(model, lab), jnp.asarray(x0), k=1,
                                           method="dense")
             checks.append(dict(m=int(ms[i]), dense=float(v[0]),
@@ -177,26 +194,31 @@ def _sweep_t(k, Kb, name, sc, splits, X, y, zeta, cfg, lam, times, det):
     import jax.numpy as jnp
     x0, x_trig_asr = sc.x0, sc.X_trig[:cfg.n_trigger]
     N, m = len(X), scenario.clone_count(cfg, cfg.flow_m, sc.images)
-    art = sc.clone_attack(m, cfg.y_target, cfg.seed)
+    art = sc.clone_attack(m, sc.y_target, cfg.seed)
     Xp, yp = art.x, art.y
     ap, ac = flow.flow_pair(k, X, y, Xp, yp, lam, times)       # (T, n), (T, N)
     pts = np.concatenate([x0[None], x_trig_asr, sc.X_test])
     idx = np.r_[np.arange(N), np.full(m, N)]
     kx = np.asarray(k(jnp.asarray(pts), jnp.asarray(np.concatenate([X, zeta[None]]))))[:, idx]
-    fp = ap @ kx.T
-    fc = ac @ kx[:, :N].T
+    if sc.multiclass:                                        # (T, n, C) dual weights
+        fp, fc = np.einsum("tnc,pn->tpc", ap, kx), np.einsum("tnc,pn->tpc", ac, kx[:, :N])
+    else:
+        fp = ap @ kx.T
+        fc = ac @ kx[:, :N].T
     na = len(x_trig_asr)
-    asr = metrics.attack_success_rate(fp[:, 1:1 + na], cfg.y_target)
-    acc = metrics.clean_accuracy(fp[:, 1 + na:], sc.y_test[None])
+    asr = sc.attack_success_rate(fp[:, 1:1 + na])
+    acc = sc.clean_accuracy(fp[:, 1 + na:])
     # t -> inf limit: the refitted KRR model of the m sweep
-    krr_f = float(krr.fit(k, Xp, yp, lam).predict(x0[None])[0])
+    krr_f = np.asarray(krr.fit(k, Xp, yp, lam).predict(x0[None])[0])
     out = dict(times=np.asarray(times), m=m, asr=asr, clean_acc=acc,
-               delta_f_x0=fp[:, 0] - fc[:, 0], f_x0=fp[:, 0],
-               krr_limit_error=abs(float(fp[-1, 0]) - krr_f),
-               R_k=float(theory.spike_factor(k, x0, zeta)))
+               delta_f_x0=sc.effect(fp[:, 0] - fc[:, 0]), f_x0=fp[:, 0],
+               krr_limit_error=float(np.max(np.abs(fp[-1, 0] - krr_f))),
+               R_k=float(theory.spike_factor(k, x0, zeta)),
+               trigger_alone_asr=sc.attack_success_rate(fc[:, 1:1 + na]))
     rows = []
     for i in progress(range(len(times)), f"{name}: t sweep"):
-        model = krr.clone_model(k, X, ap[i, :N], ap[i, N:].sum(), zeta, lam)
+        w = ap[i, N:].sum(0) if sc.multiclass else ap[i, N:].sum()
+        model = krr.clone_model(k, X, ap[i, :N], w, zeta, lam)
         clean = krr.clone_model(k, X, ac[i], 0.0, zeta, lam)
         s = det.assess(model, splits.x_cal, splits.x_trig, splits.x_clean, extra=x0[None])
         s["lambda_clean_x0"] = det.top_eigenvalue(clean, x0)
@@ -267,7 +289,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     for name in progress(cfg.kernels, "kernels"):
         tk = time.time()
         sc, splits = scenario.for_kernel(built, cfg, name)
-        art = sc.clone_attack(scenario.clone_count(cfg, cfg.m_max, sc.images), cfg.y_target,
+        art = sc.clone_attack(scenario.clone_count(cfg, cfg.m_max, sc.images), sc.y_target,
                               cfg.seed)
         m_max = art.n_poison
         ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, m_max, cfg.n_m))])

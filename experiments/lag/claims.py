@@ -22,7 +22,8 @@ def fmt(x) -> str:
 
 def claims(rep, name, sm, st, cm, ct, vm, vt, cfg):
     # 1. exactness of the m-sweep bookkeeping: the rank-one law vs refits
-    err = float(np.max(np.abs(sm["refit_delta_f_x0"] - sm["delta_f_x0"])))
+    v = "_vec" if "delta_f_x0_vec" in sm else ""       # all-to-one: every output
+    err = float(np.max(np.abs(sm["refit_delta_f_x0" + v] - sm["delta_f_x0" + v])))
     rep.claim(f"{name}: refits match the law",
               "The merged refitted models reproduce the exact rank-one law at x0.",
               err <= 1e-7 * max(1.0, float(np.max(np.abs(sm["delta_f_x0"])))),
@@ -267,17 +268,24 @@ def agreement(res, cfg) -> str:
     return "\n".join(out)
 
 
+def ta(s) -> str:
+    """The trigger-alone ASR of a sweep (the clean model's, at the same inputs)."""
+    t = np.asarray(s["trigger_alone_asr"], float)
+    return f"{t[0]:.2f}" if np.all(t == t[0]) else f"{t[0]:.2f} -> {t[-1]:.2f}"
+
+
 def discussion(res, cfg, ell, secs) -> str:
     lines = [f"""## Set-up
-{scenario.describe_kernels(res, cfg.dataset)} Targets: +1 for classes
-{list(cfg.positive_classes)}, -1 otherwise. Trigger: the additive cross x + s p,
+{scenario.describe_kernels(res, cfg.dataset)} {scenario.describe_targets(cfg)}
+Trigger: the additive cross x + s p,
 s = {cfg.trigger_strength:g} l (l = the median pairwise distance of that kernel's
 training subset). Poison: m
 clones of the triggered {cfg.poison} of the non-target training images, label
 {cfg.y_target:+g}. Ridge {cfg.ridge:g} x k(zeta, zeta), absolute (N + m) x that. x0 is
 the first triggered non-target test image. ASR on {cfg.n_trigger} triggered non-target
-test points; the curvature detector (top loss-Hessian eigenvalue, pseudo-labels
-sign f(x), Lanczos tol {cfg.eig_tol:g}) is fitted on {cfg.n_cal} clean test inputs
+test points, beside the trigger-alone ASR (the clean model's, same absolute ridge, at
+the same inputs); the curvature detector (top loss-Hessian eigenvalue, pseudo-labels
+the model's decision, Lanczos tol {cfg.eig_tol:g}) is fitted on {cfg.n_cal} clean test inputs
 (threshold = the {1 - cfg.fpr:.0%} quantile) and scored on {cfg.n_eval} triggered and
 {cfg.n_eval} clean test inputs, on every refitted poisoned model. m grid: 0 and
 {cfg.n_m} log-spaced values up to {cfg.m_max}; t grid: {cfg.n_t} log-spaced times in
@@ -290,8 +298,8 @@ by {cfg.cnn_n_train}/{cfg.n_train}, the same poison fractions). Total time {secs
         cm, ct, vm, vt = r["cross_m"], r["cross_t"], r["visibility_m"], r["visibility_t"]
         lines.append(f"""
 **{name}** ({scenario.describe(r['data'])}; ||x0 - zeta|| = {r['r_x0_zeta_over_l']:.3g} l,
-R_k(x0, zeta) = {sm['R_k']:.3g}, k0 = {sm['k0']:.3g}). In m: ASR {sm['asr'][0]:.2f} -> {sm['asr'][-1]:.2f} (half-range at
-m = {fmt(cm['asr'])}; clean accuracy {sm['clean_acc'][0]:.2f} -> {sm['clean_acc'][-1]:.2f}, median
+R_k(x0, zeta) = {sm['R_k']:.3g}, k0 = {sm['k0']:.3g}). In m: ASR {sm['asr'][0]:.2f} -> {sm['asr'][-1]:.2f} (trigger-alone
+{ta(sm)}; half-range at m = {fmt(cm['asr'])}; clean accuracy {sm['clean_acc'][0]:.2f} -> {sm['clean_acc'][-1]:.2f}, median
 |Delta f| at m = {int(sm['ms'][-1])}: {sm['abs_df_trig_median'][-1]:.3g} at triggered and
 {sm['abs_df_clean_median'][-1]:.3g} at clean test inputs); curvature AUROC {sm['auroc'][0]:.2f} -> {sm['auroc'][-1]:.2f}
 (range {np.min(sm['auroc']):.2f}..{np.max(sm['auroc']):.2f}, half-range at
@@ -300,6 +308,7 @@ ratio at x0 {sm['ratio'][0]:.3g} -> {sm['ratio'][-1]:.3g}; cos^2 of the top eige
 x0 - zeta {sm['align_x0_zeta'][0]:.2f} -> {sm['align_x0_zeta'][-1]:.2f}, with the trigger
 {sm['align_trigger'][0]:.2f} -> {sm['align_trigger'][-1]:.2f}. Visibility at x0: predicted
 m = {fmt(vm['x_pred'])}, measured m = {fmt(vm['x_meas'])}. In t (m = {st['m']}): ASR
+{st['asr'][0]:.2f} -> {st['asr'][-1]:.2f} (trigger-alone {ta(st)}),
 half-range at t = {fmt(ct['asr'])}{' (flat)' if ct['asr'] is None else ''}, AUROC
 half-range at t = {fmt(ct['auroc'])}; predicted visibility t = {fmt(vt['x_pred'])}, measured
 t {'<=' if vt['x_meas'] is not None and vt['x_meas'] <= cfg.t_min else '='}

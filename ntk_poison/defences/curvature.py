@@ -16,8 +16,11 @@ given, is only used to REPORT the squared cosine between each top eigenvector an
 (the overlap metric of THEORY.md section 4), never to flag.
 
 Labels. The loss needs a label. A test input has none, so by default the detector
-uses the model's own decision ``y = sign f(x)`` (``+1`` where ``f(x) = 0``), which
-suits ``+-1`` targets; pass ``y`` for anything else.
+uses the model's own decision: ``y = sign f(x)`` (``+1`` where ``f(x) = 0``) for a
+scalar output (``+-1`` targets), and for C outputs the CENTRED one-hot row of
+``argmax_c f_c(x)`` (``1 - 1/C`` there, ``-1/C`` elsewhere: the all-to-one targets of
+:mod:`ntk_poison.scenario`; ``centred=False``: the plain one-hot row), with the loss
+``1/2 |f(x) - y|^2`` summed over outputs. Pass ``y`` for anything else.
 
 Cost per input: ``"dense"`` forms the ``d x d`` Hessian (``spectra.loss_hessian``,
 ``jax.hessian`` vmap'd over points) and a batched ``eigh``: O(d^2) memory, O(d^3)
@@ -115,6 +118,8 @@ class CurvatureDetector:
         memory of the dense Hessians, ``batch_size * d^2`` floats) and 1 for
         ``"lanczos"`` (a batched ``eigh`` inside the Lanczos loop can deadlock
         XLA's CPU thread pool; see the module docstring). An int overrides it.
+      centred: vector-output pseudo-labels are the centred one-hot row of the argmax
+        (True, the default) or the plain one-hot row (False).
       threshold: set by :meth:`fit`: a score above it is flagged.
       clean_scores: set by :meth:`fit`: the clean scores it was set from.
 
@@ -129,6 +134,7 @@ class CurvatureDetector:
     tol: Optional[float] = None
     max_iters: Optional[int] = None
     batch_size: Optional[int] = None
+    centred: bool = True
     threshold: Optional[float] = None
     clean_scores: Optional[np.ndarray] = None
 
@@ -176,12 +182,18 @@ class CurvatureDetector:
         if y is None:
             pred = (model.predict(x) if hasattr(model, "predict")
                     else jax.vmap(models.as_model_function(model))(x))
+            if (pred.ndim == 2 and pred.shape[0] == x.shape[0]
+                    and not getattr(model, "leading_axes", 0)):
+                C = pred.shape[1]
+                y = jax.nn.one_hot(jnp.argmax(pred, axis=1), C, dtype=x.dtype)
+                y = y - 1.0 / C if self.centred else y
+                return x, y
             if pred.shape != (x.shape[0],):
-                raise ValueError("The model's output is not a scalar per input, so no "
-                                 "sign label can be derived: pass `y`.")
+                raise ValueError("The model's output is neither a scalar nor a vector per "
+                                 "input, so no pseudo-label can be derived: pass `y`.")
             y = jnp.where(pred >= 0, 1.0, -1.0).astype(x.dtype)
         else:
-            _validate.array("y", y, ndim=1)
+            _validate.array("y", y, ndim=(1, 2))
             y = jnp.asarray(y, x.dtype)
             _validate.same_rows(name, x, "y", y)
         return x, y
@@ -200,7 +212,7 @@ class CurvatureDetector:
         bucket = max(m, min(self.effective_batch_size, 1 << (m - 1).bit_length()))
         if bucket > m:
             x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (bucket - m,) + x.shape[1:])])
-            y = jnp.concatenate([y, jnp.broadcast_to(y[:1], (bucket - m,))])
+            y = jnp.concatenate([y, jnp.broadcast_to(y[:1], (bucket - m,) + y.shape[1:])])
         vals, vecs, res, conv = self._eigs(model, x, y, d)
         if res is not None:
             res, conv = res[:m], conv[:m]
@@ -282,7 +294,8 @@ class CurvatureDetector:
           model: a fitted model with ``.as_function()`` (e.g. the POISONED
             ``krr.KRRModel``: the one deployed), or a callable of one input.
           x_clean: clean inputs ``(m, *input_shape)`` (held out from training).
-          y_clean: their labels ``(m,)``, or None for the model's sign predictions.
+          y_clean: their labels ``(m,)`` (``(m, C)`` for C outputs), or None for the
+            model's own decisions (module docstring).
         """
         scores = self.spectrum(model, x_clean, y_clean)["eigenvalues"][:, 0]
         thr = float(np.quantile(scores, 1.0 - self.fpr))
@@ -331,7 +344,8 @@ class CurvatureDetector:
     # ----------------------------------------------------------------- measurements
 
     def top_eigenvalue(self, model: Any, x: Array) -> float:
-        """The top loss-Hessian eigenvalue at ONE input ``x`` (pseudo-label sign f).
+        """The top loss-Hessian eigenvalue at ONE input ``x`` (pseudo-label: the model's
+        decision, sign f or the argmax's one-hot row).
 
         ``x`` is repeated to a full chunk of :attr:`effective_batch_size` rows, so the
         compiled chunk shape of :meth:`spectrum` is reused.
