@@ -46,8 +46,9 @@ same key, same numbers. To watch the model within an epoch, the scan is cut into
 ``evals_per_epoch`` chunks of consecutive steps (:func:`chunk_bounds`) and the model
 after each chunk is kept: the trajectory's times are fractional epochs
 ``e + steps / steps_per_epoch`` (:func:`eval_times`); cutting the scan changes no
-step, so the models at whole epochs are the same for any ``evals_per_epoch``. The dtype is that of the parameters and the data (the
-experiments train in float32 at full MNIST scale).
+step, so the models at whole epochs are the same for any ``evals_per_epoch``. The
+dtype is that of the parameters and the data (the experiments train in float32 at full
+MNIST scale).
 """
 
 from __future__ import annotations

@@ -163,3 +163,9 @@ def test_lag_rule_on_hand_made_curves(t_asr, t_ov, times, want, a, o, h):
     flat = dict(s, asr=np.full(len(times), 0.3))                   # ASR does not rise
     cr = crossings(flat, times, d, cfg)
     assert cr["lag"] is None and cr["interval"] is None and "does not rise" in cr["why"]
+
+
+@pytest.mark.parametrize("field, value", [("evals_per_epoch", 0), ("fine_epochs", -1)])
+def test_bad_evaluation_grid_names_the_field(field, value):
+    with pytest.raises(ValueError, match=f"`{field}`"):
+        exp.Config(**{**CFG, field: value})

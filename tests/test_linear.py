@@ -1,6 +1,7 @@
 """ntk_poison.linear: the closed-form input Hessian against autodiff, its top eigenpair
 against numpy, one SGD epoch and the models within an epoch (fractional epochs) against
-a hand-written numpy replica, the evaluation times by hand, determinism, and bad inputs. Float64 (the session turns x64 on)."""
+a hand-written numpy replica, the evaluation times by hand, determinism, and bad inputs.
+Float64 (the session turns x64 on)."""
 
 from __future__ import annotations
 

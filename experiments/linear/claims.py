@@ -2,8 +2,9 @@
 
 ``crossings`` finds where each curve crosses half its range (over the evaluations
 after the initial model, a random one) and judges the lag for one run by ``RULE``
-(the crossings are ordered only if they are more than one evaluation interval apart); ``claims`` writes the
-claims; ``discussion`` the set-up and the crossing-epoch table of report.md.
+(the crossings are ordered only if they are more than one evaluation interval apart);
+``claims`` writes the claims; ``discussion`` the set-up and the crossing-epoch table of
+report.md.
 """
 
 from __future__ import annotations
@@ -137,7 +138,8 @@ def table(res: dict, counts, n: int) -> str:
                 f" | {float(s['trigger_alone_asr'][-1]):.3f} | "
                 f"{float(s['clean_acc'][-1]):.3f} | {fmt(cr['asr'])} | "
                 f"{cr['overlap_first']:.3g} -> {cr['overlap_last']:.3g} | "
-                f"{fmt(cr['overlap'])} | {gap} | {h} | {cr['ratio_first']:.3g} -> {cr['ratio_last']:.3g} "
+                f"{fmt(cr['overlap'])} | {gap} | {h} | {cr['ratio_first']:.3g} -> "
+                f"{cr['ratio_last']:.3g} "
                 f"({cr['ratio_max']:.3g}) | {v}: {cr['why']} |")
     return "\n".join(lines)
 

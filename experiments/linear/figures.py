@@ -39,7 +39,8 @@ def lag_figure(rep, res, counts, cfg):
                 h2, l2 = ax2.get_legend_handles_labels()
                 ax2.legend(h1 + h2, l1 + l2, fontsize=6, loc="center", framealpha=0.8)
     fig.suptitle("ASR (left axis) and overlap (right axis, red) vs epoch; dashed "
-                 "verticals: half-range crossings (after the initial model) of the curves that rise", fontsize=9)
+                 "verticals: half-range crossings (after the initial model) of the curves that "
+                 "rise", fontsize=9)
     rep.figure(fig, "linear_lag")
 
 
