@@ -42,8 +42,13 @@ minibatches of a fresh permutation (``batch_size=None``: one full-batch step per
 epoch). Minibatches have ``batch_size`` rows; the ``n mod batch_size`` rows left
 over by an epoch's permutation are skipped in that epoch (different rows each
 epoch). The permutation of epoch ``e`` comes from ``jax.random.fold_in(key, e)``:
-same key, same numbers. The dtype is that of the parameters and the data (the
-experiments train in float32 at full MNIST scale).
+same key, same numbers. To watch the model within an epoch, the scan is cut into
+``evals_per_epoch`` chunks of consecutive steps (:func:`chunk_bounds`) and the model
+after each chunk is kept: the trajectory's times are fractional epochs
+``e + steps / steps_per_epoch`` (:func:`eval_times`); cutting the scan changes no
+step, so the models at whole epochs are the same for any ``evals_per_epoch``. The
+dtype is that of the parameters and the data (the experiments train in float32 at full
+MNIST scale).
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ from ntk_poison import _validate
 Array = Any
 
 __all__ = ["Linear", "LOSSES", "init", "logits", "example_loss", "loss", "logit_hessian",
-           "input_hessian", "top_eigenpair", "make_epoch", "train"]
+           "input_hessian", "top_eigenpair", "steps_per_epoch", "chunk_bounds", "eval_times",
+           "make_epoch", "train"]
 
 #: the per-example losses, by name
 LOSSES: Tuple[str, ...] = ("softmax", "squares")
@@ -215,10 +221,14 @@ def top_eigenpair(params: Linear, X: Array, kind: str) -> Tuple[jax.Array, jax.A
 
 # --------------------------------------------------------------------------- training
 
-@functools.partial(jax.jit, static_argnames=("kind", "optimizer", "batch_size"))
-def _epoch(params, state, key, X, Y, *, kind, optimizer, batch_size):
-    n = X.shape[0]
-    full = batch_size >= n
+@functools.partial(jax.jit, static_argnames=("n", "batch_size"))
+def _batches(key, *, n, batch_size):
+    nb = n // batch_size
+    return jax.random.permutation(key, n)[:nb * batch_size].reshape(nb, batch_size)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "optimizer", "full"))
+def _steps(params, state, batches, X, Y, *, kind, optimizer, full):
     grad = jax.value_and_grad(_mean_loss)
 
     def step(carry, idx):
@@ -228,63 +238,133 @@ def _epoch(params, state, key, X, Y, *, kind, optimizer, batch_size):
         upd, state = optimizer.update(g, state, params)
         return (optax.apply_updates(params, upd), state), val
 
-    if full:
-        batches = jnp.zeros((1, 1), jnp.int32)           # unused: the full batch
-    else:
-        nb = n // batch_size
-        batches = jax.random.permutation(key, n)[:nb * batch_size].reshape(nb, batch_size)
     (params, state), vals = jax.lax.scan(step, (params, state), batches)
     return params, state, jnp.mean(vals)
+
+
+def _check_optimizer(optimizer) -> None:
+    if not (hasattr(optimizer, "update") and hasattr(optimizer, "init")):
+        raise ValueError("`optimizer` must be an optax GradientTransformation, e.g. "
+                         "optax.sgd(0.01).")
+
+
+def steps_per_epoch(n: int, batch_size: Optional[int] = None) -> int:
+    """``n // batch_size`` minibatch steps an epoch (1 for ``batch_size=None`` or
+    ``>= n``: the full batch)."""
+    n = _validate.positive_int("n", n)
+    if batch_size is None:
+        return 1
+    return max(n // _validate.positive_int("batch_size", batch_size), 1)
+
+
+def chunk_bounds(n_steps: int, evals_per_epoch: int = 1) -> np.ndarray:
+    """Where an epoch of ``n_steps`` steps is cut to measure ``k = evals_per_epoch``
+    times: the step counts ``floor(j n_steps / k)``, ``j = 0..k`` (``(k + 1,)``,
+    from 0 to ``n_steps``). ``k`` that does not divide ``n_steps`` gives chunks of
+    ``floor`` and ``ceil`` sizes (the times of :func:`eval_times` are then the exact
+    fractions ``steps / n_steps``, not ``j / k``); ``k > n_steps`` is cut to
+    ``n_steps`` (one measure a step: a full-batch epoch has one)."""
+    n_steps = _validate.positive_int("n_steps", n_steps)
+    k = min(_validate.positive_int("evals_per_epoch", evals_per_epoch), n_steps)
+    return np.arange(k + 1) * n_steps // k
+
+
+def _epoch_bounds(e: int, n_steps: int, evals_per_epoch: int, fine_epochs: Optional[int]
+                  ) -> np.ndarray:
+    fine = fine_epochs is None or e < fine_epochs
+    return chunk_bounds(n_steps, evals_per_epoch if fine else 1)
+
+
+def eval_times(epochs: int, n: int, batch_size: Optional[int] = None,
+               evals_per_epoch: int = 1, fine_epochs: Optional[int] = None) -> np.ndarray:
+    """The times, in (fractional) epochs, of the models :func:`train` returns: 0, then
+    after each chunk of :func:`chunk_bounds` (``evals_per_epoch`` chunks an epoch in
+    the first ``fine_epochs`` epochs, ``None``: all of them; one chunk an epoch after
+    them), ``e + steps / steps_per_epoch``. E.g. ``epochs=2, evals_per_epoch=4,
+    fine_epochs=1`` (and a step count divisible by 4): ``0, .25, .5, .75, 1, 2``."""
+    epochs = _validate.positive_int("epochs", epochs)
+    nb = steps_per_epoch(n, batch_size)
+    _validate.positive_int("fine_epochs", fine_epochs, allow_none=True)
+    t = [0.0]
+    for e in range(epochs):
+        t += [e + b / nb for b in _epoch_bounds(e, nb, evals_per_epoch, fine_epochs)[1:]]
+    return np.asarray(t)
 
 
 def make_epoch(X: Array, Y: Array, kind: str, optimizer: optax.GradientTransformation,
                batch_size: Optional[int] = None) -> Callable:
     """A jit-compiled epoch of gradient descent on the mean loss over ``(X, Y)``.
 
-    Returns ``epoch(params, opt_state, key) -> (params, opt_state, mean_step_loss)``:
-    a ``lax.scan`` over the ``n // batch_size`` minibatches of the permutation
-    ``jax.random.permutation(key, n)`` (``batch_size=None`` or ``>= n``: one
-    full-batch step). ``X`` ``(n, d)`` and one-hot ``Y`` ``(n, c)`` go to the device
-    once, in their own dtype, and are arguments of the compiled epoch (not constants):
-    data sets of one shape with the same ``optimizer`` object share one compilation.
+    Returns ``epoch(params, opt_state, key, bounds=None) -> (models, opt_state,
+    mean_step_losses)``: a ``lax.scan`` over the ``n // batch_size`` minibatches of
+    the permutation ``jax.random.permutation(key, n)`` (``batch_size=None`` or
+    ``>= n``: one full-batch step), cut at the step counts ``bounds`` (ascending, from
+    0 to the number of steps; ``None``: one chunk) into chunks whose end models are
+    returned (a list, one per chunk, with the mean minibatch loss of each chunk).
+    ``X`` ``(n, d)`` and one-hot ``Y`` ``(n, c)`` go to the device once, in their own
+    dtype, and are arguments of the compiled scan (not constants): data sets of one
+    shape with the same ``optimizer`` object share one compilation per chunk length.
     """
     _check_kind(kind)
     X = _validate.float_array("X", X, ndim=2)
     Y = _validate.float_array("Y", Y, ndim=2)
     _validate.same_rows("X", X, "Y", Y)
-    if not (hasattr(optimizer, "update") and hasattr(optimizer, "init")):
-        raise ValueError("`optimizer` must be an optax GradientTransformation, e.g. "
-                         "optax.sgd(0.01).")
+    _check_optimizer(optimizer)
     n = int(X.shape[0])
     bs = n if batch_size is None else min(_validate.positive_int("batch_size", batch_size), n)
-    return functools.partial(_epoch, X=X, Y=Y, kind=kind, optimizer=optimizer, batch_size=bs)
+    full = bs >= n
+    steps = functools.partial(_steps, X=X, Y=Y, kind=kind, optimizer=optimizer, full=full)
+
+    def epoch(params, state, key, bounds=None):
+        batches = (jnp.zeros((1, 1), jnp.int32) if full      # unused: the full batch
+                   else _batches(key, n=n, batch_size=bs))
+        cuts = [0, batches.shape[0]] if bounds is None else [int(b) for b in bounds]
+        models, vals = [], []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            params, state, val = steps(params, state, batches[lo:hi])
+            models.append(params)
+            vals.append(val)
+        return models, state, vals
+
+    return epoch
 
 
 def train(params: Linear, X: Array, Y: Array, kind: str,
           optimizer: optax.GradientTransformation, epochs: int, *,
-          batch_size: Optional[int] = None, key: Any = None,
-          progress: Optional[Callable] = None) -> Tuple[Linear, np.ndarray]:
+          batch_size: Optional[int] = None, key: Any = None, evals_per_epoch: int = 1,
+          fine_epochs: Optional[int] = None, progress: Optional[Callable] = None
+          ) -> Tuple[Linear, np.ndarray]:
     """Train for ``epochs`` epochs (:func:`make_epoch`); return the trajectory.
 
     Returns ``(trajectory, losses)``: a :class:`Linear` of numpy arrays whose ``W`` and
-    ``b`` carry a leading axis of ``epochs + 1`` models (the initial one, then the
-    model after each epoch), and the mean minibatch loss of each epoch ``(epochs,)``. Epoch ``e``
-    (from 0) permutes with ``jax.random.fold_in(key, e)``. ``progress``: an optional
-    wrapper of the epoch iterator (e.g. ``report.progress``-like ``f(iterable)``).
+    ``b`` carry a leading axis of models at the times :func:`eval_times` gives (the
+    initial model, then the model after each chunk of steps: ``evals_per_epoch``
+    chunks an epoch in the first ``fine_epochs`` epochs (``None``: in all), one after;
+    the defaults: one model an epoch), and the mean minibatch loss of each chunk
+    (one fewer than the models). The chunks cut one scan of the epoch's steps, so the
+    models at whole epochs do not depend on ``evals_per_epoch``. Epoch ``e`` (from 0)
+    permutes with ``jax.random.fold_in(key, e)``. ``progress``: an optional wrapper of
+    the epoch iterator (e.g. ``report.progress``-like ``f(iterable)``).
     """
     params = _check_params(params)
     X = _check_inputs(params, X, "X", ndim=2)
     Y = _check_targets(params, X, Y)
     epochs = _validate.positive_int("epochs", epochs)
     key = _validate.as_key(key)
+    _check_optimizer(optimizer)
+    _validate.positive_int("evals_per_epoch", evals_per_epoch)
+    _validate.positive_int("fine_epochs", fine_epochs, allow_none=True)
     epoch = make_epoch(X, Y, kind, optimizer, batch_size)
+    nb = steps_per_epoch(int(X.shape[0]), batch_size)
     params = Linear(jnp.asarray(params.W), jnp.asarray(params.b))
     state = optimizer.init(params)
     Ws, bs, losses = [np.asarray(params.W)], [np.asarray(params.b)], []
     it = range(epochs) if progress is None else progress(range(epochs))
     for e in it:
-        params, state, val = epoch(params, state, jax.random.fold_in(key, e))
-        Ws.append(np.asarray(params.W))
-        bs.append(np.asarray(params.b))
-        losses.append(float(val))
+        models, state, vals = epoch(params, state, jax.random.fold_in(key, e),
+                                    _epoch_bounds(e, nb, evals_per_epoch, fine_epochs))
+        params = models[-1]
+        Ws += [np.asarray(p.W) for p in models]
+        bs += [np.asarray(p.b) for p in models]
+        losses += [float(v) for v in vals]
     return Linear(np.stack(Ws), np.stack(bs)), np.asarray(losses)

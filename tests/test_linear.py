@@ -1,6 +1,7 @@
 """ntk_poison.linear: the closed-form input Hessian against autodiff, its top eigenpair
-against numpy, one SGD epoch against a hand-written numpy replica, determinism, and
-bad inputs. Float64 (the session turns x64 on)."""
+against numpy, one SGD epoch and the models within an epoch (fractional epochs) against
+a hand-written numpy replica, the evaluation times by hand, determinism, and bad inputs.
+Float64 (the session turns x64 on)."""
 
 from __future__ import annotations
 
@@ -108,6 +109,54 @@ def test_minibatch_epoch_matches_a_numpy_replica(rng):
         np.testing.assert_allclose(np.asarray(traj.b[e + 1]), b, rtol=1e-11)
 
 
+def test_fractional_epoch_models_match_a_numpy_replica(rng):
+    """4 steps an epoch cut into k = 3 chunks (floor(j 4 / 3) = 0, 1, 2, 4 steps) in the
+    first epoch, one chunk in the second: the models after 1, 2, 4 and 8 steps."""
+    n, bs, lr = 23, 5, 0.2
+    X = rng.normal(size=(n, D))
+    Y = np.eye(C)[rng.integers(0, C, n)]
+    p0 = _model(rng, 0.1)
+    np.testing.assert_array_equal(linear.eval_times(2, n, bs, 3, fine_epochs=1),
+                                  [0, 0.25, 0.5, 1.0, 2.0])
+    traj, losses = linear.train(p0, X, Y, "softmax", optax.sgd(lr), 2, batch_size=bs, key=7,
+                                evals_per_epoch=3, fine_epochs=1)
+    assert traj.W.shape == (5, C, D) and losses.shape == (4,)
+    W, b = np.asarray(p0.W), np.asarray(p0.b)
+    models, chunk_losses, step_losses = [], [], []
+    for e in range(2):
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(jax.random.PRNGKey(7), e),
+                                                 n))
+        for k in range(n // bs):
+            idx = perm[k * bs:(k + 1) * bs]
+            Z = X[idx] @ W.T + b
+            step_losses.append(np.mean(np.log(np.exp(Z).sum(1)) - (Z * Y[idx]).sum(1)))
+            R = _np_softmax(Z) - Y[idx]
+            W, b = W - lr * R.T @ X[idx] / bs, b - lr * R.mean(0)
+            if (e, k) in ((0, 0), (0, 1), (0, 3), (1, 3)):        # after 1, 2, 4, 8 steps
+                models.append((W, b))
+                chunk_losses.append(np.mean(step_losses))
+                step_losses = []
+    for i, (W, b) in enumerate(models):
+        np.testing.assert_allclose(np.asarray(traj.W[i + 1]), W, rtol=1e-11)
+        np.testing.assert_allclose(np.asarray(traj.b[i + 1]), b, rtol=1e-11)
+    np.testing.assert_allclose(losses, chunk_losses, rtol=1e-12)
+    whole, _ = linear.train(p0, X, Y, "softmax", optax.sgd(lr), 2, batch_size=bs, key=7)
+    np.testing.assert_allclose(np.asarray(whole.W[1:]), np.asarray(traj.W[[3, 4]]), rtol=1e-13)
+
+
+def test_chunk_bounds_and_times_by_hand():
+    np.testing.assert_array_equal(linear.chunk_bounds(600, 20), np.arange(21) * 30)
+    np.testing.assert_array_equal(linear.chunk_bounds(17, 4), [0, 4, 8, 12, 17])
+    np.testing.assert_array_equal(linear.chunk_bounds(3, 8), [0, 1, 2, 3])   # cut to 3
+    np.testing.assert_array_equal(linear.chunk_bounds(1, 4), [0, 1])         # full batch
+    assert linear.steps_per_epoch(60000, 100) == 600 and linear.steps_per_epoch(50) == 1
+    t = linear.eval_times(3, 1700, 100, 4, fine_epochs=2)    # 17 steps an epoch
+    np.testing.assert_allclose(t, [0, 4 / 17, 8 / 17, 12 / 17, 1, 1 + 4 / 17, 1 + 8 / 17,
+                                   1 + 12 / 17, 2, 3], rtol=1e-15)
+    np.testing.assert_allclose(linear.eval_times(3, 1700, 100, 4),        # fine in all
+                               np.r_[t[:9], 2 + t[1:4], 3], rtol=1e-15)
+
+
 def test_same_seed_same_numbers(rng):
     X = rng.normal(size=(30, D)).astype(np.float32)
     Y = np.eye(C, dtype=np.float32)[rng.integers(0, C, 30)]
@@ -136,6 +185,10 @@ def test_bad_inputs_name_the_argument(rng):
         (lambda: linear.train(p, X, Y, "softmax", opt, 0), "epochs"),
         (lambda: linear.train(p, X, Y, "softmax", opt, 1, batch_size=0), "batch_size"),
         (lambda: linear.train(p, X, Y, "softmax", "sgd", 1), "optimizer"),
+        (lambda: linear.train(p, X, Y, "softmax", opt, 1, evals_per_epoch=0),
+         "evals_per_epoch"),
+        (lambda: linear.train(p, X, Y, "softmax", opt, 1, fine_epochs=0), "fine_epochs"),
+        (lambda: linear.eval_times(2, 10, 2, 1.5), "evals_per_epoch"),
         (lambda: linear.init(D, 0), "c"),
         (lambda: linear.init(D, C, scale=-1.0), "scale"),
         (lambda: linear.Linear(p.W, p.b[:-1]) and linear.logit_hessian(

@@ -14,11 +14,14 @@ is a separate run from the same initial model and the same minibatch order.
 
 The models (:mod:`ntk_poison.linear`): logits ``z = W x + b``; optax SGD on the mean
 loss, ``batch_size`` rows a step, an epoch a jit-compiled ``lax.scan``; float32
-(``x64 = False``) at full scale. Per epoch (0 = the initial model, then after each
-epoch), on the triggered non-target test images:
+(``x64 = False``) at full scale. The measures are taken at fractional epochs: the
+initial model (time 0), then ``evals_per_epoch`` times an epoch in the first
+``fine_epochs`` epochs (the epoch's scan of minibatch steps cut into chunks:
+``linear.eval_times``), once an epoch after them; at each time, on the triggered
+non-target test images:
 
 * ASR (argmax = target) and, beside it, the trigger-alone ASR: the clean run's ASR at
-  the same epoch; clean accuracy on the 10k clean test images;
+  the same time; clean accuracy on the 10k clean test images;
 * the top eigenpair of the input Hessian of the loss, ``W^T A(x) W`` (softmax:
   ``A = diag p - p p^T``; least squares: ``A = I``, so ``W^T W``: the same at every
   input), in closed form by the QR reduction of :mod:`ntk_poison.linear`, at the
@@ -32,7 +35,9 @@ of :mod:`ntk_poison.linear`), so the true-label and target-label conventions of 
 loss at a test input give the same numbers: there is no choice to make.
 
 Claims: the lag (per model and poison count, ASR crosses half its range before the
-overlap does, over epochs 1..E: the initial model is a random one), and alignment
+overlap does, over the evaluations after the initial model, a random one; judged by
+``claims.RULE``: ordered only if the crossings are more than one evaluation interval
+apart, else inconclusive), and alignment
 (cos^2 at the last epoch for the largest count against the clean run's and against
 1/d, the mean cos^2 of a fixed direction with a random one).
 
@@ -75,6 +80,8 @@ class Config(BaseConfig):
     models: Tuple[str, ...] = ("softmax", "squares")
     epochs: int = 40
     batch_size: int = 100              # 0: full batch (one step an epoch)
+    evals_per_epoch: int = 20          # measures an epoch (cuts of the epoch's steps) ...
+    fine_epochs: int = 0               # ... in the first fine_epochs epochs (0: all), then 1
     lr_softmax: float = 0.01           # SGD step sizes (stable on raw [0, 1] pixels)
     lr_squares: float = 0.005
     init_scale: float = 0.01           # W0 = init_scale N(0, 1)/sqrt(d), b0 = 0
@@ -94,7 +101,9 @@ class Config(BaseConfig):
                              f"{self.target_class}.")
         self.check_positive("trigger_strength", "lr_softmax", "lr_squares", "asr_rise")
         self.check_min(0, "init_scale")
-        self.check_min(1, "epochs", "n_hessian", "overlap_rise", "align_factor")
+        self.check_min(1, "epochs", "n_hessian", "overlap_rise", "align_factor",
+                       "evals_per_epoch")
+        self.check_min(0, "fine_epochs")
         if not self.poison_counts or not all(m >= 1 for m in self.poison_counts) or list(
                 self.poison_counts) != sorted(set(self.poison_counts)):
             raise ValueError(f"`poison_counts` must be distinct counts >= 1 in increasing "
@@ -126,10 +135,15 @@ def load_task(cfg: Config):
 
 
 def measure(traj, kind, X_trig, X_hess_t, X_hess_c, X_test, y_test, P, target) -> dict:
-    """Per-epoch measures of a trajectory (``linear.train``'s stacked models)."""
+    """The measures of every model of a trajectory (``linear.train``'s stacked models,
+    one per evaluation time)."""
     W, b = np.asarray(traj.W), np.asarray(traj.b)
-    f_trig = np.einsum("nd,ecd->enc", X_trig, W) + b[:, None]
-    f_test = np.einsum("nd,ecd->enc", X_test, W) + b[:, None]
+    T, c, d = W.shape
+
+    def f(Xs):                                   # (T, n, c) logits, one BLAS matmul
+        return (Xs @ W.reshape(T * c, d).T).reshape(len(Xs), T, c).transpose(1, 0, 2) + b[:, None]
+
+    f_trig, f_test = f(X_trig), f(X_test)
     out = dict(asr=metrics.attack_success_rate(f_trig, target, multiclass=True),
                clean_acc=metrics.clean_accuracy(f_test, y_test, multiclass=True))
     rows = []
@@ -170,6 +184,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     counts = list(cfg.poison_counts)
     params0 = linear.init(d, c, cfg.seed, cfg.init_scale, X.dtype)
     bs = None if cfg.batch_size == 0 else cfg.batch_size
+    times = linear.eval_times(cfg.epochs, n, bs, cfg.evals_per_epoch, cfg.fine_epochs or None)
     res, weights = {}, {}
     for kind in cfg.models:
         opt = optax.sgd(cfg.lr_softmax if kind == "softmax" else cfg.lr_squares)
@@ -180,7 +195,8 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                                           mode="replace")
             traj, losses = linear.train(
                 params0, art.x.astype(X.dtype), art.y.astype(X.dtype), kind, opt, cfg.epochs,
-                batch_size=bs, key=cfg.seed,
+                batch_size=bs, key=cfg.seed, evals_per_epoch=cfg.evals_per_epoch,
+                fine_epochs=cfg.fine_epochs or None,
                 progress=lambda it: progress(it, f"{kind} m={m}: epochs"))
             s = measure(traj, kind, X_trig, X_hess_t, X_hess_c, xte, yte, P, target)
             s["loss"] = losses
@@ -194,7 +210,8 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             runs[m]["trigger_alone_asr"] = clean["asr"]
             runs[m]["overlap_clean_model"] = clean["overlap"]
         res[kind] = dict(runs={str(m): r for m, r in runs.items()},
-                         crossings={str(m): crossings(runs[m], d, cfg) for m in counts},
+                         crossings={str(m): crossings(runs[m], times, d, cfg)
+                                    for m in counts},
                          seconds={str(m): v for m, v in secs.items()})
     def save_npz(tmp):
         with open(tmp, "wb") as f:                   # a file object: no ".npz" appended
@@ -206,7 +223,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         n_triggered=int(nt.sum()), n_test=int(len(xte)), hessian_idx=hidx,
         poison_counts=counts, poison_fraction=[m / n for m in counts],
         dtype=str(np.dtype(X.dtype)), backend=jax.default_backend(),
-        epochs=np.arange(cfg.epochs + 1), random_overlap=1.0 / d,
+        epochs=times, steps_per_epoch=linear.steps_per_epoch(n, bs), random_overlap=1.0 / d,
         weights="weights.npz: the final W, b of every run, keys '{model}_m{count}_W/_b'",
         seconds=time.time() - t0)
     claims(rep, res, counts, d, cfg)

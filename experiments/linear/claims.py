@@ -1,8 +1,10 @@
 """The linear experiment's claims and report text: verdicts and words that follow the data.
 
-``crossings`` finds where each curve crosses half its range (over epochs 1..E: epoch 0
-is the random initial model) and judges the lag for one run; ``claims`` writes the
-claims; ``discussion`` the set-up and the crossing-epoch table of report.md.
+``crossings`` finds where each curve crosses half its range (over the evaluations
+after the initial model, a random one) and judges the lag for one run by ``RULE``
+(the crossings are ordered only if they are more than one evaluation interval apart);
+``claims`` writes the claims; ``discussion`` the set-up and the crossing-epoch table of
+report.md.
 """
 
 from __future__ import annotations
@@ -16,18 +18,36 @@ def fmt(x) -> str:
     return "never" if x is None else f"{x:.3g}"
 
 
-def crossings(s: dict, d: int, cfg) -> dict:
-    """Half-range crossing epochs of ASR, the overlap and the eigenvalue ratio over
-    epochs 1..E (linear interpolation in the epoch), and the lag verdict.
+def interval(times, x: float) -> float:
+    """The length of the evaluation interval ``(t[i-1], t[i]]`` that holds ``x`` (a
+    crossing lies in the interval where the curve first reaches its half level)."""
+    t = np.asarray(times, float)
+    i = int(np.clip(np.searchsorted(t, x, side="left"), 1, len(t) - 1))
+    return float(t[i] - t[i - 1])
 
-    ASR RISES if its last value exceeds its first by ``cfg.asr_rise``; the overlap
-    RISES if it ends at least ``cfg.overlap_rise`` times the random-direction level 1/d
-    and at least 1/d above where it started. Verdict: True if both rise and ASR crosses strictly
-    before the overlap; False if both rise and the overlap crosses first or together
-    (after epoch 1); None if either does not rise, or both cross by epoch 1 (the epoch
-    grid cannot order them).
+
+#: the lag's rule, as the report states it
+RULE = ("the lag is SUPPORTED if ASR's half-range crossing precedes the overlap's by more "
+        "than one evaluation interval h, NOT supported if the overlap's precedes ASR's by "
+        "more than h, and inconclusive (within the resolution) otherwise; h = the larger "
+        "of the lengths of the two evaluation intervals that hold the crossings. Untested "
+        "if ASR or the overlap does not rise.")
+
+
+def crossings(s: dict, times, d: int, cfg) -> dict:
+    """Half-range crossing times (fractional epochs) of ASR, the overlap and the
+    eigenvalue ratio over the evaluations after the initial model (``times[1:]``: the
+    model at time 0 is a random one; linear interpolation in the time), and the lag
+    verdict by :data:`RULE`.
+
+    ASR RISES if its last value exceeds its first (at ``times[1]``) by
+    ``cfg.asr_rise``; the overlap RISES if it ends at least ``cfg.overlap_rise`` times
+    the random-direction level 1/d and at least 1/d above where it started. A crossing
+    at ``times[1]`` means "by ``times[1]``": the rule then still orders it correctly
+    (an earlier true crossing only widens a gap found in its favour).
     """
-    ep = np.arange(1, cfg.epochs + 1, dtype=float)
+    t = np.asarray(times, float)
+    ep = t[1:]
     asr, ov = np.asarray(s["asr"][1:], float), np.asarray(s["overlap"][1:], float)
     ratio = np.asarray(s["ratio"][1:], float)
     out = dict(asr=metrics.half_crossing(ep, asr, log_x=False),
@@ -35,33 +55,40 @@ def crossings(s: dict, d: int, cfg) -> dict:
                ratio=metrics.half_crossing(ep, ratio, log_x=False),
                asr_rises=bool(asr[-1] - asr[0] >= cfg.asr_rise),
                overlap_rises=bool(ov[-1] >= cfg.overlap_rise / d and ov[-1] - ov[0] >= 1.0 / d),
-               asr_first=float(asr[0]), asr_last=float(asr[-1]), overlap_first=float(ov[0]),
-               overlap_last=float(ov[-1]), overlap_max=float(ov.max()),
-               ratio_first=float(ratio[0]), ratio_last=float(ratio[-1]),
-               ratio_max=float(ratio.max()))
+               t_first=float(ep[0]), asr_first=float(asr[0]), asr_last=float(asr[-1]),
+               overlap_first=float(ov[0]), overlap_last=float(ov[-1]),
+               overlap_max=float(ov.max()), ratio_first=float(ratio[0]),
+               ratio_last=float(ratio[-1]), ratio_max=float(ratio.max()), interval=None)
     a, o = out["asr"], out["overlap"]
     if not out["asr_rises"]:
         ok, why = None, f"ASR does not rise ({asr[0]:.3f} -> {asr[-1]:.3f})"
     elif not out["overlap_rises"]:
         ok, why = None, (f"the overlap does not rise ({ov[0]:.3g} -> {ov[-1]:.3g}, 1/d = "
                          f"{1 / d:.3g}): the attack succeeds with no alignment to order")
-    elif a <= ep[0] and o <= ep[0]:
-        ok, why = None, "both cross by epoch 1: the epoch grid cannot order them"
     else:
-        ok = a < o
-        why = "ASR first" if ok else "the overlap first or together"
+        h = max(interval(t, a), interval(t, o))
+        out["interval"] = h
+        gap = f"overlap - ASR = {o - a:+.3g} epochs, interval h = {h:.3g} epochs"
+        if o - a > h:
+            ok, why = True, f"ASR first ({gap})"
+        elif a - o > h:
+            ok, why = False, f"the overlap first ({gap})"
+        else:
+            ok, why = None, f"within the resolution ({gap})"
     out["lag"], out["why"] = ok, why
     return out
 
 
 def _lag_evidence(s: dict, cr: dict, m: int, n: int) -> str:
     ta = np.asarray(s["trigger_alone_asr"])
-    return (f"m = {m} ({m / n:.2%} of the training set): ASR {cr['asr_first']:.3f} (epoch 1) "
-            f"-> {cr['asr_last']:.3f} (last; trigger-alone {ta[1]:.3f} -> {ta[-1]:.3f}), "
-            f"half-range at epoch {fmt(cr['asr'])}; cos^2(v1, trigger) "
-            f"{cr['overlap_first']:.3g} -> {cr['overlap_last']:.3g} (max "
+    h = ("" if cr["interval"] is None else
+         f"evaluation interval at the crossings h = {cr['interval']:.3g} epochs; ")
+    return (f"m = {m} ({m / n:.2%} of the training set): ASR {cr['asr_first']:.3f} (epoch "
+            f"{cr['t_first']:.3g}) -> {cr['asr_last']:.3f} (last; trigger-alone "
+            f"{ta[1]:.3f} -> {ta[-1]:.3f}), half-range at epoch {fmt(cr['asr'])}; "
+            f"cos^2(v1, trigger) {cr['overlap_first']:.3g} -> {cr['overlap_last']:.3g} (max "
             f"{cr['overlap_max']:.3g}), half-range at epoch {fmt(cr['overlap'])}; "
-            f"verdict: {cr['why']}.")
+            f"{h}verdict: {cr['why']}.")
 
 
 def claims(rep, res: dict, counts, d: int, cfg) -> None:
@@ -70,8 +97,9 @@ def claims(rep, res: dict, counts, d: int, cfg) -> None:
         for m in counts:
             s, cr = r["runs"][str(m)], r["crossings"][str(m)]
             rep.claim(f"{kind}: lag at m = {m}",
-                      "ASR crosses half its range (over epochs 1..E) before the overlap "
-                      "cos^2(top input-Hessian eigenvector, trigger) does.",
+                      "ASR crosses half its range (over the evaluations after the initial "
+                      "model) before the overlap cos^2(top input-Hessian eigenvector, "
+                      "trigger) does, by more than one evaluation interval.",
                       cr["lag"], _lag_evidence(s, cr, m, n), ["linear_lag.png"])
         m = counts[-1]
         s, clean = r["runs"][str(m)], r["runs"]["0"]
@@ -92,24 +120,41 @@ def claims(rep, res: dict, counts, d: int, cfg) -> None:
 
 def table(res: dict, counts, n: int) -> str:
     """The crossing-epoch table (markdown)."""
-    lines = ["| model | m (fraction) | ASR ep 1 -> last | trigger-alone ASR (last) | "
-             "clean acc (last) | ASR half-range epoch | cos^2 ep 1 -> last | overlap "
-             "half-range epoch | overlap - ASR (epochs) | top-eig ratio trig/clean ep 1 -> "
-             "last (max) | lag |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | m (fraction) | ASR first -> last | trigger-alone ASR (last) | "
+             "clean acc (last) | ASR half-range epoch | cos^2 first -> last | overlap "
+             "half-range epoch | overlap - ASR (epochs) | interval h (epochs) | top-eig "
+             "ratio trig/clean first -> last (max) | lag |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for kind, r in res.items():
         for m in counts:
             s, cr = r["runs"][str(m)], r["crossings"][str(m)]
-            v = {True: "yes", False: "no", None: "untested"}[cr["lag"]]
-            gap = (f"{cr['overlap'] - cr['asr']:+.2f}" if cr["asr_rises"]
+            v = {True: "yes", False: "no", None: "untested" if cr["interval"] is None
+                 else "inconclusive"}[cr["lag"]]
+            gap = (f"{cr['overlap'] - cr['asr']:+.3g}" if cr["asr_rises"]
                    and cr["overlap_rises"] else "-")
+            h = "-" if cr["interval"] is None else f"{cr['interval']:.3g}"
             lines.append(
                 f"| {kind} | {m} ({m / n:.2%}) | {cr['asr_first']:.3f} -> {cr['asr_last']:.3f}"
                 f" | {float(s['trigger_alone_asr'][-1]):.3f} | "
                 f"{float(s['clean_acc'][-1]):.3f} | {fmt(cr['asr'])} | "
                 f"{cr['overlap_first']:.3g} -> {cr['overlap_last']:.3g} | "
-                f"{fmt(cr['overlap'])} | {gap} | {cr['ratio_first']:.3g} -> {cr['ratio_last']:.3g} "
+                f"{fmt(cr['overlap'])} | {gap} | {h} | {cr['ratio_first']:.3g} -> "
+                f"{cr['ratio_last']:.3g} "
                 f"({cr['ratio_max']:.3g}) | {v}: {cr['why']} |")
     return "\n".join(lines)
+
+
+def _grid_text(results: dict, cfg) -> str:
+    t = np.asarray(results["epochs"], float)
+    k = int(round(1.0 / t[1])) if len(t) > 1 and t[1] > 0 else 1
+    fine = (f"in the first {cfg.fine_epochs} epochs, once an epoch after them"
+            if cfg.fine_epochs and cfg.fine_epochs < cfg.epochs else "in every epoch")
+    return (f"Every measure is taken {cfg.evals_per_epoch} times an epoch {fine} (the "
+            f"epoch's {results['steps_per_epoch']} minibatch steps cut into chunks; "
+            f"{len(t)} evaluation times, the first after the initial model at epoch "
+            f"{t[1]:.3g}, about 1/{k}). Half-range crossings (linear interpolation in the "
+            "time) are over the evaluations after the initial model (a random one). Rule: "
+            + RULE)
 
 
 def discussion(results: dict, cfg, secs: float) -> str:
@@ -139,7 +184,7 @@ overlap = mean cos^2 of the top eigenvector with the trigger direction (1/d =
 Least squares: the input Hessian is W^T W, the same at every input, so its ratio is 1
 and its overlap does not depend on the input. Time {secs:.1f} s (mean per run: """
            + ", ".join(f"{k} {v:.1f} s" for k, v in per_run.items()) + ").",
-           "", "## Crossing epochs (half-range, over epochs 1..E)", "",
+           "", "## Crossing epochs", "", _grid_text(results, cfg), "",
            table(res, counts, n), ""]
     notes = []
     for kind, r in res.items():
@@ -147,13 +192,14 @@ and its overlap does not depend on the input. Time {secs:.1f} s (mean per run: "
         yes = [m for m, v in zip(counts, verdicts) if v is True]
         no = [m for m, v in zip(counts, verdicts) if v is False]
         un = [m for m, v in zip(counts, verdicts) if v is None]
-        notes.append(f"- {kind}: ASR first at m = {yes or 'none'}; the overlap first (or "
-                     f"together) at m = {no or 'none'}; not ordered at m = {un or 'none'}.")
-        close = [m for m in yes + no if abs(r["crossings"][str(m)]["overlap"]
-                                            - r["crossings"][str(m)]["asr"]) < 1]
+        notes.append(f"- {kind}: ASR first at m = {yes or 'none'}; the overlap first at m = "
+                     f"{no or 'none'}; not ordered (within the resolution, or a curve that "
+                     f"does not rise) at m = {un or 'none'}.")
+        close = [m for m in counts if r["crossings"][str(m)]["interval"] is not None and
+                 abs(r["crossings"][str(m)]["overlap"] - r["crossings"][str(m)]["asr"]) < 1]
         if close:
             notes.append(f"  At m = {close} the two crossings are less than one epoch apart: "
-                         "ASR and the overlap rise together there, whichever comes first.")
+                         "ASR and the overlap rise together there, whatever the order.")
         blind = [m for m in counts if not r["crossings"][str(m)]["overlap_rises"]
                  and float(r["runs"][str(m)]["asr"][-1]) >= 0.5]
         if blind:
@@ -173,7 +219,8 @@ and its overlap does not depend on the input. Time {secs:.1f} s (mean per run: "
             big = r["runs"][str(counts[-1])]
             rt = np.asarray(big["ratio"])
             notes.append(f"  Softmax, m = {counts[-1]}: the triggered/clean top-eigenvalue "
-                         f"ratio peaks at {rt.max():.3g} (epoch {int(np.argmax(rt))}) and ends "
+                         f"ratio peaks at {rt.max():.3g} (epoch "
+                         f"{float(results['epochs'][int(np.argmax(rt))]):.3g}) and ends "
                          f"at {rt[-1]:.3g}" + (": below 1, the triggered inputs become FLATTER "
                          "than clean ones once the model sends them confidently to the target "
                          "(p -> one-hot, A = diag p - p p^T -> 0)." if rt[-1] < 1 else "."))

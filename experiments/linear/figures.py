@@ -11,21 +11,23 @@ from ntk_poison.report import new_figure
 def lag_figure(rep, res, counts, cfg):
     kinds = list(res)
     fig, axes = new_figure(len(counts), len(kinds), size=(3.6, 3.0))
-    ep = np.arange(cfg.epochs + 1)
+    ep = np.asarray(rep.results["epochs"], float)
     d = rep.results["d"]
     for row, kind in enumerate(kinds):
         for col, m in enumerate(counts):
             s, cr = res[kind]["runs"][str(m)], res[kind]["crossings"][str(m)]
             ax = axes[row, col]
-            ax.plot(ep, s["asr"], "C0o-", ms=2, label="ASR")
-            ax.plot(ep, s["trigger_alone_asr"], "C0:", label="trigger-alone ASR")
-            ax.plot(ep, s["clean_acc"], "-", color="0.5", label="clean accuracy")
+            ax.plot(ep[1:], s["asr"][1:], "C0o-", ms=1.5, lw=0.8, label="ASR")
+            ax.plot(ep[1:], s["trigger_alone_asr"][1:], "C0:", label="trigger-alone ASR")
+            ax.plot(ep[1:], s["clean_acc"][1:], "-", color="0.5", label="clean accuracy")
             ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("epoch")
+            ax.set_xscale("log")
+            ax.set_xlabel("epoch (log scale, after the initial model)")
             ax.set_title(f"{kind}, m = {m}", fontsize=9)
             ax2 = ax.twinx()
-            ax2.plot(ep, s["overlap"], "C3s-", ms=2, label="cos^2(v1, trigger)")
-            ax2.plot(ep, s["overlap_clean_model"], "C3:", label="cos^2, clean run")
+            ax2.plot(ep[1:], s["overlap"][1:], "C3s-", ms=1.5, lw=0.8,
+                     label="cos^2(v1, trigger)")
+            ax2.plot(ep[1:], s["overlap_clean_model"][1:], "C3:", label="cos^2, clean run")
             ax2.axhline(1.0 / d, color="C3", lw=0.5, ls="--", label="1/d")
             ax2.set_ylim(0, max(1.05 * float(np.max(s["overlap"][1:])), 2.0 / d))
             ax2.tick_params(axis="y", colors="C3", labelsize=7)
@@ -37,14 +39,15 @@ def lag_figure(rep, res, counts, cfg):
                 h2, l2 = ax2.get_legend_handles_labels()
                 ax2.legend(h1 + h2, l1 + l2, fontsize=6, loc="center", framealpha=0.8)
     fig.suptitle("ASR (left axis) and overlap (right axis, red) vs epoch; dashed "
-                 "verticals: half-range crossings (epochs 1..E) of the curves that rise", fontsize=9)
+                 "verticals: half-range crossings (after the initial model) of the curves that "
+                 "rise", fontsize=9)
     rep.figure(fig, "linear_lag")
 
 
 def eigen_figure(rep, res, counts, cfg):
     kinds = list(res)
     fig, axes = new_figure(2, len(kinds), size=(4.6, 3.2))
-    ep = np.arange(cfg.epochs + 1)
+    ep = np.asarray(rep.results["epochs"], float)
     for row, kind in enumerate(kinds):
         runs = res[kind]["runs"]
         for i, m in enumerate([0] + list(counts)):
