@@ -59,6 +59,13 @@ def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def _verdict(claim: dict) -> str:
+    """The claim's verdict as the report wrote it (a measured line has its own)."""
+    if claim.get("measured"):
+        return claim.get("verdict", "measured")
+    return _VERDICT[claim.get("supported")]
+
+
 class Diff:
     """What changed between two trees (see the module docstring)."""
 
@@ -124,8 +131,7 @@ class Diff:
             if d is None:
                 self.verdicts.append(f"claim {c['name']!r}: missing in new")
             elif d.get("supported") != c.get("supported"):
-                self.verdicts.append(f"claim {c['name']!r}: {_VERDICT[c.get('supported')]} "
-                                     f"-> {_VERDICT[d.get('supported')]}")
+                self.verdicts.append(f"claim {c['name']!r}: {_verdict(c)} -> {_verdict(d)}")
                 self.walk(f"claims[{c['name']}]", c, d)
             else:                           # matched by name, so a claim added before
                 self.walk(f"claims[{c['name']}]", c, d)   # it does not shift the others

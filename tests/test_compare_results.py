@@ -63,3 +63,11 @@ def test_claims_matched_by_name_a_new_claim_is_an_addition():
     new["claims"][1]["evidence"] = "slope 1.994 over 12 radii"      # 'a', now second
     d = cr.compare(OLD, new)
     assert [n.split(":")[0] for n in d.numbers] == ["claims[a].evidence#0"]
+
+
+def test_a_claim_made_a_measurement_shows_its_verdict():
+    new = copy.deepcopy(OLD)
+    new["claims"][0].update(supported=None, measured=True,
+                            verdict="measured (no verdict: not a theorem)")
+    d = cr.compare(OLD, new)
+    assert d.verdicts == ["claim 'a': supported -> measured (no verdict: not a theorem)"]

@@ -65,16 +65,21 @@ def claims(rep, res, cfg):
     high_pass_claims(rep, res, cfg)        # experiments/defence/filter.py
     # 4. near clones first (kept), and the distance to clean data
     kh = nc["kappa_half"]
-    ok = None if kh[0] is None or kh[-1] is None else bool(kh[-1] >= 1.25 * kh[0])
-    rep.claim("near clones go first",
-              "Efficacy at trigger points closer to the poison (small r/l) is halved at a "
-              "smaller kappa than at far ones.", ok,
-              "kappa_half/l^2 by r/l: " + ", ".join(f"{r:g}: {_fmt(h)}" for r, h in
-                                                   zip(nc["r_over_l"], kh))
-              + f"; at the largest kappa the relative efficacy is {nc['relative'][-1, 0]:.3f} "
-              f"at r/l = {nc['r_over_l'][0]:g} and {nc['relative'][-1, -1]:.3f} at "
-              f"r/l = {nc['r_over_l'][-1]:g} (supported needs kappa_half to grow >= 25% "
-              "from the nearest to the farthest r).", ["near_clones.png"])
+    known = [h for h in kh if h is not None]
+    spread = (f"; kappa_half varies by a factor {max(known) / min(known):.3g} over r"
+              if known and min(known) > 0 else "")
+    rep.measurement("near clones go first",
+                    "Efficacy at trigger points x0 = zeta + r e around one poison, against kappa, "
+                    "for several r/l. THEORY.md (corrected): below kappa ~ l^2 the response's "
+                    "shape hardly changes, so 'near clones first' cannot show in r; what "
+                    "controls the penalty's leverage is zeta's distance to clean data (next "
+                    "claim). Measured here, with no verdict.",
+                    "kappa_half/l^2 by r/l: " + ", ".join(f"{r:g}: {_fmt(h)}" for r, h in
+                                                         zip(nc["r_over_l"], kh))
+                    + f"; at the largest kappa the relative efficacy is "
+                    f"{nc['relative'][-1, 0]:.3f} at r/l = {nc['r_over_l'][0]:g} and "
+                    f"{nc['relative'][-1, -1]:.3f} at r/l = {nc['r_over_l'][-1]:g}" + spread + ".",
+                    ["near_clones.png"])
     if "distance_sweep" in res:
         distance_claim(rep, res["distance_sweep"], nc)
     # 5. frontier (beside every ASR: the trigger-alone ASR; the margin ratio; collapse)
