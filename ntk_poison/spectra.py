@@ -357,26 +357,15 @@ def _batch_args(model, x, y):
     f = _as_scalar_fn(model, "model")
     x = _validate.float_array("x", x)
     out = _output_shape(model)
-    if out:
-        _validate.array("y", y, ndim=(1, 2))
-        y = jnp.asarray(y)
-        if tuple(y.shape[-1:]) != out:
-            raise ValueError(f"`y` has shape {tuple(y.shape)}; the model has outputs of "
-                             f"shape {out}, so pass labels (m, {out[0]}) or one ({out[0]},).")
-        y = y.astype(x.dtype)
-        if y.ndim == 1:
-            x, y = x[None], y[None]
-        if x.ndim < 2:
-            raise ValueError(f"`x` must be a batch (m, *input_shape) matching `y` "
-                             f"{y.shape}, got shape {tuple(x.shape)}.")
-        _validate.same_rows("x", x, "y", y)
-        _check_point_shape(model, x, "x", batched=True)
-        return f, x, y
-    _validate.array("y", y, ndim=(0, 1))
+    rank = len(out) if out else 0                    # label rank: 0 scalar, 1 vector
+    _validate.array("y", y, ndim=(rank, rank + 1))
     y = jnp.asarray(y)
-    if not jnp.issubdtype(y.dtype, jnp.floating):
+    if out and tuple(y.shape[-1:]) != out:
+        raise ValueError(f"`y` has shape {tuple(y.shape)}; the model has outputs of "
+                         f"shape {out}, so pass labels (m, {out[0]}) or one ({out[0]},).")
+    if out or not jnp.issubdtype(y.dtype, jnp.floating):
         y = y.astype(x.dtype)
-    if y.ndim == 0:
+    if y.ndim == rank:                               # one point: add the batch axis
         x, y = x[None], y[None]
     if x.ndim < 2:
         raise ValueError(f"`x` must be a batch (m, *input_shape) matching `y` {y.shape}, "
@@ -385,7 +374,8 @@ def _batch_args(model, x, y):
     if x.shape[0] == 0:
         raise ValueError("`x` is empty; pass at least one point.")
     _check_point_shape(model, x, "x", batched=True)
-    _check_scalar_output(f, x[0], "model")
+    if not out:
+        _check_scalar_output(f, x[0], "model")
     return f, x, y.astype(x.dtype)
 
 
