@@ -13,6 +13,8 @@ for ``multiclass``), so ``(T, m) -> (T,)``.
 * :func:`flip_rate`: triggered inputs the poisoned model sends to the target and
   the clean model does not.
 * :func:`clean_accuracy`: decisions equal to the true labels on clean inputs.
+* :func:`robust_accuracy` (RA): triggered non-target inputs still decided as their
+  TRUE label, on the same inputs as the ASR (so ``ASR + RA <= 1``).
 
 **Curves.** :func:`half_crossing` (where a curve first reaches the middle of its
 range), :func:`first_crossing` (where it first reaches a level, upwards or
@@ -33,7 +35,7 @@ Array = Any
 
 __all__ = [
     "decisions", "attack_success_rate", "trigger_alone_asr", "flip_rate",
-    "clean_accuracy", "half_crossing", "first_crossing", "interp_at", "loglog_slope",
+    "clean_accuracy", "robust_accuracy", "half_crossing", "first_crossing", "interp_at", "loglog_slope",
     "fit_linear_growth", "median_distance",
 ]
 
@@ -94,6 +96,31 @@ def clean_accuracy(f: Array, labels: Array, *, multiclass: bool = False) -> np.n
     points axis' length; they broadcast against leading axes of ``f``.
     """
     return (decisions(f, multiclass=multiclass) == np.asarray(labels)).mean(-1)
+
+
+def robust_accuracy(f_triggered: Array, labels: Array, *, multiclass: bool = False
+                    ) -> np.ndarray:
+    """Robust accuracy: the fraction of triggered inputs decided as their TRUE label.
+
+    Args:
+      f_triggered: predictions at triggered inputs whose true class is not the target
+        (the inputs of :func:`attack_success_rate`), ``(..., m)`` (``(..., m, c)`` with
+        ``multiclass``).
+      labels: their true labels, +-1 (binary) or class indices (``multiclass``), of
+        length m; they broadcast against leading axes of ``f_triggered``.
+
+    A triggered input sent to the target is not decided as its (non-target) label, so
+    ``ASR + RA <= 1``; the rest are sent to a third class (multiclass only).
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"`labels` must be a 1-D array of true labels (+-1 or class "
+                         f"indices), got shape {labels.shape}.")
+    m = np.shape(f_triggered)[-2 if multiclass else -1]
+    if labels.shape[0] != m:
+        raise ValueError(f"`labels` has {labels.shape[0]} entries but `f_triggered` "
+                         f"holds {m} inputs; pass one true label per triggered input.")
+    return clean_accuracy(f_triggered, labels, multiclass=multiclass)
 
 
 # --------------------------------------------------------------------------- curves

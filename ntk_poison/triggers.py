@@ -22,9 +22,9 @@ else is a ValueError asking for ``image_shape``.
 
 Adding a trigger::
 
-    @triggers.register("blend")
+    @triggers.register("my_blend")
     @dataclasses.dataclass(frozen=True)
-    class BlendTrigger:
+    class MyBlend:
         alpha: float
         kind: ClassVar[str] = "blend"
         def apply(self, x, key=None): ...
@@ -48,7 +48,8 @@ Array = Any
 
 __all__ = ["CrossTrigger", "PatchTrigger", "register", "get", "available", "from_dict",
            "to_dict", "image_shape_of", "cross_pattern", "apply_additive", "patch_mask",
-           "apply_patch"]
+           "apply_patch", "badnets", "check_image_shape", "as_batch", "one_shape",
+           "fields_dict", "from_fields", "BlendTrigger", "WarpTrigger"]
 
 _REGISTRY: Dict[str, type] = {}
 
@@ -211,7 +212,8 @@ def image_shape_of(x_shape: Tuple[int, ...], image_shape: Optional[Tuple[int, ..
                      "or 3 s^2); pass `image_shape=(H, W)` or `(H, W, C)` to the trigger.")
 
 
-def _check_image_shape(image_shape) -> Optional[Tuple[int, ...]]:
+def check_image_shape(image_shape) -> Optional[Tuple[int, ...]]:
+    """A trigger's ``image_shape`` field as a tuple (None stays None), checked."""
     if image_shape is None:
         return None
     try:
@@ -225,12 +227,14 @@ def _check_image_shape(image_shape) -> Optional[Tuple[int, ...]]:
     return shp
 
 
-def _batch(x: Array) -> np.ndarray:
+def as_batch(x: Array) -> np.ndarray:
+    """``x`` as a numpy batch ``(n, d)``, ``(n, H, W)`` or ``(n, H, W, C)`` (checked)."""
     _validate.array("x", x, ndim=(2, 3, 4))
     return np.asarray(x)
 
 
-def _one_shape(shape) -> Tuple[int, ...]:
+def one_shape(shape) -> Tuple[int, ...]:
+    """One input's shape ``(d,)``, ``(H, W)`` or ``(H, W, C)`` as a tuple (checked)."""
     try:
         shp = tuple(int(s) for s in shape)
     except TypeError as e:
@@ -242,7 +246,7 @@ def _one_shape(shape) -> Tuple[int, ...]:
     return shp
 
 
-def _fields_dict(trigger) -> Dict[str, Any]:
+def fields_dict(trigger) -> Dict[str, Any]:
     """A dataclass trigger as ``{"kind": ..., field: value}`` (tuples as lists, for JSON)."""
     d = {"kind": trigger.kind}
     for f in dataclasses.fields(trigger):
@@ -251,7 +255,7 @@ def _fields_dict(trigger) -> Dict[str, Any]:
     return d
 
 
-def _from_fields(cls, d: Dict[str, Any]):
+def from_fields(cls, d: Dict[str, Any]):
     """Build a dataclass trigger from its ``to_dict`` (ValueError on unknown fields)."""
     if not isinstance(d, dict):
         raise ValueError(f"`d` must be a dict (from to_dict), got {type(d).__name__}.")
@@ -311,7 +315,7 @@ class CrossTrigger:
         object.__setattr__(self, "strength", float(self.strength))
         object.__setattr__(self, "jitter", float(self.jitter))
         object.__setattr__(self, "stochastic", bool(self.stochastic))
-        object.__setattr__(self, "image_shape", _check_image_shape(self.image_shape))
+        object.__setattr__(self, "image_shape", check_image_shape(self.image_shape))
 
     def pattern(self, image_shape: Tuple[int, ...]) -> np.ndarray:
         """The unit-norm cross ``P`` on an ``(H, W)`` / ``(H, W, C)`` grid."""
@@ -335,7 +339,7 @@ class CrossTrigger:
         ``key`` (a jax PRNG key or an int seed) is required when ``stochastic``; it is
         ignored otherwise.
         """
-        x = _batch(x)
+        x = as_batch(x)
         P = self.pattern(image_shape_of(x.shape, self.image_shape)).reshape(x.shape[1:])
         s = self.strengths(x.shape[0], key).reshape((-1,) + (1,) * (x.ndim - 1))
         return (x + s * P).astype(np.result_type(x.dtype, np.float32))
@@ -346,16 +350,16 @@ class CrossTrigger:
         The same for the stochastic trigger (only the length along ``P`` varies).
         ``x`` is accepted for a uniform interface and unused.
         """
-        shp = _one_shape(shape)
+        shp = one_shape(shape)
         grid = image_shape_of((1,) + shp, self.image_shape)
         return self.pattern(grid).reshape(shp)
 
     def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
+        return fields_dict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "CrossTrigger":
-        return _from_fields(cls, d)
+        return from_fields(cls, d)
 
 
 # --------------------------------------------------------------------------- patch
@@ -395,7 +399,7 @@ class PatchTrigger:
         if self.corner not in corners:
             raise ValueError(f"`corner` must be one of {corners}, got {self.corner!r}.")
         object.__setattr__(self, "value", float(self.value))
-        object.__setattr__(self, "image_shape", _check_image_shape(self.image_shape))
+        object.__setattr__(self, "image_shape", check_image_shape(self.image_shape))
 
     def mask_and_pattern(self, image_shape: Tuple[int, ...]
                          ) -> Tuple[np.ndarray, np.ndarray]:
@@ -407,7 +411,7 @@ class PatchTrigger:
 
     def apply(self, x: Array, key: Any = None) -> np.ndarray:
         """Stamp the patch on a batch ``(n, d)`` or ``(n, H, W, C)``; ``key`` is unused."""
-        x = _batch(x)
+        x = as_batch(x)
         mask, pat = self.mask_and_pattern(image_shape_of(x.shape, self.image_shape))
         return apply_patch(x, mask.reshape(x.shape[1:]), pat.reshape(x.shape[1:]))
 
@@ -420,12 +424,12 @@ class PatchTrigger:
         that are zero under the patch, e.g. MNIST's black corners with value > 0).
         A ValueError if the patch leaves every given input unchanged.
         """
-        shp = _one_shape(shape)
+        shp = one_shape(shape)
         if x is None:
             mask, _ = self.mask_and_pattern(image_shape_of((1,) + shp, self.image_shape))
             m = mask.reshape(shp).astype(np.float64)
             return m / np.linalg.norm(m)
-        xb = _batch(x)
+        xb = as_batch(x)
         if tuple(xb.shape[1:]) != shp:
             raise ValueError(f"`x` holds inputs of shape {tuple(xb.shape[1:])} but `shape` "
                              f"is {shp}; they must agree.")
@@ -438,8 +442,24 @@ class PatchTrigger:
         return diff / nrm
 
     def to_dict(self) -> Dict[str, Any]:
-        return _fields_dict(self)
+        return fields_dict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "PatchTrigger":
-        return _from_fields(cls, d)
+        return from_fields(cls, d)
+
+
+def badnets(image_shape: Optional[Tuple[int, ...]] = None) -> PatchTrigger:
+    """The BadNets preset (Gu et al. 2017): a 3x3 white (1.0) square in the bottom-right
+    corner. PatchTrigger's own defaults (a 4x4 square) are kept for earlier results."""
+    return PatchTrigger(size=3, value=1.0, corner="bottom_right", image_shape=image_shape)
+
+
+def __getattr__(name: str):
+    """``triggers.BlendTrigger`` / ``triggers.WarpTrigger`` (defined in image_triggers)."""
+    if name in ("BlendTrigger", "WarpTrigger"):
+        return getattr(image_triggers, name)
+    raise AttributeError(f"module 'ntk_poison.triggers' has no attribute {name!r}")
+
+
+from ntk_poison import image_triggers  # noqa: E402  (registers "blend" and "warp")
