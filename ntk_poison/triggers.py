@@ -49,7 +49,7 @@ Array = Any
 __all__ = ["CrossTrigger", "PatchTrigger", "register", "get", "available", "from_dict",
            "to_dict", "image_shape_of", "cross_pattern", "apply_additive", "patch_mask",
            "apply_patch", "badnets", "check_image_shape", "as_batch", "one_shape",
-           "fields_dict", "from_fields", "BlendTrigger", "WarpTrigger"]
+           "fields_dict", "from_fields"]
 
 _REGISTRY: Dict[str, type] = {}
 

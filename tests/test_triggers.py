@@ -107,7 +107,7 @@ def test_registry_builds_by_kind():
     assert triggers.get("cross", strength=0.3) == triggers.CrossTrigger(0.3)
     assert triggers.get("patch", size=2) == triggers.PatchTrigger(size=2)
     with pytest.raises(ValueError, match="kind"):
-        triggers.get("warp")
+        triggers.get("wobble")  # not registered
     with pytest.raises(ValueError, match="parameters"):
         triggers.get("cross", strenght=1.0)
 
