@@ -12,7 +12,8 @@ A trigger is a frozen dataclass with two methods:
 Triggers serialise to plain JSON (``to_dict`` / :func:`from_dict`, with a ``"kind"``
 field) so that an attack artefact (:mod:`ntk_poison.artefact`) can store the trigger
 it used, and they are built by name from a registry: ``triggers.get("cross",
-strength=0.5)``.
+strength=0.5)``. Input-dependent image triggers (``"blend"``, ``"warp"``) live in
+:mod:`ntk_poison.image_triggers`; :func:`badnets` is the BadNets patch preset.
 
 The image shape of flat inputs. A cross or a patch lives on an ``H x W`` grid. For
 image inputs it is read from ``x``; for flat inputs ``(n, d)`` it is ``image_shape``
