@@ -135,8 +135,13 @@ class TrainConfig:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """The optax optimiser of ``config`` with its schedule (in steps)."""
+    """The optax optimiser of ``config`` with its schedule (in steps).
+
+    Cached: the same ``(config, steps_per_epoch)`` gives the same object, so the
+    compiled epoch (the optimiser is one of its static arguments) is reused.
+    """
     lr = float(config.lr)
     if config.schedule == "constant":
         sched = optax.constant_schedule(lr)
@@ -203,18 +208,21 @@ def objective(params: Any, apply: Callable, x: Any, y: Any, config: TrainConfig)
 
 # --------------------------------------------------------------------------- randomness
 
+@functools.partial(jax.jit, static_argnames=("n",))
 def epoch_permutation(seed: int, epoch: int, n: int) -> jax.Array:
     """The permutation of the n examples in ``epoch`` (a pure function of its args)."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0), epoch)
     return jax.random.permutation(key, n)
 
 
+@jax.jit
 def step_key(seed: int, epoch: int, step: int) -> jax.Array:
     """The augmentation key of one step; example i of the batch uses ``fold_in(key, i)``."""
     key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 1), epoch)
     return jax.random.fold_in(key, step)
 
 
+@functools.partial(jax.jit, static_argnames=("batch", "pad", "flip"))
 def augment_draws(key: Any, batch: int, pad: int, flip: bool):
     """Per-example crop offsets ``(oy, ox)`` in ``[0, 2 pad]`` and flip flags.
 
@@ -230,6 +238,7 @@ def augment_draws(key: Any, batch: int, pad: int, flip: bool):
     return jax.vmap(one)(jnp.arange(batch))
 
 
+@functools.partial(jax.jit, static_argnames=("pad",))
 def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Array:
     """Zero-pad ``(n, H, W, C)`` images by ``pad``, crop at ``(oy, ox)``, flip where set."""
     n, H, W, C = images.shape

@@ -97,7 +97,8 @@ def test_two_steps_match_hand_written_updates(rng, kind):
     cfg = _cfg(optimizer=opt, schedule=sched, boundaries=(1,) if kind == "step" else (),
                epochs=2)
     out, _ = T.train(p, lin_apply, X, Y, cfg, progress=False)
-    ref = _hand_two_steps(kind, p, jax.grad(lambda q: T.objective(q, lin_apply, X, Y, cfg)))
+    ref = _hand_two_steps(kind, p, jax.jit(jax.grad(lambda q: T.objective(q, lin_apply, X, Y,
+                                                                           cfg))))
     for k in p:
         np.testing.assert_allclose(out[k], ref[k], rtol=0, atol=1e-12)
 
@@ -132,7 +133,7 @@ def test_penalty_value_and_gradient_against_finite_differences(rng, penalty):
                       for e in np.eye(X.shape[1])])
         pen += np.sum(J ** 2) / len(X)
     obj = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, cfg))
-    no_pen = T.objective(p, tanh_apply, X, Y, _cfg(batch_size=5))
+    no_pen = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, _cfg(batch_size=5)))(p)
     np.testing.assert_allclose(obj(p) - no_pen, kappa * pen, rtol=1e-7)
     # the parameter gradient of the penalised objective (double backprop): directional FD
     g = jax.jit(jax.grad(obj))(p)
@@ -200,7 +201,7 @@ r = np.random.default_rng(5)
 X = r.normal(size=(24, 6, 6, 1)); Y = np.sign(r.normal(size=24))
 p0 = nets.init(jax.random.PRNGKey(0), 36, 8, depth=1)
 cfg = T.TrainConfig(optimizer="nesterov", lr=0.05, schedule="cosine", batch_size=8, epochs=4,
-                    loss="mse", augment="crop_flip", pad=1, penalty="output", kappa=0.1, seed=2)
+                    loss="mse", augment="crop_flip", pad=1, seed=2)
 """
 
 
