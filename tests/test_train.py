@@ -202,6 +202,8 @@ X = r.normal(size=(24, 6, 6, 1)); Y = np.sign(r.normal(size=24))
 p0 = nets.init(jax.random.PRNGKey(0), 36, 8, depth=1)
 cfg = T.TrainConfig(optimizer="nesterov", lr=0.05, schedule="cosine", batch_size=8, epochs=4,
                     loss="mse", augment="crop_flip", pad=1, seed=2)
+def norm(params, epoch):
+    return {"norm": float(sum((v ** 2).sum() for v in jax.tree_util.tree_leaves(params)))}
 """
 
 
@@ -213,8 +215,8 @@ def test_determinism_and_resume_after_a_kill(tmp_path):
     ns = {}
     exec(SETUP, ns)
     X, Y, p0, cfg = ns["X"], ns["Y"], ns["p0"], ns["cfg"]
-    full, hist = T.train(p0, ns["nets"].apply_fn,
-                         X, Y, cfg, progress=False)
+    full, hist = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, hooks=[ns["norm"]],
+                         progress=False)
     again, _ = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(_leaves(full), _leaves(again)))
     ck = tmp_path / "ck"
@@ -224,17 +226,18 @@ def kill(params, epoch):
     if epoch == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return {{}}
-T.train(p0, nets.apply_fn, X, Y, cfg, hooks=[kill], checkpoint_dir={str(ck)!r})
+T.train(p0, nets.apply_fn, X, Y, cfg, hooks=[norm, kill], checkpoint_dir={str(ck)!r})
 """
     env = dict(os.environ, NTK_POISON_NO_PROGRESS="1", OPENBLAS_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True)
     assert r.returncode == -9, r.stderr.decode()[-2000:]
     _, _, epoch, _, _ = T.load_checkpoint(ck, p0, T.make_optimizer(cfg, 3).init(p0))
     assert epoch == 2                      # killed in epoch 3's hook, before its checkpoint
-    resumed, rhist = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, checkpoint_dir=ck,
-                             progress=False)
+    resumed, rhist = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, hooks=[ns["norm"]],
+                             checkpoint_dir=ck, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(_leaves(full), _leaves(resumed)))
-    assert rhist["epoch"] == [1, 2, 3, 4] and rhist["loss"] == hist["loss"]
+    assert rhist["epoch"] == [1, 2, 3, 4] and rhist == hist    # hook values kept too
+    assert len(hist["norm"]) == 4 and hist["norm"][-1] == ns["norm"](full, 4)["norm"]
     other = T.TrainConfig(**{**cfg.__dict__, "lr": 0.06})
     with pytest.raises(ValueError, match="checkpoint_dir"):
         T.train(p0, ns["nets"].apply_fn, X, Y, other, checkpoint_dir=ck, progress=False)
@@ -277,3 +280,20 @@ def test_bad_data_names_the_argument(rng):
         T.train(p, lambda q, x: lin_apply(q, x)[:, 0], X, Y, _cfg(), progress=False)
     with pytest.raises(ValueError, match="`Y` rows"):
         T.train(p, lin_apply, X, np.ones(16), _cfg(loss="mse"), progress=False)
+
+
+def test_nnx_split_state_trains_like_the_module(rng):
+    """The State half of nnx.split with a merging apply gives the module's parameters."""
+    from flax import nnx
+    from ntk_poison import nets
+    X = rng.normal(size=(12, 4))
+    Y = np.sign(rng.normal(size=12))
+    model = nets.init(jax.random.PRNGKey(1), 4, 6, depth=1)
+    gdef, state = nnx.split(model)
+    cfg = _cfg(loss="mse", batch_size=4, epochs=2, optimizer="adam", lr=0.01)
+    a, ha = T.train(model, nets.apply_fn, X, Y, cfg, progress=True)
+    b, hb = T.train(state, lambda s, x: nnx.merge(gdef, s)(x), X, Y, cfg, progress=False)
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb) == 4
+    assert all(np.array_equal(u, v) for u, v in zip(la, lb))
+    assert ha == hb
