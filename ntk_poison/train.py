@@ -377,8 +377,12 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
       ``accuracy`` (the mean training-batch accuracy) and each hook's keys.
 
     Raises:
-      ValueError: bad config or data, or a non-finite loss (the message names the
-        epoch and step; the checkpoint of the last good epoch is kept).
+      ValueError: bad config or data (the input shape is checked by abstract
+        evaluation of ``apply`` on one example, ``jax.eval_shape``), or a non-finite
+        loss: the message names the epoch (from 1) and the step within it (from 0)
+        whose minibatch loss, evaluated before that step's update, was first NaN or
+        inf; that epoch's parameters are discarded and the checkpoint of the last
+        good epoch is kept.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"`config` must be a TrainConfig, got {type(config).__name__}.")

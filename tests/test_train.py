@@ -297,3 +297,14 @@ def test_nnx_split_state_trains_like_the_module(rng):
     assert len(la) == len(lb) == 4
     assert all(np.array_equal(u, v) for u, v in zip(la, lb))
     assert ha == hb
+
+
+def test_config_is_frozen_hashable_and_kappa_zero_traces_no_input_gradient(rng):
+    a, b = _cfg(), _cfg()
+    assert hash(a) == hash(b) and a.digest() == b.digest() != _cfg(lr=0.2).digest()
+    with pytest.raises(Exception):
+        a.lr = 1.0
+    X, Y, p = _tanh_problem(rng)
+    jaxpr = lambda c: str(jax.make_jaxpr(lambda q: T.objective(q, tanh_apply, X, Y, c))(p))  # noqa: E731
+    assert jaxpr(_cfg(penalty="loss", kappa=0.0)) == jaxpr(_cfg())
+    assert len(jaxpr(_cfg(penalty="loss", kappa=1.0))) > len(jaxpr(_cfg()))
