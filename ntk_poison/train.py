@@ -368,7 +368,10 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
       hooks: ``hook(params, epoch) -> dict`` run on the host after each epoch
         (``epoch`` counts from 1); its values are appended to the history.
       checkpoint_dir: where ``checkpoint.npz`` is written after every epoch; a run
-        resumes from it (ValueError if its config hash differs from ``config``'s).
+        resumes from it (ValueError if its config hash differs from ``config``'s, or
+        its leaf shapes from ``params``'). The hash covers the config only: pass the
+        same data, model and hooks. Hook values are stored as JSON
+        (``io.to_jsonable``: arrays become lists, NaN becomes None).
       progress: show a progress bar with the loss and accuracy.
 
     Returns:
