@@ -1,0 +1,434 @@
+"""The training engine: one minibatch loop for every model ``apply(params, x)``.
+
+A model is a pure function ``apply(params, x_batch) -> logits (n, C)`` or scalar
+outputs ``(n,)`` with any ``params`` pytree: the nnx modules of :mod:`ntk_poison.nets`
+(an nnx module is itself a pytree, ``apply = nets.apply_fn``), the ``State`` half of
+``nnx.split`` with ``apply = lambda s, x: nnx.merge(graphdef, s)(x)``, stax or plain
+functions. ``apply`` must be hashable (a module-level function or a fixed closure):
+it is a static argument of the compiled epoch.
+
+**The objective** of one minibatch B (after augmentation):
+
+    J(w) = (1/|B|) sum_i L_i(w) + kappa * (1/|B|) sum_i ||grad_x P_i(x_i)||^2
+
+with ``L_i = -log softmax(f(x_i))[y_i]`` (``loss="xent"``, integer labels, vector
+outputs) or ``L_i = 1/2 ||f(x_i) - y_i||^2`` (``loss="mse"``, one-hot rows or scalar
+targets), and ``P_i = L_i`` (``penalty="loss"``, the paper's loss penalty) or
+``P_i = f`` (``penalty="output"``; for vector outputs the squared *Frobenius* norm
+of the input Jacobian, ``sum_c ||grad_x f_c(x_i)||^2``). The penalty is computed by
+double backprop: a ``jax.grad`` w.r.t. the parameters of a ``vmap``-ed input
+gradient. With ``penalty="none"`` or ``kappa == 0`` the input gradient is not
+computed at all (a separate code path, chosen when the step is traced).
+
+**An epoch** is one jit-compiled ``lax.scan`` over the ``n // batch_size`` batches
+of a random permutation of the n examples; the last ``n % batch_size`` examples of
+the permutation are dropped (a fresh permutation each epoch, so every example is
+used over the epochs). Randomness is a pure function of ``(seed, epoch, step,
+example)`` (:func:`epoch_permutation`, :func:`step_key`): same config and seed,
+bit-identical parameters, and a resumed run replays exactly the same draws.
+
+**Augmentation** (images ``(n, H, W, C)``): ``"crop"`` zero-pads by ``pad`` and crops
+back to ``H x W`` at a uniform offset in ``[0, 2 pad]^2``; ``"crop_flip"`` also flips
+left-right with probability 1/2 (not for digits). Offsets and flags come from the
+pure :func:`augment_draws` so they can be reproduced outside the engine.
+
+**Optimiser** (:func:`make_optimizer`): optax SGD, SGD with (heavy-ball or Nesterov)
+momentum, or Adam. Weight decay adds ``wd * w`` to the gradient before the
+optimiser (``optax.add_decayed_weights``; for SGD this is PyTorch's
+``weight_decay``, i.e. L2), and for Adam after its moment scaling (AdamW,
+decoupled). Schedules: constant, step (multiply by ``decay`` at each epoch in
+``boundaries``) and cosine (to 0 over all the steps).
+
+**Checkpoints.** With ``checkpoint_dir`` a file ``checkpoint.npz`` (the leaves of
+``(params, opt_state)`` and a JSON header: epoch, history, config hash; no pickle)
+is written atomically after every epoch, and :func:`train` resumes from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ntk_poison import _validate, io, report
+
+__all__ = ["TrainConfig", "make_optimizer", "objective", "augment_draws", "apply_augment",
+           "epoch_permutation", "step_key", "load_checkpoint", "train", "CHECKPOINT"]
+
+OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam")
+SCHEDULES = ("constant", "step", "cosine")
+LOSSES = ("xent", "mse")
+AUGMENTS = ("none", "crop", "crop_flip")
+PENALTIES = ("none", "loss", "output")
+CHECKPOINT = "checkpoint.npz"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides a training run (frozen, hashable; :meth:`digest`).
+
+    Fields: ``optimizer`` in OPTIMIZERS, ``lr > 0``, ``momentum`` in [0, 1),
+    ``weight_decay >= 0``, ``schedule`` in SCHEDULES with ``boundaries`` (epochs)
+    and ``decay`` (step), ``batch_size >= 1``, ``epochs >= 1``, ``loss`` in LOSSES,
+    ``augment`` in AUGMENTS with ``pad`` (pixels; 2 for 28x28, 4 for 32x32),
+    ``penalty`` in PENALTIES with ``kappa >= 0``, and ``seed``.
+    """
+
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    boundaries: Tuple[int, ...] = ()
+    decay: float = 0.1
+    batch_size: int = 128
+    epochs: int = 1
+    loss: str = "xent"
+    augment: str = "none"
+    pad: int = 2
+    penalty: str = "none"
+    kappa: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        _validate.choice("optimizer", self.optimizer, OPTIMIZERS)
+        _validate.choice("schedule", self.schedule, SCHEDULES)
+        _validate.choice("loss", self.loss, LOSSES)
+        _validate.choice("augment", self.augment, AUGMENTS)
+        _validate.choice("penalty", self.penalty, PENALTIES)
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"`lr` must be a finite learning rate > 0, got {self.lr!r}.")
+        _validate.nonneg("weight_decay", self.weight_decay)
+        _validate.nonneg("kappa", self.kappa)
+        _validate.nonneg("decay", self.decay, positive=True)
+        _validate.nonneg("momentum", self.momentum)
+        if self.momentum >= 1:
+            raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum!r}.")
+        _validate.positive_int("batch_size", self.batch_size)
+        _validate.positive_int("epochs", self.epochs)
+        if not _validate.is_int_scalar(self.pad) or self.pad < 0:
+            raise ValueError(f"`pad` must be an integer >= 0 (pixels), got {self.pad!r}.")
+        _validate.nonneg("seed", self.seed, integer=True)
+        b = tuple(self.boundaries)
+        if any(not _validate.is_int_scalar(e) or e < 1 for e in b) or list(b) != sorted(set(b)):
+            raise ValueError("`boundaries` must be increasing epochs >= 1 (the step "
+                             f"schedule's decay points), got {self.boundaries!r}.")
+        object.__setattr__(self, "boundaries", b)
+
+    @property
+    def penalised(self) -> bool:
+        """True when the input-gradient penalty is computed (decided at trace time)."""
+        return self.penalty != "none" and self.kappa > 0
+
+    def digest(self) -> str:
+        """A stable hash of the config (the checkpoint's guard against a changed run)."""
+        text = json.dumps(dataclasses.asdict(self), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=64)
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optax optimiser of ``config`` with its schedule (in steps).
+
+    Cached: the same ``(config, steps_per_epoch)`` gives the same object, so the
+    compiled epoch (the optimiser is one of its static arguments) is reused.
+    """
+    lr = float(config.lr)
+    if config.schedule == "constant":
+        sched = optax.constant_schedule(lr)
+    elif config.schedule == "step":
+        sched = optax.piecewise_constant_schedule(
+            lr, {int(e) * steps_per_epoch: float(config.decay) for e in config.boundaries})
+    else:
+        sched = optax.cosine_decay_schedule(lr, decay_steps=config.epochs * steps_per_epoch)
+    wd = float(config.weight_decay)
+    if config.optimizer == "adam":
+        return optax.adamw(sched, weight_decay=wd) if wd else optax.adam(sched)
+    if config.optimizer == "sgd":
+        base = optax.sgd(sched)
+    else:
+        base = optax.sgd(sched, momentum=float(config.momentum),
+                         nesterov=config.optimizer == "nesterov")
+    return optax.chain(optax.add_decayed_weights(wd), base) if wd else base
+
+
+# --------------------------------------------------------------------------- the objective
+
+def _per_example_loss(out, y, loss):
+    """L_i for one example: its output ``out`` ((C,) or ()) and target ``y``."""
+    if loss == "xent":
+        return optax.softmax_cross_entropy_with_integer_labels(out, y)
+    return 0.5 * jnp.sum((out - y) ** 2)
+
+
+def _correct(out, y, loss):
+    """1.0 where the batch is classified right: argmax (xent, one-hot), sign (scalar)."""
+    if loss == "xent":
+        return (jnp.argmax(out, -1) == y).astype(out.dtype)
+    if out.ndim == 1:
+        return (jnp.sign(out) == jnp.sign(y)).astype(out.dtype)
+    return (jnp.argmax(out, -1) == jnp.argmax(y, -1)).astype(out.dtype)
+
+
+def _terms(params, apply, x, y, loss, penalty, kappa):
+    """(mean loss, mean squared input-gradient norm or 0, outputs) of a batch."""
+    out = apply(params, x)
+    data = jnp.mean(jax.vmap(lambda o, t: _per_example_loss(o, t, loss))(out, y))
+    if penalty == "none" or kappa == 0:          # static: no input gradient traced
+        return data, jnp.zeros((), out.dtype), out
+
+    def f_one(xi):
+        return apply(params, xi[None])[0]
+
+    if penalty == "loss":
+        g = jax.vmap(jax.grad(lambda xi, t: _per_example_loss(f_one(xi), t, loss)))(x, y)
+    elif out.ndim == 1:
+        g = jax.vmap(jax.grad(f_one))(x)
+    else:                                         # (n, C, *input): the input Jacobian
+        g = jax.vmap(jax.jacrev(f_one))(x)
+    sq = jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+    return data, jnp.mean(sq), out
+
+
+def objective(params: Any, apply: Callable, x: Any, y: Any, config: TrainConfig) -> jax.Array:
+    """The penalised minibatch objective J(w) of the module docstring (no augmentation)."""
+    data, pen, _ = _terms(params, apply, jnp.asarray(x), jnp.asarray(y), config.loss,
+                          config.penalty, float(config.kappa))
+    return data + float(config.kappa) * pen
+
+
+# --------------------------------------------------------------------------- randomness
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def epoch_permutation(seed: int, epoch: int, n: int) -> jax.Array:
+    """The permutation of the n examples in ``epoch`` (a pure function of its args)."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 0), epoch)
+    return jax.random.permutation(key, n)
+
+
+@jax.jit
+def step_key(seed: int, epoch: int, step: int) -> jax.Array:
+    """The augmentation key of one step; example i of the batch uses ``fold_in(key, i)``."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), 1), epoch)
+    return jax.random.fold_in(key, step)
+
+
+@functools.partial(jax.jit, static_argnames=("batch", "pad", "flip"))
+def augment_draws(key: Any, batch: int, pad: int, flip: bool):
+    """Per-example crop offsets ``(oy, ox)`` in ``[0, 2 pad]`` and flip flags.
+
+    Example i draws from ``fold_in(key, i)``; ``flip=False`` gives all-False flags.
+    """
+    def one(i):
+        k_y, k_x, k_f = jax.random.split(jax.random.fold_in(key, i), 3)
+        oy = jax.random.randint(k_y, (), 0, 2 * pad + 1)
+        ox = jax.random.randint(k_x, (), 0, 2 * pad + 1)
+        fl = jax.random.bernoulli(k_f, 0.5) & flip
+        return oy, ox, fl
+
+    return jax.vmap(one)(jnp.arange(batch))
+
+
+@functools.partial(jax.jit, static_argnames=("pad",))
+def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Array:
+    """Zero-pad ``(n, H, W, C)`` images by ``pad``, crop at ``(oy, ox)``, flip where set."""
+    n, H, W, C = images.shape
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+
+    def one(img, dy, dx, fl):
+        crop = jax.lax.dynamic_slice(img, (dy, dx, 0), (H, W, C))
+        return jnp.where(fl, crop[:, ::-1, :], crop)
+
+    return jax.vmap(one)(padded, oy, ox, flips)
+
+
+# --------------------------------------------------------------------------- the epoch
+
+@functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps"))
+def _epoch(params, opt_state, X, Y, epoch, *, apply, config, optimizer, steps):
+    bs = config.batch_size
+    batches = epoch_permutation(config.seed, epoch, X.shape[0])[:steps * bs].reshape(steps, bs)
+    kappa = float(config.kappa)
+
+    def J(p, xb, yb):
+        data, pen, out = _terms(p, apply, xb, yb, config.loss, config.penalty, kappa)
+        return data + kappa * pen, (data, out)
+
+    def step(carry, inp):
+        params, state = carry
+        s, idx = inp
+        xb, yb = X[idx], Y[idx]
+        if config.augment != "none":
+            oy, ox, fl = augment_draws(step_key(config.seed, epoch, s), bs, config.pad,
+                                       config.augment == "crop_flip")
+            xb = apply_augment(xb, oy, ox, fl, config.pad)
+        (val, (data, out)), g = jax.value_and_grad(J, has_aux=True)(params, xb, yb)
+        upd, state = optimizer.update(g, state, params)
+        acc = jnp.mean(_correct(out, yb, config.loss))
+        return (optax.apply_updates(params, upd), state), (val, acc)
+
+    (params, opt_state), (vals, accs) = jax.lax.scan(
+        step, (params, opt_state), (jnp.arange(steps), batches))
+    return params, opt_state, vals, accs
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _save(path: Path, params, opt_state, epoch: int, history, digest: str) -> None:
+    leaves = jax.tree_util.tree_leaves((params, opt_state))
+    header = json.dumps({"epoch": epoch, "history": io.to_jsonable(history),
+                         "config": digest, "n_leaves": len(leaves)})
+    arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
+
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, header=np.array(header), **arrays)
+    io.write_atomic(path, w)
+
+
+def load_checkpoint(checkpoint_dir: Any, params: Any, opt_state: Any):
+    """``(params, opt_state, epoch, history, config_digest)`` from a checkpoint.
+
+    ``params`` and ``opt_state`` give the pytree structure (e.g. a fresh model and
+    ``optimizer.init(params)``); the stored leaves must match their shapes.
+    """
+    path = Path(checkpoint_dir) / CHECKPOINT
+    with np.load(path, allow_pickle=False) as z:
+        header = json.loads(str(z["header"]))
+        leaves = [z[f"leaf_{i}"] for i in range(header["n_leaves"])]
+    ref, treedef = jax.tree_util.tree_flatten((params, opt_state))
+    if len(ref) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(ref, leaves)):
+        raise ValueError(f"`checkpoint_dir` {path} holds parameters of another model "
+                         "(leaf shapes differ); use a fresh directory.")
+    leaves = [jnp.asarray(v, dtype=jnp.asarray(r).dtype) for v, r in zip(leaves, ref)]
+    p, s = jax.tree_util.tree_unflatten(treedef, leaves)
+    return p, s, int(header["epoch"]), header["history"], header["config"]
+
+
+# --------------------------------------------------------------------------- train
+
+def _check_data(apply, params, X, Y, config):
+    _validate.array("X", X)
+    _validate.array("Y", Y)
+    if X.ndim < 2:
+        raise ValueError(f"`X` must be a batch (n, *input_shape), got shape {X.shape}.")
+    _validate.same_rows("X", X, "Y", Y)
+    n = X.shape[0]
+    if config.batch_size > n:
+        raise ValueError(f"`batch_size` = {config.batch_size} is larger than the data "
+                         f"(n = {n}); use batch_size <= {n}.")
+    if config.augment != "none" and X.ndim != 4:
+        raise ValueError(f"`augment` = {config.augment!r} needs images (n, H, W, C), got "
+                         f"`X` of shape {X.shape}; use augment='none'.")
+    try:
+        out = jax.eval_shape(apply, params, X[:1])
+    except Exception as e:
+        raise ValueError(f"`X` has examples of shape {X.shape[1:]} that the model does not "
+                         f"accept (one forward pass failed: {type(e).__name__}: {e}); "
+                         "resize the data or build the model for this shape.") from e
+    if out.shape not in ((1,), (1, out.shape[-1])):
+        raise ValueError(f"the model must return logits (n, C) or outputs (n,), got "
+                         f"{out.shape} for one example of `X`.")
+    if config.loss == "xent":
+        if out.ndim != 2:
+            raise ValueError("`loss` = 'xent' needs logits (n, C); this model returns "
+                             "scalars (n,): use loss='mse' with +-1 targets.")
+        if Y.ndim != 1 or not np.issubdtype(np.dtype(Y.dtype), np.integer):
+            raise ValueError(f"`Y` must be integer labels (n,) for loss='xent', got "
+                             f"{Y.dtype} of shape {Y.shape}.")
+        if n and (int(np.min(Y)) < 0 or int(np.max(Y)) >= out.shape[-1]):
+            raise ValueError(f"`Y` labels must lie in [0, {out.shape[-1]}), the model's "
+                             "classes.")
+    elif Y.shape[1:] != out.shape[1:]:
+        raise ValueError(f"`Y` rows have shape {Y.shape[1:]} but the model outputs "
+                         f"{out.shape[1:]}; for loss='mse' pass one-hot rows or scalars.")
+
+
+def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
+          hooks: Sequence[Callable[[Any, int], Dict[str, Any]]] = (),
+          checkpoint_dir: Optional[Any] = None, progress: bool = True,
+          desc: str = "train") -> Tuple[Any, Dict[str, List[Any]]]:
+    """Train ``params`` of ``apply`` on ``(X, Y)`` as ``config`` says.
+
+    Args:
+      params: the parameter pytree (e.g. an nnx module, or the state of nnx.split).
+      apply: ``apply(params, x_batch) -> (n, C)`` logits or ``(n,)`` outputs; hashable.
+      X: inputs ``(n, *input_shape)``; images ``(n, H, W, C)`` for augmentation.
+      Y: integer labels ``(n,)`` (xent) or float targets ``(n, C)`` / ``(n,)`` (mse).
+      config: a :class:`TrainConfig`.
+      hooks: ``hook(params, epoch) -> dict`` run on the host after each epoch
+        (``epoch`` counts from 1); its values are appended to the history.
+      checkpoint_dir: where ``checkpoint.npz`` is written after every epoch; a run
+        resumes from it (ValueError if its config hash differs from ``config``'s, or
+        its leaf shapes from ``params``'). The hash covers the config only: pass the
+        same data, model and hooks. Hook values are stored as JSON
+        (``io.to_jsonable``: arrays become lists, NaN becomes None).
+      progress: show a progress bar with the loss and accuracy.
+
+    Returns:
+      ``(params, history)``: the final parameters and a dict of per-epoch lists:
+      ``epoch``, ``loss`` (the mean penalised objective over the epoch's steps),
+      ``accuracy`` (the mean training-batch accuracy) and each hook's keys.
+
+    Raises:
+      ValueError: bad config or data (the input shape is checked by abstract
+        evaluation of ``apply`` on one example, ``jax.eval_shape``), or a non-finite
+        loss: the message names the epoch (from 1) and the step within it (from 0)
+        whose minibatch loss, evaluated before that step's update, was first NaN or
+        inf; that epoch's parameters are discarded and the checkpoint of the last
+        good epoch is kept.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"`config` must be a TrainConfig, got {type(config).__name__}.")
+    X, Y = jnp.asarray(X), jnp.asarray(Y)
+    _check_data(apply, params, X, Y, config)
+    steps = X.shape[0] // config.batch_size
+    optimizer = make_optimizer(config, steps)
+    opt_state = optimizer.init(params)
+    history: Dict[str, List[Any]] = {"epoch": [], "loss": [], "accuracy": []}
+    start, path = 0, None
+    if checkpoint_dir is not None:
+        path = Path(checkpoint_dir) / CHECKPOINT
+        if path.exists():
+            params, opt_state, start, history, digest = load_checkpoint(
+                checkpoint_dir, params, opt_state)
+            if digest != config.digest():
+                raise ValueError(f"`checkpoint_dir` {checkpoint_dir} holds a run of another "
+                                 f"config (hash {digest}, this one {config.digest()}); use "
+                                 "a fresh directory or the same config.")
+    bar = range(start, config.epochs)
+    if progress:
+        bar = report.progress(bar, desc, total=config.epochs - start)
+    for e in bar:
+        new_p, new_s, vals, accs = _epoch(params, opt_state, X, Y, e, apply=apply,
+                                          config=config, optimizer=optimizer, steps=steps)
+        vals = np.asarray(vals)
+        bad = np.flatnonzero(~np.isfinite(vals))
+        if bad.size:
+            kept = f"; the last good checkpoint (epoch {e}) is in {checkpoint_dir}" \
+                if path is not None and e > 0 else ""
+            raise ValueError(f"the loss is {vals[bad[0]]} at epoch {e + 1}, step {bad[0]} "
+                             f"(global step {e * steps + int(bad[0])}): training diverged; "
+                             f"lower `lr` (now {config.lr}){kept}.")
+        params, opt_state = new_p, new_s
+        history["epoch"].append(e + 1)
+        history["loss"].append(float(np.mean(vals)))
+        history["accuracy"].append(float(np.mean(np.asarray(accs))))
+        for hook in hooks:
+            for k, v in dict(hook(params, e + 1)).items():
+                history.setdefault(k, []).append(io.to_jsonable(v))
+        if progress and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
+                            acc=f"{history['accuracy'][-1]:.3f}")
+        if path is not None:
+            _save(path, params, opt_state, e + 1, history, config.digest())
+    return params, history

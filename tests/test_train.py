@@ -1,0 +1,310 @@
+"""The training engine (ntk_poison.train) against independent oracles: numpy gradient
+steps, hand-written optimiser updates, finite differences, a numpy crop/flip, and a
+subprocess killed mid-run for resume."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntk_poison import train as T
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def lin_apply(p, x):
+    """A linear classifier on flattened inputs: (n, C) logits."""
+    return x.reshape(x.shape[0], -1) @ p["W"] + p["b"]
+
+
+def tanh_apply(p, x):
+    """A smooth one-hidden-layer net, (n, C) logits (smooth: finite differences apply)."""
+    h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["W1"] + p["b1"])
+    return h @ p["W2"] + p["b2"]
+
+
+def _lin_problem(rng, n=16, d=5, C=3):
+    X = rng.normal(size=(n, d))
+    Y = rng.integers(0, C, size=n)
+    p = {"W": jnp.asarray(rng.normal(size=(d, C)) * 0.3), "b": jnp.asarray(rng.normal(size=C) * 0.1)}
+    return X, Y, p
+
+
+def _softmax_grad(W, b, X, Y):
+    """numpy gradient of the mean softmax cross-entropy of a linear model."""
+    Z = X @ W + b
+    P = np.exp(Z - Z.max(1, keepdims=True))
+    P /= P.sum(1, keepdims=True)
+    P[np.arange(len(Y)), Y] -= 1
+    return X.T @ P / len(Y), P.mean(0)
+
+
+def _cfg(**kw):
+    base = dict(optimizer="sgd", lr=0.3, batch_size=16, epochs=1, loss="xent")
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_one_sgd_step_is_the_numpy_gradient_step(rng, wd):
+    X, Y, p = _lin_problem(rng)
+    out, hist = T.train(p, lin_apply, X, Y, _cfg(weight_decay=wd), progress=False)
+    W, b = np.asarray(p["W"]), np.asarray(p["b"])
+    gW, gb = _softmax_grad(W, b, X, Y)
+    np.testing.assert_allclose(out["W"], W - 0.3 * (gW + wd * W), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(out["b"], b - 0.3 * (gb + wd * b), rtol=0, atol=1e-13)
+    assert hist["epoch"] == [1] and len(hist["loss"]) == len(hist["accuracy"]) == 1
+
+
+def _hand_two_steps(kind, p, grad, lr=0.3, m=0.9):
+    """Two full-batch steps of each optimiser, written out (no optax)."""
+    tm = jax.tree_util.tree_map
+    v = tm(jnp.zeros_like, p)
+    s = tm(jnp.zeros_like, p)
+    for t in (1, 2):
+        g = grad(p)
+        if kind == "momentum":
+            v = tm(lambda v, g: m * v + g, v, g)
+            p = tm(lambda p, v: p - lr * v, p, v)
+        elif kind == "nesterov":
+            v = tm(lambda v, g: m * v + g, v, g)
+            p = tm(lambda p, v, g: p - lr * (g + m * v), p, v, g)
+        elif kind == "adam":
+            v = tm(lambda v, g: 0.9 * v + 0.1 * g, v, g)
+            s = tm(lambda s, g: 0.999 * s + 0.001 * g ** 2, s, g)
+            p = tm(lambda p, v, s: p - lr * (v / (1 - 0.9 ** t))
+                   / (jnp.sqrt(s / (1 - 0.999 ** t)) + 1e-8), p, v, s)
+        elif kind == "step":                        # lr x 0.1 from epoch 1 on
+            p = tm(lambda p, g: p - (lr if t == 1 else 0.1 * lr) * g, p, g)
+        else:                                       # cosine over 2 steps: lr, lr/2
+            p = tm(lambda p, g: p - (lr if t == 1 else 0.5 * lr) * g, p, g)
+    return p
+
+
+@pytest.mark.parametrize("kind", ["momentum", "nesterov", "adam", "step", "cosine"])
+def test_two_steps_match_hand_written_updates(rng, kind):
+    X, Y, p = _lin_problem(rng)
+    opt = kind if kind in ("momentum", "nesterov", "adam") else "sgd"
+    sched = {"step": "step", "cosine": "cosine"}.get(kind, "constant")
+    cfg = _cfg(optimizer=opt, schedule=sched, boundaries=(1,) if kind == "step" else (),
+               epochs=2)
+    out, _ = T.train(p, lin_apply, X, Y, cfg, progress=False)
+    ref = _hand_two_steps(kind, p, jax.jit(jax.grad(lambda q: T.objective(q, lin_apply, X, Y,
+                                                                           cfg))))
+    for k in p:
+        np.testing.assert_allclose(out[k], ref[k], rtol=0, atol=1e-12)
+
+
+def _tanh_problem(rng, n=5, d=4, h=6, C=3):
+    X = rng.normal(size=(n, d))
+    Y = rng.integers(0, C, size=n)
+    p = {"W1": jnp.asarray(rng.normal(size=(d, h))), "b1": jnp.asarray(rng.normal(size=h) * .1),
+         "W2": jnp.asarray(rng.normal(size=(h, C))), "b2": jnp.asarray(rng.normal(size=C) * .1)}
+    return X, Y, p
+
+
+@pytest.mark.parametrize("penalty", ["loss", "output"])
+def test_penalty_value_and_gradient_against_finite_differences(rng, penalty):
+    X, Y, p = _tanh_problem(rng)
+    kappa = 0.7
+    cfg = _cfg(penalty=penalty, kappa=kappa, batch_size=5)
+    # the penalty's value: input gradients by central differences (independent of autodiff)
+    eps = 1e-6
+
+    P = {k: np.asarray(v) for k, v in p.items()}
+
+    def per_ex(x, y):                              # numpy forward pass
+        z = np.tanh(x @ P["W1"] + P["b1"]) @ P["W2"] + P["b2"]
+        if penalty == "output":
+            return z
+        return np.log(np.sum(np.exp(z))) - z[y]
+
+    pen = 0.0
+    for x, y in zip(X, Y):
+        J = np.stack([(per_ex(x + eps * e, y) - per_ex(x - eps * e, y)) / (2 * eps)
+                      for e in np.eye(X.shape[1])])
+        pen += np.sum(J ** 2) / len(X)
+    obj = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, cfg))
+    no_pen = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, _cfg(batch_size=5)))(p)
+    np.testing.assert_allclose(obj(p) - no_pen, kappa * pen, rtol=1e-7)
+    # the parameter gradient of the penalised objective (double backprop): directional FD
+    g = jax.jit(jax.grad(obj))(p)
+    dirn = {k: jnp.asarray(rng.normal(size=v.shape)) for k, v in p.items()}
+    h = 1e-5
+    shift = lambda s: {k: p[k] + s * dirn[k] for k in p}  # noqa: E731
+    fd = (obj(shift(h)) - obj(shift(-h))) / (2 * h)
+    ad = sum(jnp.vdot(g[k], dirn[k]) for k in p)
+    np.testing.assert_allclose(ad, fd, rtol=1e-7)
+    # and a training step with the penalty is that gradient's SGD step
+    out, _ = T.train(p, tanh_apply, X, Y, cfg, progress=False)
+    for k in p:
+        np.testing.assert_allclose(out[k], p[k] - 0.3 * g[k], rtol=0, atol=1e-13)
+
+
+def test_kappa_zero_is_the_plain_path_exactly(rng):
+    X, Y, p = _tanh_problem(rng, n=12)
+    cfg0 = _cfg(batch_size=4, epochs=2, optimizer="momentum")
+    cfgk = _cfg(batch_size=4, epochs=2, optimizer="momentum", penalty="loss", kappa=0.0)
+    assert not cfgk.penalised
+    a, _ = T.train(p, tanh_apply, X, Y, cfg0, progress=False)
+    b, _ = T.train(p, tanh_apply, X, Y, cfgk, progress=False)
+    for k in p:
+        assert np.array_equal(a[k], b[k])
+
+
+def _np_augment(images, oy, ox, flips, pad):
+    out = []
+    for img, dy, dx, fl in zip(images, oy, ox, flips):
+        P = np.pad(img, ((pad, pad), (pad, pad), (0, 0)))
+        c = P[dy:dy + img.shape[0], dx:dx + img.shape[1]]
+        out.append(c[:, ::-1] if fl else c)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_augmentation_against_numpy(rng, flip):
+    imgs = rng.normal(size=(64, 7, 6, 2))
+    oy, ox, fl = (np.asarray(a) for a in T.augment_draws(jax.random.PRNGKey(3), 64, 2, flip))
+    assert oy.min() >= 0 and oy.max() <= 4 and ox.min() >= 0 and ox.max() <= 4
+    assert fl.any() == flip and (not flip or not fl.all())
+    got = T.apply_augment(jnp.asarray(imgs), oy, ox, fl, 2)
+    np.testing.assert_array_equal(got, _np_augment(imgs, oy, ox, fl, 2))
+
+
+def test_training_step_uses_the_exposed_draws(rng):
+    n = 8
+    X = rng.normal(size=(n, 5, 5, 1))
+    Y = rng.integers(0, 3, size=n)
+    p = {"W": jnp.asarray(rng.normal(size=(25, 3)) * .3), "b": jnp.zeros(3)}
+    cfg = _cfg(batch_size=n, augment="crop_flip", pad=1, seed=11)
+    out, _ = T.train(p, lin_apply, X, Y, cfg, progress=False)
+    perm = np.asarray(T.epoch_permutation(11, 0, n))
+    oy, ox, fl = (np.asarray(a) for a in T.augment_draws(T.step_key(11, 0, 0), n, 1, True))
+    Xa = _np_augment(X[perm], oy, ox, fl, 1).reshape(n, -1)
+    gW, gb = _softmax_grad(np.asarray(p["W"]), np.asarray(p["b"]), Xa, Y[perm])
+    np.testing.assert_allclose(out["W"], p["W"] - 0.3 * gW, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(out["b"], p["b"] - 0.3 * gb, rtol=0, atol=1e-13)
+
+
+SETUP = """
+import numpy as np, jax
+from ntk_poison import nets, train as T
+r = np.random.default_rng(5)
+X = r.normal(size=(24, 6, 6, 1)); Y = np.sign(r.normal(size=24))
+p0 = nets.init(jax.random.PRNGKey(0), 36, 8, depth=1)
+cfg = T.TrainConfig(optimizer="nesterov", lr=0.05, schedule="cosine", batch_size=8, epochs=4,
+                    loss="mse", augment="crop_flip", pad=1, seed=2)
+def norm(params, epoch):
+    return {"norm": float(sum((v ** 2).sum() for v in jax.tree_util.tree_leaves(params)))}
+"""
+
+
+def _leaves(tree):
+    return [np.asarray(v) for v in jax.tree_util.tree_leaves(tree)]
+
+
+def test_determinism_and_resume_after_a_kill(tmp_path):
+    ns = {}
+    exec(SETUP, ns)
+    X, Y, p0, cfg = ns["X"], ns["Y"], ns["p0"], ns["cfg"]
+    full, hist = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, hooks=[ns["norm"]],
+                         progress=False)
+    again, _ = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(full), _leaves(again)))
+    ck = tmp_path / "ck"
+    script = "import jax; jax.config.update('jax_enable_x64', True)\n" + SETUP + f"""
+import os, signal
+def kill(params, epoch):
+    if epoch == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {{}}
+T.train(p0, nets.apply_fn, X, Y, cfg, hooks=[norm, kill], checkpoint_dir={str(ck)!r})
+"""
+    env = dict(os.environ, NTK_POISON_NO_PROGRESS="1", OPENBLAS_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True)
+    assert r.returncode == -9, r.stderr.decode()[-2000:]
+    _, _, epoch, _, _ = T.load_checkpoint(ck, p0, T.make_optimizer(cfg, 3).init(p0))
+    assert epoch == 2                      # killed in epoch 3's hook, before its checkpoint
+    resumed, rhist = T.train(p0, ns["nets"].apply_fn, X, Y, cfg, hooks=[ns["norm"]],
+                             checkpoint_dir=ck, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(full), _leaves(resumed)))
+    assert rhist["epoch"] == [1, 2, 3, 4] and rhist == hist    # hook values kept too
+    assert len(hist["norm"]) == 4 and hist["norm"][-1] == ns["norm"](full, 4)["norm"]
+    other = T.TrainConfig(**{**cfg.__dict__, "lr": 0.06})
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        T.train(p0, ns["nets"].apply_fn, X, Y, other, checkpoint_dir=ck, progress=False)
+
+
+def test_nan_loss_names_the_step_and_keeps_the_checkpoint(rng, tmp_path):
+    X = rng.normal(size=(16, 5))
+    Y = rng.normal(size=(16, 3))
+    p = {"W": jnp.asarray(rng.normal(size=(5, 3))), "b": jnp.zeros(3)}
+    cfg = _cfg(loss="mse", lr=1e25, batch_size=4, epochs=50)
+    with pytest.raises(ValueError, match=r"epoch (\d+), step (\d+)") as ei:
+        T.train(p, lin_apply, X, Y, cfg, checkpoint_dir=tmp_path, progress=False)
+    bad_epoch = int(re.search(r"epoch (\d+)", str(ei.value)).group(1))
+    assert bad_epoch >= 2
+    q, _, epoch, hist, _ = T.load_checkpoint(tmp_path, p, T.make_optimizer(cfg, 4).init(p))
+    assert epoch == bad_epoch - 1 and len(hist["loss"]) == epoch
+    assert all(np.isfinite(v).all() for v in _leaves(q))
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(batch_size=17), "batch_size"), (dict(lr=0.0), "`lr`"), (dict(lr=-1.0), "`lr`"),
+    (dict(lr=float("nan")), "`lr`"), (dict(optimizer="rmsprop"), "optimizer"),
+    (dict(momentum=1.0), "momentum"), (dict(schedule="step", boundaries=(2, 1)), "boundaries"),
+    (dict(loss="hinge"), "loss"), (dict(augment="crop"), "augment"),
+    (dict(penalty="loss", kappa=-1.0), "kappa"), (dict(epochs=0), "epochs"),
+])
+def test_bad_inputs_name_the_field(rng, kw, field):
+    X, Y, p = _lin_problem(rng)
+    with pytest.raises(ValueError, match=re.escape(field)):
+        T.train(p, lin_apply, X, Y, _cfg(**kw), progress=False)
+
+
+def test_bad_data_names_the_argument(rng):
+    X, Y, p = _lin_problem(rng)
+    with pytest.raises(ValueError, match="`X` has examples of shape"):
+        T.train(p, lin_apply, rng.normal(size=(16, 6)), Y, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="`Y` labels"):
+        T.train(p, lin_apply, X, Y + 3, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="loss"):
+        T.train(p, lambda q, x: lin_apply(q, x)[:, 0], X, Y, _cfg(), progress=False)
+    with pytest.raises(ValueError, match="`Y` rows"):
+        T.train(p, lin_apply, X, np.ones(16), _cfg(loss="mse"), progress=False)
+
+
+def test_nnx_split_state_trains_like_the_module(rng):
+    """The State half of nnx.split with a merging apply gives the module's parameters."""
+    from flax import nnx
+    from ntk_poison import nets
+    X = rng.normal(size=(12, 4))
+    Y = np.sign(rng.normal(size=12))
+    model = nets.init(jax.random.PRNGKey(1), 4, 6, depth=1)
+    gdef, state = nnx.split(model)
+    cfg = _cfg(loss="mse", batch_size=4, epochs=2, optimizer="adam", lr=0.01)
+    a, ha = T.train(model, nets.apply_fn, X, Y, cfg, progress=True)
+    b, hb = T.train(state, lambda s, x: nnx.merge(gdef, s)(x), X, Y, cfg, progress=False)
+    la, lb = _leaves(a), _leaves(b)
+    assert len(la) == len(lb) == 4
+    assert all(np.array_equal(u, v) for u, v in zip(la, lb))
+    assert ha == hb
+
+
+def test_config_is_frozen_hashable_and_kappa_zero_traces_no_input_gradient(rng):
+    a, b = _cfg(), _cfg()
+    assert hash(a) == hash(b) and a.digest() == b.digest() != _cfg(lr=0.2).digest()
+    with pytest.raises(Exception):
+        a.lr = 1.0
+    X, Y, p = _tanh_problem(rng)
+    jaxpr = lambda c: str(jax.make_jaxpr(lambda q: T.objective(q, tanh_apply, X, Y, c))(p))  # noqa: E731
+    assert jaxpr(_cfg(penalty="loss", kappa=0.0)) == jaxpr(_cfg())
+    assert len(jaxpr(_cfg(penalty="loss", kappa=1.0))) > len(jaxpr(_cfg()))
