@@ -32,7 +32,7 @@ clipped. ``s = 0`` is the identity.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, ClassVar, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +89,16 @@ def _check_seed(seed: Any) -> int:
 
 # --------------------------------------------------------------------------- blend
 
+class ImageTrigger(triggers.FieldsTrigger):
+    """Mixin of the image triggers: JSON round trip by fields and :meth:`displacement`."""
+
+    def displacement(self, x: Array, key: Any = None) -> np.ndarray:
+        """Per-input unit differences ``x_trig - x`` (:func:`displacement`)."""
+        return displacement(self, x, key)
+
+
 @dataclasses.dataclass(frozen=True)
-class BlendTrigger:
+class BlendTrigger(ImageTrigger):
     """``x_trig = (1 - alpha) x + alpha t`` with a fixed pattern ``t``.
 
     Attributes:
@@ -155,17 +163,6 @@ class BlendTrigger:
         t = self.pattern_array(triggers.image_shape_of((1,) + shp, self.image_shape))
         return t.reshape(shp) / np.linalg.norm(t)
 
-    def displacement(self, x: Array, key: Any = None) -> np.ndarray:
-        """Per-input unit differences ``x_trig - x`` (:func:`displacement`)."""
-        return displacement(self, x, key)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return triggers.fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "BlendTrigger":
-        return triggers.from_fields(cls, d)
-
 
 # --------------------------------------------------------------------------- warp
 
@@ -214,7 +211,7 @@ def warp_grid(field: np.ndarray, H: int, W: int, strength: float) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class WarpTrigger:
+class WarpTrigger(ImageTrigger):
     """WaNet's warping trigger (module docstring for the maths).
 
     Attributes:
@@ -285,17 +282,6 @@ class WarpTrigger:
             raise ValueError("A warp's direction depends on the input: pass `x` (a batch "
                              "of inputs of `shape`), or use displacement(x) per input.")
         return _mean_direction(self, shape, x)
-
-    def displacement(self, x: Array, key: Any = None) -> np.ndarray:
-        """Per-input unit differences ``x_trig - x`` (:func:`displacement`)."""
-        return displacement(self, x, key)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return triggers.fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "WarpTrigger":
-        return triggers.from_fields(cls, d)
 
 
 triggers.register("blend")(BlendTrigger)

@@ -271,11 +271,23 @@ def from_fields(cls, d: Dict[str, Any]):
     return cls(**{k: v for k, v in d.items() if k != "kind"})
 
 
+class FieldsTrigger:
+    """Mixin of the dataclass triggers: ``to_dict``/``from_dict`` by their fields
+    (:func:`fields_dict`, :func:`from_fields`)."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return fields_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        return from_fields(cls, d)
+
+
 # --------------------------------------------------------------------------- cross
 
 @register("cross")
 @dataclasses.dataclass(frozen=True)
-class CrossTrigger:
+class CrossTrigger(FieldsTrigger):
     """The paper's rank-one additive "cross" trigger (THEORY.md section 4).
 
         x_triggered = x + s_i * P,     ||P|| = 1  (cross_pattern: one full row
@@ -355,19 +367,12 @@ class CrossTrigger:
         grid = image_shape_of((1,) + shp, self.image_shape)
         return self.pattern(grid).reshape(shp)
 
-    def to_dict(self) -> Dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "CrossTrigger":
-        return from_fields(cls, d)
-
 
 # --------------------------------------------------------------------------- patch
 
 @register("patch")
 @dataclasses.dataclass(frozen=True)
-class PatchTrigger:
+class PatchTrigger(FieldsTrigger):
     """A BadNets patch (Gu et al. 2017, "BadNets: Identifying Vulnerabilities in the
     Machine Learning Model Supply Chain"): a ``size x size`` square of ``value``.
 
@@ -441,13 +446,6 @@ class PatchTrigger:
                              "direction is undefined; call direction(shape) for the unit "
                              "patch mask.")
         return diff / nrm
-
-    def to_dict(self) -> Dict[str, Any]:
-        return fields_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "PatchTrigger":
-        return from_fields(cls, d)
 
 
 def badnets(image_shape: Optional[Tuple[int, ...]] = None) -> PatchTrigger:
