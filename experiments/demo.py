@@ -90,7 +90,8 @@ def _efficacy_and_spike(k, X, y, lam, zeta, x0, cfg, ms):
                                          list(cfg.refit_ms), x0)
     gd = np.asarray(law.grad_delta).reshape(len(ms), -1)
     gp = np.asarray(law.grad_poisoned).reshape(len(ms), -1)
-    extra = _spike_value(k, X, lam, zeta, x0, cfg, ms, law, (gd ** 2).sum(1))
+    extra = theory.spike_value(k, X, lam, zeta, x0, ms, law, (gd ** 2).sum(1),
+                               cfg.y_target)
     return extra | dict(
         ms=ms, delta_f=np.asarray(law.delta_f), approx=np.asarray(approx),
         s2=np.asarray(law.s2), kt=np.asarray(law.kt), fc_zeta=np.asarray(law.fc_zeta),
@@ -99,22 +100,6 @@ def _efficacy_and_spike(k, X, y, lam, zeta, x0, cfg, ms):
         refit_ms=np.asarray(cfg.refit_ms), refit=np.asarray(refit),
         exact_at_refit=np.asarray(exact_at_refit),
     )
-
-
-def _spike_value(k, X, lam, zeta, x0, cfg, ms, law, spike):
-    """THEORY.md section 2, corrections: the spike's value is R_k(kt) = spike / Delta f^2
-    (an identity of the rank-one law, checked by a direct solve at the first and last
-    m > 0), and the paper's ratio y_t k0 S / Delta f factors as k0/kt x y_t/(y_t - fc) x
-    the s2 term."""
-    pos = ms > 0
-    R_kt = spike[pos] / np.asarray(law.delta_f)[pos] ** 2
-    check = [int(ms[pos][0]), int(ms[-1])]
-    direct = [theory.posterior_covariance(k, X, (len(X) + m) * lam, zeta, x0) for m in check]
-    fac = theory.efficacy_law_factors(law, lam, cfg.y_target)
-    return dict(R_kt_ms=ms[pos], R_kt=R_kt, R_kt_direct=dict(
-        ms=np.asarray(check), R_kt=np.asarray([d["R_kt"] for d in direct]),
-        kt=np.asarray([d["kt"] for d in direct])),
-        law_factors={key: np.asarray(v) for key, v in fac.items()})
 
 
 def _near_clone(k, X, y, lam, x0, ell, cfg):

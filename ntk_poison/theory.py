@@ -54,7 +54,7 @@ Array = Any
 __all__ = [
     "poison_gain", "efficacy_law", "spike_factor", "spike_law",
     "visibility_threshold", "clone_law", "clone_effect", "CloneLaw",
-    "resolvent_solve", "efficacy_law_factors", "posterior_covariance",
+    "resolvent_solve", "efficacy_law_factors", "posterior_covariance", "spike_value",
 ]
 
 
@@ -398,6 +398,36 @@ def efficacy_law_factors(law: CloneLaw, ridge: float, y_target: float) -> dict:
                s2_term=(nlam + m * s2) / (nlam + m * kzz))
     out["product"] = out["k0_over_kt"] * out["target_over_residual"] * out["s2_term"]
     return out
+
+
+def spike_value(k: Kernel, X: Array, ridge: float, zeta: Array, x0: Array, ms: Any,
+                law: CloneLaw, spike: Any, y_target: float) -> dict:
+    """The spike's value (THEORY.md section 2, corrections): by the rank-one law
+    ``grad Delta f / Delta f = grad kt / kt``, so ``spike / Delta f^2 = R_k(kt)``
+    exactly; it is checked against a direct solve (:func:`posterior_covariance`) at the
+    first and last m > 0. Beside it, the paper-law ratio's factors
+    (:func:`efficacy_law_factors`).
+
+    Args:
+      k, X, ridge, zeta, x0: the clean set and the single poison / trigger point of ``law``.
+      ms: its clone counts ``(M,)``; law: :func:`clone_law`'s result for them.
+      spike: the poison's Gauss-Newton spike ``||grad Delta f||^2`` per m ``(M,)``.
+      y_target: the poison label.
+
+    Returns:
+      ``R_kt_ms`` (the m > 0), ``R_kt`` there, ``R_kt_direct`` (``ms``, ``R_kt``, ``kt``
+      from the direct solve) and ``law_factors``.
+    """
+    ms = np.asarray(ms)
+    pos = ms > 0
+    R_kt = np.asarray(spike)[pos] / np.asarray(law.delta_f)[pos] ** 2
+    check = [int(ms[pos][0]), int(ms[-1])]
+    direct = [posterior_covariance(k, X, (len(X) + m) * ridge, zeta, x0) for m in check]
+    fac = efficacy_law_factors(law, ridge, y_target)
+    return dict(R_kt_ms=ms[pos], R_kt=R_kt, R_kt_direct=dict(
+        ms=np.asarray(check), R_kt=np.asarray([d["R_kt"] for d in direct]),
+        kt=np.asarray([d["kt"] for d in direct])),
+        law_factors={key: np.asarray(v) for key, v in fac.items()})
 
 
 def posterior_covariance(k: Kernel, X: Array, shift: float, zeta: Array, x0: Array

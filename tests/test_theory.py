@@ -436,6 +436,25 @@ def test_posterior_covariance_spike_is_the_exact_spike_over_delta_f_squared(clea
     with pytest.raises(ValueError, match="law"):
         theory.efficacy_law_factors("not a law", LAM, 1.0)
 
+
+def test_spike_value_is_r_k_of_kt_at_every_m(clean):
+    """spike_value's R_k(kt) = spike / Delta f^2 equals the direct solve's R_k(kt) at the
+    first and last m, and its factors are efficacy_law_factors'."""
+    X, y, zeta, x0 = clean
+    k = kernels.rbf(1.1)
+    ms = np.array([0, 1, 5, 30])
+    law = theory.clone_law(k, X, y, LAM, zeta, -1.0, ms, x0, with_grad=True)
+    spike = (np.asarray(law.grad_delta).reshape(len(ms), -1) ** 2).sum(1)
+    sv = theory.spike_value(k, X, LAM, zeta, x0, ms, law, spike, -1.0)
+    assert list(sv["R_kt_ms"]) == [1, 5, 30] and list(sv["R_kt_direct"]["ms"]) == [1, 30]
+    for m, r in zip((1, 30), sv["R_kt_direct"]["R_kt"]):
+        cov = theory.posterior_covariance(k, X, (N + m) * LAM, zeta, x0)
+        np.testing.assert_allclose(r, cov["R_kt"], rtol=1e-12)
+        np.testing.assert_allclose(sv["R_kt"][list(sv["R_kt_ms"]).index(m)], cov["R_kt"],
+                                   rtol=1e-9)
+    np.testing.assert_allclose(sv["law_factors"]["product"],
+                               theory.efficacy_law_factors(law, LAM, -1.0)["product"])
+
 # --------------------------------------------------------------------------- vector targets
 
 def test_clone_law_with_vector_targets_matches_multi_output_refits(clean, rng):
