@@ -670,18 +670,13 @@ def train(params: Any, apply_fn: ApplyFn, X: Array, y: Array, lr: float, steps: 
 
 @functools.partial(jax.jit, static_argnames=("pad",))
 def _flip_crop(key, images, pad):
-    n, H, W, C = images.shape
+    from ntk_poison import train             # the engine's crop + flip at given draws
+    n = images.shape[0]
     k_y, k_x, k_f = jax.random.split(key, 3)
-    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
     oy = jax.random.randint(k_y, (n,), 0, 2 * pad + 1)
     ox = jax.random.randint(k_x, (n,), 0, 2 * pad + 1)
     flip = jax.random.bernoulli(k_f, 0.5, (n,))
-
-    def one(img, dy, dx, fl):
-        crop = jax.lax.dynamic_slice(img, (dy, dx, 0), (H, W, C))
-        return jnp.where(fl, crop[:, ::-1, :], crop)
-
-    return jax.vmap(one)(padded, oy, ox, flip)
+    return train.apply_augment(images, oy, ox, flip, pad)
 
 
 def augment_flip_crop(key: Array, images: Array, pad: int = 2) -> jax.Array:
