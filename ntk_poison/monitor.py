@@ -81,7 +81,8 @@ def input_hessian_top(apply: Callable, params: Any, x: Array, labels: Optional[A
     orthogonalised against ``Q``, continues with ``beta_j = 0``. The Ritz pairs of
     the tridiagonal ``T = tridiag(beta, alpha, beta)`` ``(iters, iters)`` give the
     eigenvalues ``theta`` and vectors ``Q^T y``, with residual
-    ``||H v - theta v|| = beta_last |y_last|``. With ``iters = d`` the Krylov space is
+    ``||H v - theta v|| = beta_last |y_last|`` (up to the remainders dropped at
+    deflations, each below ``eps^(3/4)`` of the scale). With ``iters = d`` the Krylov space is
     all of R^d and the pairs are exact (to rounding); with fewer steps the extreme
     eigenvalues converge first (Kaniel-Paige), the more so the larger the gap.
 
