@@ -403,6 +403,14 @@ def _check_hessian_args(apply, params, x, labels, k, iters):
         raise ValueError(f"`x` must be a non-empty batch (m, *input_shape), got shape "
                          f"{tuple(x.shape)}.")
     d = int(np.prod(x.shape[1:]))
+    iters = _validate.positive_int("iters", iters)
+    if iters > d:
+        raise ValueError(f"`iters` = {iters} exceeds d = {d} (the flat input size); at "
+                         f"iters = d the Krylov space is already all of R^d. Pass "
+                         f"iters <= {d}.")
+    if not _validate.is_int_scalar(k) or not 1 <= k <= iters:
+        raise ValueError(f"`k` must be an integer with 1 <= k <= iters = {iters}, got "
+                         f"{k!r}.")
     try:
         out = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((1,) + x.shape[1:], x.dtype))
     except Exception as e:
@@ -413,17 +421,10 @@ def _check_hessian_args(apply, params, x, labels, k, iters):
                          f"shape {getattr(out, 'shape', None)} for n = 1.")
     C = int(out.shape[1])
     if labels is not None:
-        labels = _int_labels("labels", labels, x.shape[0])
-        if int(jnp.min(labels)) < 0 or int(jnp.max(labels)) >= C:
+        lab = _int_labels("labels", labels, x.shape[0], numpy=True)
+        if lab.min() < 0 or lab.max() >= C:
             raise ValueError(f"`labels` must lie in [0, {C}), the model's classes.")
-    iters = _validate.positive_int("iters", iters)
-    if iters > d:
-        raise ValueError(f"`iters` = {iters} exceeds d = {d} (the flat input size); at "
-                         f"iters = d the Krylov space is already all of R^d. Pass "
-                         f"iters <= {d}.")
-    if not _validate.is_int_scalar(k) or not 1 <= k <= iters:
-        raise ValueError(f"`k` must be an integer with 1 <= k <= iters = {iters}, got "
-                         f"{k!r}.")
+        labels = jnp.asarray(lab)
     return x, labels, int(k), iters
 
 
