@@ -698,3 +698,4 @@ def augment_flip_crop(key: Array, images: Array, pad: int = 2) -> jax.Array:
     return _flip_crop(key, jnp.asarray(images), int(pad))
 
 from ntk_poison.resnet import PreActResNet, resnet  # noqa: E402,F401  (re-exported)
+__all__ += ["PreActResNet", "resnet"]
