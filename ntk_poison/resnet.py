@@ -223,15 +223,14 @@ class PreActResNet(nnx.Module):
                  in_channels: int = 3, parameterization: str = "standard",
                  norm: Optional[str] = None, W_std: float = math.sqrt(2),
                  b_std: float = 0.0, *, key: Array, dtype: Any = None):
-        from ntk_poison import nets
         plan, norm = _check_arch(depth, width, num_outputs, in_channels, parameterization,
                                  norm, W_std, b_std)
         dtype = jnp.result_type(float) if dtype is None else dtype
         self.depth, self.num_outputs = int(depth), int(num_outputs)
         self.parameterization, self.norm_kind = parameterization, norm
         ntk, bn = parameterization == "ntk", norm == "batch"
-        draws = _Draws(nets._standard_normals(
-            key, _weight_count(plan, in_channels, num_outputs), dtype))
+        draws = _Draws(np.asarray(jax.random.normal(
+            key, (_weight_count(plan, in_channels, num_outputs),), dtype)))
 
         def conv(k, c_in, c_out, stride):
             z = draws.take((k, k, c_in, c_out))

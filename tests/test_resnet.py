@@ -64,11 +64,11 @@ def test_preresnet110_builds_with_the_formula_count():
 
 
 @pytest.mark.parametrize("depth, width, H, C, outs", [
-    (18, 1 / 16, 8, 3, 10), (20, 0.25, 8, 1, 100), (20, 0.25, 7, 2, 1)])
+    (18, 1 / 16, 8, 3, 10), (20, 0.25, 7, 2, 100)])
 def test_shapes_and_features(rng, depth, width, H, C, outs):
     m = R.resnet(KEY, depth, width, outs, in_channels=C)
     x = jnp.asarray(rng.normal(size=(3, H, H, C)))
-    out, feats = m(x), m.features(x)
+    out, feats = jax.jit(lambda m, x: (m(x), m.features(x)))(m, x)
     last = (512 if depth == 18 else 64) * width
     assert out.shape == ((3,) if outs == 1 else (3, outs))
     assert feats.shape == (3, last) and bool(jnp.all(feats >= 0))   # after a ReLU
@@ -120,12 +120,13 @@ def test_batchnorm_layer_train_and_eval_against_numpy(rng):
 
 
 def test_ntk_has_no_batchnorm_and_equals_standard_without_norm_at_init(rng):
-    ntk = R.resnet(KEY, 8, 0.5, parameterization="ntk")
-    std = R.resnet(KEY, 8, 0.5, norm="none")
+    ntk = R.resnet(KEY, 8, 0.5, 1, parameterization="ntk")     # scalar outputs (n,)
+    std = R.resnet(KEY, 8, 0.5, 1, norm="none")
     bn = R.resnet(KEY, 8, 0.5)
     assert _count(ntk, nnx.BatchStat) == _count(std, nnx.BatchStat) == 0
     assert _count(bn, nnx.BatchStat) == 2 * (8 + 8 + 8 + 16 + 16 + 32 + 32)   # 7 BNs
     x = jnp.asarray(rng.normal(size=(4, 8, 8, 3)))
+    assert ntk(x).shape == (4,)
     np.testing.assert_allclose(ntk(x), std(x), rtol=1e-10)      # same draws, scale moved
     w = [v for v in jax.tree_util.tree_leaves(nnx.state(ntk, nnx.Param))]
     assert abs(float(np.std(np.concatenate([np.ravel(v) for v in w]))) - 1) < 0.05  # N(0, 1)
