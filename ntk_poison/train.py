@@ -39,9 +39,34 @@ optimiser (``optax.add_decayed_weights``; for SGD this is PyTorch's
 decoupled). Schedules: constant, step (multiply by ``decay`` at each epoch in
 ``boundaries``) and cosine (to 0 over all the steps).
 
+**Model state (BatchNorm).** An nnx module with variables other than ``nnx.Param``
+(BatchNorm's ``nnx.BatchStat`` running averages) is split once, ``nnx.split(model,
+nnx.Param, nnx.Not(nnx.Param))``: only the ``Param`` half is optimised (and weight
+decayed); the rest is carried through the scan beside it. Each step merges the
+two halves (``nnx.merge(..., copy=True)``) into a training-mode view
+(``nnx.view(model, use_running_average=False)``: normalise with the batch's
+statistics, update the running averages from the pre-update parameters), calls
+``apply`` on it, and reads the new state back. :func:`train` returns the model
+merged and viewed in evaluation mode (running averages), the mode the hooks see
+too; the caller's model is never mutated. Split/merge with ``nnx.view`` rather
+than the in-place ``model.train()`` / ``model.eval()`` keeps every function pure:
+the state is an explicit input and output of the compiled epoch, not a side effect
+on a Python object that jit cannot see. With batch statistics the examples of a
+minibatch interact, so the penalty is defined on the batch:
+
+    penalty = (1/|B|) sum_i || d/dx_i sum_j P_j(X_B) ||^2
+
+(one row of the input gradient of the batch's summed ``P``; for ``penalty="output"``
+with vector outputs, one such gradient per class, squared norms summed over the
+classes). Where the examples do not interact this is the per-example
+``||grad_x P_i(x_i)||^2`` above; it is computed from one forward pass and its VJP.
+A model without such variables (a dict, stax, an nnx module of ``Param`` only)
+takes exactly the stateless path.
+
 **Checkpoints.** With ``checkpoint_dir`` a file ``checkpoint.npz`` (the leaves of
-``(params, opt_state)`` and a JSON header: epoch, history, config hash; no pickle)
-is written atomically after every epoch, and :func:`train` resumes from it.
+``(params, opt_state, state)`` and a JSON header: epoch, history, config hash; no
+pickle; a stateless model has no state leaves) is written atomically after every
+epoch, and :func:`train` resumes from it, state included.
 """
 
 from __future__ import annotations
@@ -464,7 +489,11 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
 
     Args:
       params: the parameter pytree (e.g. an nnx module, or the state of nnx.split).
+        An nnx module with BatchNorm (non-``Param`` variables) trains its
+        parameters and updates its running averages (module docstring).
       apply: ``apply(params, x_batch) -> (n, C)`` logits or ``(n,)`` outputs; hashable.
+        For a model with state it must call the module it is given (e.g.
+        ``nets.apply_fn``), so that the BatchNorm updates land on it.
       X: inputs ``(n, *input_shape)``; images ``(n, H, W, C)`` for augmentation.
       Y: integer labels ``(n,)`` (xent) or float targets ``(n, C)`` / ``(n,)`` (mse).
       config: a :class:`TrainConfig`.
@@ -478,7 +507,9 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
       progress: show a progress bar with the loss and accuracy.
 
     Returns:
-      ``(params, history)``: the final parameters and a dict of per-epoch lists:
+      ``(params, history)``: the final parameters (a model with state: the module
+      with its trained parameters and running averages, in evaluation mode) and a
+      dict of per-epoch lists:
       ``epoch``, ``loss`` (the mean penalised objective over the epoch's steps),
       ``accuracy`` (the mean training-batch accuracy) and each hook's keys.
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ntk_poison import train as T
 
@@ -316,27 +317,25 @@ def _call(model, x):
     return model(x)
 
 
-def _tiny_bn(seed=0, d=3, h=4, C=3):
+class TinyBN(nnx.Module):
     """Linear(d, h) -> BatchNorm(h) -> tanh -> Linear(h, C): smooth, with state."""
-    from flax import nnx
 
-    class Tiny(nnx.Module):
-        def __init__(self):
-            r = nnx.Rngs(seed)
-            self.l1 = nnx.Linear(d, h, rngs=r, param_dtype=jnp.float64)
-            self.bn = nnx.BatchNorm(h, momentum=0.9, epsilon=1e-5, use_running_average=True,
-                                    param_dtype=jnp.float64, rngs=r)
-            self.bn.mean = nnx.BatchStat(jnp.asarray(r.params.bits() % 7 / 10.0 - 0.3)
-                                         * jnp.ones(h, jnp.float64))
-            self.bn.var = nnx.BatchStat(jnp.full((h,), 1.3, jnp.float64))
-            self.bn.scale = nnx.Param(jnp.linspace(0.5, 1.5, h))
-            self.bn.bias = nnx.Param(jnp.linspace(-0.2, 0.3, h))
-            self.l2 = nnx.Linear(h, C, rngs=r, param_dtype=jnp.float64)
+    def __init__(self, seed=0, d=3, h=4, C=3):
+        r = nnx.Rngs(seed)
+        self.l1 = nnx.Linear(d, h, rngs=r, param_dtype=jnp.float64)
+        self.bn = nnx.BatchNorm(h, momentum=0.9, epsilon=1e-5, use_running_average=True,
+                                param_dtype=jnp.float64, rngs=r)
+        self.bn.mean = nnx.BatchStat(jnp.linspace(-0.3, 0.2, h))      # not the defaults,
+        self.bn.var = nnx.BatchStat(jnp.full((h,), 1.3, jnp.float64))  # so updates show
+        self.bn.scale = nnx.Param(jnp.linspace(0.5, 1.5, h))
+        self.bn.bias = nnx.Param(jnp.linspace(-0.2, 0.3, h))
+        self.l2 = nnx.Linear(h, C, rngs=r, param_dtype=jnp.float64)
 
-        def __call__(self, x):
-            return self.l2(jnp.tanh(self.bn(self.l1(x.reshape(x.shape[0], -1)))))
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.bn(self.l1(x.reshape(x.shape[0], -1)))))
 
-    return Tiny()
+
+_tiny_bn = TinyBN
 
 
 def _np_tiny(P, X, mean=None, var=None):
@@ -349,7 +348,6 @@ def _np_tiny(P, X, mean=None, var=None):
 
 
 def _flat_params(model):
-    from flax import nnx
     st = nnx.to_flat_state(nnx.state(model, nnx.Param))
     return {".".join(map(str, k)): np.asarray(v[...]) for k, v in st}
 
@@ -416,7 +414,7 @@ def test_batchnorm_penalty_is_the_summed_loss_input_gradient(rng, penalty):
         G[(slice(None),) + i] = (summed(X + E) - summed(X - E)) / (2 * eps)
     pen = np.mean(np.sum(G ** 2, axis=(0, 2)))
     data = _np_xent(_np_tiny(P, X)[0], Y)
-    np.testing.assert_allclose(T.objective(model, _call, X, Y, cfg),
+    np.testing.assert_allclose(jax.jit(lambda m: T.objective(m, _call, X, Y, cfg))(model),
                                data + 0.7 * pen, rtol=1e-7)
 
 
@@ -424,7 +422,6 @@ def test_batchnorm_penalty_is_the_summed_loss_input_gradient(rng, penalty):
 def test_batch_penalty_equals_the_per_example_penalty_without_coupling(rng, penalty):
     """A stateful model whose examples do not interact (a BatchStat it never reads)
     takes the batch-gradient path; its objective equals the per-example one."""
-    from flax import nnx
     X, Y, p = _tanh_problem(rng)
 
     class Stateful(nnx.Module):
@@ -436,15 +433,14 @@ def test_batch_penalty_equals_the_per_example_penalty_without_coupling(rng, pena
             return tanh_apply({k: v[...] for k, v in self.w.items()}, x)
 
     cfg = _cfg(penalty=penalty, kappa=0.7, batch_size=5)
-    a = T.objective(Stateful(), _call, X, Y, cfg)
-    b = T.objective(p, tanh_apply, X, Y, cfg)
+    a = jax.jit(lambda m: T.objective(m, _call, X, Y, cfg))(Stateful())
+    b = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, cfg))(p)
     np.testing.assert_allclose(a, b, rtol=1e-12)
 
 
 def test_batchnorm_determinism_and_exact_resume(rng, tmp_path):
     """Same seed: identical parameters and state; a run interrupted after epoch 2
     resumes from its checkpoint (parameters, optimiser and BatchNorm state) exactly."""
-    from flax import nnx
     X, Y = rng.normal(size=(12, 3)), rng.integers(0, 3, size=12)
     cfg = _cfg(batch_size=4, epochs=4, optimizer="momentum", lr=0.1, penalty="loss",
                kappa=0.1, weight_decay=0.01)
