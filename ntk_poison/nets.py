@@ -696,3 +696,6 @@ def augment_flip_crop(key: Array, images: Array, pad: int = 2) -> jax.Array:
         raise ValueError(f"`pad` must be an integer >= 0 (pixels), got {pad!r}.")
     _validate.array("images", images, ndim=4)
     return _flip_crop(key, jnp.asarray(images), int(pad))
+
+from ntk_poison.resnet import PreActResNet, resnet  # noqa: E402,F401  (re-exported)
+__all__ += ["PreActResNet", "resnet"]

@@ -39,9 +39,34 @@ optimiser (``optax.add_decayed_weights``; for SGD this is PyTorch's
 decoupled). Schedules: constant, step (multiply by ``decay`` at each epoch in
 ``boundaries``) and cosine (to 0 over all the steps).
 
+**Model state (BatchNorm).** An nnx module with variables other than ``nnx.Param``
+(BatchNorm's ``nnx.BatchStat`` running averages) is split once, ``nnx.split(model,
+nnx.Param, nnx.Not(nnx.Param))``: only the ``Param`` half is optimised (and weight
+decayed); the rest is carried through the scan beside it. Each step merges the
+two halves (``nnx.merge(..., copy=True)``) into a training-mode view
+(``nnx.view(model, use_running_average=False)``: normalise with the batch's
+statistics, update the running averages from the pre-update parameters), calls
+``apply`` on it, and reads the new state back. :func:`train` returns the model
+merged and viewed in evaluation mode (running averages), the mode the hooks see
+too; the caller's model is never mutated. Split/merge with ``nnx.view`` rather
+than the in-place ``model.train()`` / ``model.eval()`` keeps every function pure:
+the state is an explicit input and output of the compiled epoch, not a side effect
+on a Python object that jit cannot see. With batch statistics the examples of a
+minibatch interact, so the penalty is defined on the batch:
+
+    penalty = (1/|B|) sum_i || d/dx_i sum_j P_j(X_B) ||^2
+
+(one row of the input gradient of the batch's summed ``P``; for ``penalty="output"``
+with vector outputs, one such gradient per class, squared norms summed over the
+classes). Where the examples do not interact this is the per-example
+``||grad_x P_i(x_i)||^2`` above; it is computed from one forward pass and its VJP.
+A model without such variables (a dict, stax, an nnx module of ``Param`` only)
+takes exactly the stateless path.
+
 **Checkpoints.** With ``checkpoint_dir`` a file ``checkpoint.npz`` (the leaves of
-``(params, opt_state)`` and a JSON header: epoch, history, config hash; no pickle)
-is written atomically after every epoch, and :func:`train` resumes from it.
+``(params, opt_state, state)`` and a JSON header: epoch, history, config hash; no
+pickle; a stateless model has no state leaves) is written atomically after every
+epoch, and :func:`train` resumes from it, state included.
 """
 
 from __future__ import annotations
@@ -58,6 +83,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 from ntk_poison import _validate, io, report
 
@@ -199,11 +225,97 @@ def _terms(params, apply, x, y, loss, penalty, kappa):
     return data, jnp.mean(sq), out
 
 
+def _batch_terms(forward, x, y, loss, penalty, kappa):
+    """(mean loss, mean squared input-gradient row norm or 0, outputs, new state) of a
+    batch through ``forward(x_batch) -> (outputs, state)``, whose outputs may couple
+    the examples (BatchNorm's batch statistics).
+
+    The penalty rows are those of the input gradient of the batch's *summed* loss,
+    ``g_i = d/dx_i sum_j P_j(X)`` (for ``penalty="output"`` with vector outputs, one
+    gradient per class c of ``sum_j f_c(X)_j``, squared norms summed over c). For
+    outputs that do not couple the examples ``g_i = grad_x P_i(x_i)``, the penalty of
+    :func:`_terms`. One forward pass gives the outputs, the loss, the state and (its
+    VJP) the input gradient.
+    """
+    if penalty == "none" or kappa == 0:
+        out, state = forward(x)
+        data = jnp.mean(jax.vmap(lambda o, t: _per_example_loss(o, t, loss))(out, y))
+        return data, jnp.zeros((), out.dtype), out, state
+    if penalty == "loss":
+        def summed(xb):
+            out, state = forward(xb)
+            per = jax.vmap(lambda o, t: _per_example_loss(o, t, loss))(out, y)
+            return jnp.sum(per), (jnp.mean(per), out, state)
+        g, (data, out, state) = jax.grad(summed, has_aux=True)(x)
+    else:
+        out, vjp, state = jax.vjp(forward, x, has_aux=True)
+        data = jnp.mean(jax.vmap(lambda o, t: _per_example_loss(o, t, loss))(out, y))
+        if out.ndim == 1:
+            g = vjp(jnp.ones_like(out))[0]
+        else:                                     # (C, n, *input) -> (n, C, *input)
+            cts = jnp.broadcast_to(jnp.eye(out.shape[1], dtype=out.dtype)[:, None, :],
+                                   (out.shape[1],) + out.shape)
+            g = jnp.moveaxis(jax.vmap(lambda ct: vjp(ct)[0])(cts), 0, 1)
+    sq = jnp.sum(g.reshape(g.shape[0], -1) ** 2, axis=1)
+    return data, jnp.mean(sq), out, state
+
+
 def objective(params: Any, apply: Callable, x: Any, y: Any, config: TrainConfig) -> jax.Array:
-    """The penalised minibatch objective J(w) of the module docstring (no augmentation)."""
-    data, pen, _ = _terms(params, apply, jnp.asarray(x), jnp.asarray(y), config.loss,
-                          config.penalty, float(config.kappa))
-    return data + float(config.kappa) * pen
+    """The penalised minibatch objective J(w) of the module docstring (no augmentation).
+
+    For a model with state (BatchNorm) it is the training-mode objective: batch
+    statistics of ``x``, and the penalty of :func:`_batch_terms`.
+    """
+    x, y, kappa = jnp.asarray(x), jnp.asarray(y), float(config.kappa)
+    trainable, state, gdef = _split(params)
+    if gdef is None:
+        data, pen, _ = _terms(params, apply, x, y, config.loss, config.penalty, kappa)
+    else:
+        data, pen, _, _ = _batch_terms(_training_forward(apply, gdef, trainable, state),
+                                       x, y, config.loss, config.penalty, kappa)
+    return data + kappa * pen
+
+
+# --------------------------------------------------------------------------- model state
+
+def _mode(model, training: bool):
+    """A view of an nnx model in training (batch statistics) or evaluation mode."""
+    try:
+        return nnx.view(model, use_running_average=not training)
+    except ValueError:          # no BatchNorm in it: the state is carried, no mode to switch
+        return model
+
+
+def _split(params):
+    """``(trainable, state, graphdef)`` of a model; ``(params, None, None)`` if stateless.
+
+    A model has state when it is an nnx module with variables other than
+    ``nnx.Param`` (BatchNorm's ``nnx.BatchStat``). Then ``trainable`` holds the
+    ``nnx.Param`` leaves (the only ones optimised and weight-decayed), ``state`` the
+    rest, and ``graphdef`` is the model's structure in training mode.
+    """
+    if not isinstance(params, nnx.Module) or not jax.tree_util.tree_leaves(
+            nnx.state(params, nnx.Not(nnx.Param))):
+        return params, None, None
+    gdef, trainable, state = nnx.split(_mode(params, True), nnx.Param, nnx.Not(nnx.Param))
+    return trainable, state, gdef
+
+
+def _merge(gdef, trainable, state):
+    """The model of :func:`_split`'s parts, in evaluation mode (or ``trainable`` itself)."""
+    if gdef is None:
+        return trainable
+    return _mode(nnx.merge(gdef, trainable, state), False)
+
+
+def _training_forward(apply, gdef, trainable, state):
+    """``x -> (apply(model, x), the model's new state)`` with the model in training mode."""
+    def forward(x):
+        # copy: fresh variables in the current trace, so BatchNorm may update them here
+        model = nnx.merge(gdef, trainable, state, copy=True)
+        out = apply(model, x)
+        return out, nnx.state(model, nnx.Not(nnx.Param))
+    return forward
 
 
 # --------------------------------------------------------------------------- randomness
@@ -253,38 +365,44 @@ def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Ar
 
 # --------------------------------------------------------------------------- the epoch
 
-@functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps"))
-def _epoch(params, opt_state, X, Y, epoch, *, apply, config, optimizer, steps):
+@functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps", "gdef"))
+def _epoch(params, opt_state, model_state, X, Y, epoch, *, apply, config, optimizer, steps,
+           gdef):
     bs = config.batch_size
     batches = epoch_permutation(config.seed, epoch, X.shape[0])[:steps * bs].reshape(steps, bs)
     kappa = float(config.kappa)
 
-    def J(p, xb, yb):
-        data, pen, out = _terms(p, apply, xb, yb, config.loss, config.penalty, kappa)
-        return data + kappa * pen, (data, out)
+    def J(p, ms, xb, yb):
+        if gdef is None:                          # stateless (static): today's path
+            data, pen, out = _terms(p, apply, xb, yb, config.loss, config.penalty, kappa)
+            return data + kappa * pen, (data, out, ms)
+        data, pen, out, ms = _batch_terms(_training_forward(apply, gdef, p, ms), xb, yb,
+                                          config.loss, config.penalty, kappa)
+        return data + kappa * pen, (data, out, ms)
 
     def step(carry, inp):
-        params, state = carry
+        params, state, ms = carry
         s, idx = inp
         xb, yb = X[idx], Y[idx]
         if config.augment != "none":
             oy, ox, fl = augment_draws(step_key(config.seed, epoch, s), bs, config.pad,
                                        config.augment == "crop_flip")
             xb = apply_augment(xb, oy, ox, fl, config.pad)
-        (val, (data, out)), g = jax.value_and_grad(J, has_aux=True)(params, xb, yb)
+        (val, (data, out, ms)), g = jax.value_and_grad(J, has_aux=True)(params, ms, xb, yb)
         upd, state = optimizer.update(g, state, params)
         acc = jnp.mean(_correct(out, yb, config.loss))
-        return (optax.apply_updates(params, upd), state), (val, acc)
+        return (optax.apply_updates(params, upd), state, ms), (val, acc)
 
-    (params, opt_state), (vals, accs) = jax.lax.scan(
-        step, (params, opt_state), (jnp.arange(steps), batches))
-    return params, opt_state, vals, accs
+    (params, opt_state, model_state), (vals, accs) = jax.lax.scan(
+        step, (params, opt_state, model_state), (jnp.arange(steps), batches))
+    return params, opt_state, model_state, vals, accs
 
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _save(path: Path, params, opt_state, epoch: int, history, digest: str) -> None:
-    leaves = jax.tree_util.tree_leaves((params, opt_state))
+def _save(path: Path, params, opt_state, model_state, epoch: int, history, digest: str
+          ) -> None:
+    leaves = jax.tree_util.tree_leaves((params, opt_state, model_state))
     header = json.dumps({"epoch": epoch, "history": io.to_jsonable(history),
                          "config": digest, "n_leaves": len(leaves)})
     arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
@@ -295,23 +413,33 @@ def _save(path: Path, params, opt_state, epoch: int, history, digest: str) -> No
     io.write_atomic(path, w)
 
 
-def load_checkpoint(checkpoint_dir: Any, params: Any, opt_state: Any):
-    """``(params, opt_state, epoch, history, config_digest)`` from a checkpoint.
-
-    ``params`` and ``opt_state`` give the pytree structure (e.g. a fresh model and
-    ``optimizer.init(params)``); the stored leaves must match their shapes.
-    """
-    path = Path(checkpoint_dir) / CHECKPOINT
+def _load(path: Path, ref_tree):
+    """The stored leaves in the structure of ``ref_tree``, and the header."""
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(str(z["header"]))
         leaves = [z[f"leaf_{i}"] for i in range(header["n_leaves"])]
-    ref, treedef = jax.tree_util.tree_flatten((params, opt_state))
+    ref, treedef = jax.tree_util.tree_flatten(ref_tree)
     if len(ref) != len(leaves) or any(np.shape(a) != np.shape(b) for a, b in zip(ref, leaves)):
         raise ValueError(f"`checkpoint_dir` {path} holds parameters of another model "
                          "(leaf shapes differ); use a fresh directory.")
     leaves = [jnp.asarray(v, dtype=jnp.asarray(r).dtype) for v, r in zip(leaves, ref)]
-    p, s = jax.tree_util.tree_unflatten(treedef, leaves)
-    return p, s, int(header["epoch"]), header["history"], header["config"]
+    return jax.tree_util.tree_unflatten(treedef, leaves), header
+
+
+def load_checkpoint(checkpoint_dir: Any, params: Any, opt_state: Any):
+    """``(params, opt_state, epoch, history, config_digest)`` from a checkpoint.
+
+    ``params`` and ``opt_state`` give the pytree structure (e.g. a fresh model and
+    ``optimizer.init(params)``); the stored leaves must match their shapes. For a
+    model with state (BatchNorm) ``params`` is the model, ``opt_state`` is
+    ``optimizer.init(nnx.state(model, nnx.Param))`` (only parameters are optimised),
+    and the returned ``params`` is the model with the stored parameters and state,
+    in evaluation mode.
+    """
+    trainable, state, gdef = _split(params)
+    (p, s, ms), header = _load(Path(checkpoint_dir) / CHECKPOINT,
+                               (trainable, opt_state, state))
+    return _merge(gdef, p, ms), s, int(header["epoch"]), header["history"], header["config"]
 
 
 # --------------------------------------------------------------------------- train
@@ -361,7 +489,11 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
 
     Args:
       params: the parameter pytree (e.g. an nnx module, or the state of nnx.split).
+        An nnx module with BatchNorm (non-``Param`` variables) trains its
+        parameters and updates its running averages (module docstring).
       apply: ``apply(params, x_batch) -> (n, C)`` logits or ``(n,)`` outputs; hashable.
+        For a model with state it must call the module it is given (e.g.
+        ``nets.apply_fn``), so that the BatchNorm updates land on it.
       X: inputs ``(n, *input_shape)``; images ``(n, H, W, C)`` for augmentation.
       Y: integer labels ``(n,)`` (xent) or float targets ``(n, C)`` / ``(n,)`` (mse).
       config: a :class:`TrainConfig`.
@@ -375,7 +507,9 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
       progress: show a progress bar with the loss and accuracy.
 
     Returns:
-      ``(params, history)``: the final parameters and a dict of per-epoch lists:
+      ``(params, history)``: the final parameters (a model with state: the module
+      with its trained parameters and running averages, in evaluation mode) and a
+      dict of per-epoch lists:
       ``epoch``, ``loss`` (the mean penalised objective over the epoch's steps),
       ``accuracy`` (the mean training-batch accuracy) and each hook's keys.
 
@@ -393,14 +527,16 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     _check_data(apply, params, X, Y, config)
     steps = X.shape[0] // config.batch_size
     optimizer = make_optimizer(config, steps)
+    params, model_state, gdef = _split(params)
     opt_state = optimizer.init(params)
     history: Dict[str, List[Any]] = {"epoch": [], "loss": [], "accuracy": []}
     start, path = 0, None
     if checkpoint_dir is not None:
         path = Path(checkpoint_dir) / CHECKPOINT
         if path.exists():
-            params, opt_state, start, history, digest = load_checkpoint(
-                checkpoint_dir, params, opt_state)
+            (params, opt_state, model_state), header = _load(
+                path, (params, opt_state, model_state))
+            start, history, digest = int(header["epoch"]), header["history"], header["config"]
             if digest != config.digest():
                 raise ValueError(f"`checkpoint_dir` {checkpoint_dir} holds a run of another "
                                  f"config (hash {digest}, this one {config.digest()}); use "
@@ -409,8 +545,9 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     if progress:
         bar = report.progress(bar, desc, total=config.epochs - start)
     for e in bar:
-        new_p, new_s, vals, accs = _epoch(params, opt_state, X, Y, e, apply=apply,
-                                          config=config, optimizer=optimizer, steps=steps)
+        new_p, new_s, new_ms, vals, accs = _epoch(
+            params, opt_state, model_state, X, Y, e, apply=apply, config=config,
+            optimizer=optimizer, steps=steps, gdef=gdef)
         vals = np.asarray(vals)
         bad = np.flatnonzero(~np.isfinite(vals))
         if bad.size:
@@ -419,16 +556,16 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
             raise ValueError(f"the loss is {vals[bad[0]]} at epoch {e + 1}, step {bad[0]} "
                              f"(global step {e * steps + int(bad[0])}): training diverged; "
                              f"lower `lr` (now {config.lr}){kept}.")
-        params, opt_state = new_p, new_s
+        params, opt_state, model_state = new_p, new_s, new_ms
         history["epoch"].append(e + 1)
         history["loss"].append(float(np.mean(vals)))
         history["accuracy"].append(float(np.mean(np.asarray(accs))))
         for hook in hooks:
-            for k, v in dict(hook(params, e + 1)).items():
+            for k, v in dict(hook(_merge(gdef, params, model_state), e + 1)).items():
                 history.setdefault(k, []).append(io.to_jsonable(v))
         if progress and hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
                             acc=f"{history['accuracy'][-1]:.3f}")
         if path is not None:
-            _save(path, params, opt_state, e + 1, history, config.digest())
-    return params, history
+            _save(path, params, opt_state, model_state, e + 1, history, config.digest())
+    return _merge(gdef, params, model_state), history

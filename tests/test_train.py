@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from ntk_poison import train as T
 
@@ -308,3 +309,164 @@ def test_config_is_frozen_hashable_and_kappa_zero_traces_no_input_gradient(rng):
     jaxpr = lambda c: str(jax.make_jaxpr(lambda q: T.objective(q, tanh_apply, X, Y, c))(p))  # noqa: E731
     assert jaxpr(_cfg(penalty="loss", kappa=0.0)) == jaxpr(_cfg())
     assert len(jaxpr(_cfg(penalty="loss", kappa=1.0))) > len(jaxpr(_cfg()))
+
+
+# --------------------------------------------------------------------------- model state (BatchNorm)
+
+def _call(model, x):
+    return model(x)
+
+
+class TinyBN(nnx.Module):
+    """Linear(d, h) -> BatchNorm(h) -> tanh -> Linear(h, C): smooth, with state."""
+
+    def __init__(self, seed=0, d=3, h=4, C=3):
+        r = nnx.Rngs(seed)
+        self.l1 = nnx.Linear(d, h, rngs=r, param_dtype=jnp.float64)
+        self.bn = nnx.BatchNorm(h, momentum=0.9, epsilon=1e-5, use_running_average=True,
+                                param_dtype=jnp.float64, rngs=r)
+        self.bn.mean = nnx.BatchStat(jnp.linspace(-0.3, 0.2, h))      # not the defaults,
+        self.bn.var = nnx.BatchStat(jnp.full((h,), 1.3, jnp.float64))  # so updates show
+        self.bn.scale = nnx.Param(jnp.linspace(0.5, 1.5, h))
+        self.bn.bias = nnx.Param(jnp.linspace(-0.2, 0.3, h))
+        self.l2 = nnx.Linear(h, C, rngs=r, param_dtype=jnp.float64)
+
+    def __call__(self, x):
+        return self.l2(jnp.tanh(self.bn(self.l1(x.reshape(x.shape[0], -1)))))
+
+
+_tiny_bn = TinyBN
+
+
+def _np_tiny(P, X, mean=None, var=None):
+    """numpy forward of TinyBN: batch statistics when mean is None; also (mu, var_b)."""
+    z = X.reshape(len(X), -1) @ P["l1.kernel"] + P["l1.bias"]
+    mu, vb = z.mean(0), z.var(0)
+    m, v = (mu, vb) if mean is None else (mean, var)
+    a = np.tanh((z - m) / np.sqrt(v + 1e-5) * P["bn.scale"] + P["bn.bias"])
+    return a @ P["l2.kernel"] + P["l2.bias"], mu, vb
+
+
+def _flat_params(model):
+    st = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {".".join(map(str, k)): np.asarray(v[...]) for k, v in st}
+
+
+def _np_xent(Z, Y):
+    Z = Z - Z.max(1, keepdims=True)
+    return np.mean(np.log(np.exp(Z).sum(1)) - Z[np.arange(len(Y)), Y])
+
+
+def test_batchnorm_step_and_running_averages_against_numpy(rng):
+    """One SGD step with weight decay: parameters by numpy finite differences of the
+    batch-statistics objective, running averages by the numpy BN update (no decay),
+    and the returned model evaluates with the running averages."""
+    X, Y = rng.normal(size=(8, 3)), rng.integers(0, 3, size=8)
+    model = _tiny_bn()
+    P = _flat_params(model)
+    lr, wd = 0.3, 0.05
+    out, _ = T.train(model, _call, X, Y, _cfg(batch_size=8, weight_decay=wd),
+                     progress=False)
+    Xp, Yp = X[np.asarray(T.epoch_permutation(0, 0, 8))], Y[np.asarray(T.epoch_permutation(0, 0, 8))]
+    Q = _flat_params(out)
+    eps = 1e-6
+    for k, v in P.items():
+        grad = np.zeros_like(v)
+        for i in np.ndindex(v.shape):
+            Pp = {**P, k: v.copy()}
+            Pm = {**P, k: v.copy()}
+            Pp[k][i] += eps
+            Pm[k][i] -= eps
+            grad[i] = (_np_xent(_np_tiny(Pp, Xp)[0], Yp) - _np_xent(_np_tiny(Pm, Xp)[0], Yp)) / (2 * eps)
+        np.testing.assert_allclose(Q[k], v - lr * (grad + wd * v), rtol=0, atol=1e-8)
+    _, mu, vb = _np_tiny(P, Xp)
+    rm = 0.9 * np.asarray(model.bn.mean[...]) + 0.1 * mu
+    rv = 0.9 * np.asarray(model.bn.var[...]) + 0.1 * vb
+    np.testing.assert_allclose(out.bn.mean[...], rm, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(out.bn.var[...], rv, rtol=0, atol=1e-12)
+    assert out.bn.use_running_average and model.bn.use_running_average
+    np.testing.assert_allclose(out(X[:3]), _np_tiny(Q, X[:3], rm, rv)[0], rtol=0, atol=1e-12)
+    # the input model is untouched
+    assert all(np.array_equal(P[k], v) for k, v in _flat_params(model).items())
+
+
+@pytest.mark.parametrize("penalty", ["loss", "output"])
+def test_batchnorm_penalty_is_the_summed_loss_input_gradient(rng, penalty):
+    """With BatchNorm the penalty is mean_i ||d/dx_i sum_j P_j(X)||^2: checked by
+    numpy central differences of the batch-statistics forward pass in X."""
+    X, Y = rng.normal(size=(5, 3)), rng.integers(0, 3, size=5)
+    model = _tiny_bn(seed=1)
+    P = _flat_params(model)
+    cfg = _cfg(penalty=penalty, kappa=0.7, batch_size=5)
+
+    def summed(Xb):                                 # numpy: sum_j P_j (per class for output)
+        Z = _np_tiny(P, Xb)[0]
+        if penalty == "output":
+            return Z.sum(0)
+        Zs = Z - Z.max(1, keepdims=True)
+        return np.array([np.sum(np.log(np.exp(Zs).sum(1)) - Zs[np.arange(5), Y])])
+
+    eps = 1e-6
+    G = np.zeros((len(summed(X)),) + X.shape)
+    for i in np.ndindex(X.shape):
+        E = np.zeros_like(X)
+        E[i] = eps
+        G[(slice(None),) + i] = (summed(X + E) - summed(X - E)) / (2 * eps)
+    pen = np.mean(np.sum(G ** 2, axis=(0, 2)))
+    data = _np_xent(_np_tiny(P, X)[0], Y)
+    np.testing.assert_allclose(jax.jit(lambda m: T.objective(m, _call, X, Y, cfg))(model),
+                               data + 0.7 * pen, rtol=1e-7)
+
+
+@pytest.mark.parametrize("penalty", ["loss", "output"])
+def test_batch_penalty_equals_the_per_example_penalty_without_coupling(rng, penalty):
+    """A stateful model whose examples do not interact (a BatchStat it never reads)
+    takes the batch-gradient path; its objective equals the per-example one."""
+    X, Y, p = _tanh_problem(rng)
+
+    class Stateful(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Dict({k: nnx.Param(v) for k, v in p.items()})
+            self.unused = nnx.BatchStat(jnp.zeros(2))
+
+        def __call__(self, x):
+            return tanh_apply({k: v[...] for k, v in self.w.items()}, x)
+
+    cfg = _cfg(penalty=penalty, kappa=0.7, batch_size=5)
+    a = jax.jit(lambda m: T.objective(m, _call, X, Y, cfg))(Stateful())
+    b = jax.jit(lambda q: T.objective(q, tanh_apply, X, Y, cfg))(p)
+    np.testing.assert_allclose(a, b, rtol=1e-12)
+
+
+def test_batchnorm_determinism_and_exact_resume(rng, tmp_path):
+    """Same seed: identical parameters and state; a run interrupted after epoch 2
+    resumes from its checkpoint (parameters, optimiser and BatchNorm state) exactly."""
+    X, Y = rng.normal(size=(12, 3)), rng.integers(0, 3, size=12)
+    cfg = _cfg(batch_size=4, epochs=4, optimizer="momentum", lr=0.1, penalty="loss",
+               kappa=0.1, weight_decay=0.01)
+    apply = _call
+    full, hist = T.train(_tiny_bn(), apply, X, Y, cfg, progress=False)
+    again, _ = T.train(_tiny_bn(), apply, X, Y, cfg, progress=False)
+    la, lb = _leaves(nnx.state(full)), _leaves(nnx.state(again))
+    assert len(la) == 8 and all(np.array_equal(a, b) for a, b in zip(la, lb))
+    assert not np.array_equal(full.bn.mean[...], _tiny_bn().bn.mean[...])
+
+    class Stop(Exception):
+        pass
+
+    def stop(model, epoch):
+        if epoch == 3:
+            raise Stop
+        return {}
+
+    ck = tmp_path / "bn"
+    with pytest.raises(Stop):
+        T.train(_tiny_bn(), apply, X, Y, cfg, hooks=[stop], checkpoint_dir=ck, progress=False)
+    m0 = _tiny_bn()
+    opt0 = T.make_optimizer(cfg, 3).init(nnx.state(m0, nnx.Param))
+    mid, _, epoch, _, _ = T.load_checkpoint(ck, m0, opt0)
+    assert epoch == 2 and mid.bn.use_running_average
+    assert not np.array_equal(mid.bn.var[...], m0.bn.var[...])     # the state is stored
+    resumed, rhist = T.train(_tiny_bn(), apply, X, Y, cfg, checkpoint_dir=ck, progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(la, _leaves(nnx.state(resumed))))
+    assert rhist == hist
