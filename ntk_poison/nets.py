@@ -696,3 +696,13 @@ def augment_flip_crop(key: Array, images: Array, pad: int = 2) -> jax.Array:
         raise ValueError(f"`pad` must be an integer >= 0 (pixels), got {pad!r}.")
     _validate.array("images", images, ndim=4)
     return _flip_crop(key, jnp.asarray(images), int(pad))
+
+
+# --------------------------------------------------------------------------- the CNN
+
+#: Public name of the chunked N(0, 1) sampler, for the other network modules.
+standard_normals = _standard_normals
+
+from ntk_poison.convnets import CNN, cnn  # noqa: E402  (convnets uses standard_normals)
+
+__all__ += ["CNN", "cnn", "standard_normals"]
