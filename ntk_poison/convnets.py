@@ -49,7 +49,6 @@ import numpy as np
 from flax import nnx
 
 from ntk_poison import _validate, kernels
-from ntk_poison.nets import standard_normals
 
 Array = Any
 
@@ -180,6 +179,7 @@ class CNN(nnx.Module):
         denses = [((flat, self.hidden), flat)] if self.hidden else []
         denses += [((self.hidden or flat, self.num_outputs), self.hidden or flat)]
         sizes = [(int(np.prod(s)), s[-1]) for s, _ in convs + denses]
+        from ntk_poison.nets import standard_normals   # nets re-exports CNN: import here
         draws = standard_normals(rngs.params(), sum(a + b for a, b in sizes), dtype)
 
         made, at = [], 0
