@@ -60,12 +60,39 @@ PARAMETERIZATIONS = ("ntk", "standard")
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")      # stax.Conv's default layout
 
 
+def _conv_lax(x: Array, W: Array) -> Array:
+    """SAME, stride-1 convolution by ``lax.conv_general_dilated`` (NHWC, HWIO)."""
+    return jax.lax.conv_general_dilated(x, W, (1, 1), "SAME",
+                                        dimension_numbers=_DIMENSION_NUMBERS)
+
+
+def _conv_patches(x: Array, W: Array) -> Array:
+    """The same convolution as one matrix product of image patches (im2col):
+
+        y[n, i, j, :] = sum_{a, b, c} xpad[n, i + a, j + b, c] W[a, b, c, :]
+
+    with ``xpad`` zero-padded by ``(k-1)//2`` before and ``k-1-(k-1)//2`` after (lax's
+    SAME). On the CPU, XLA runs a convolution inside a ``lax.scan`` (the training
+    engine's epoch) about 20x slower than outside one; this form runs at matmul
+    speed there (measured: 15 SGD steps of the default CNN, batch 128, 15.5 s -> 0.5 s).
+    """
+    k = W.shape[0]
+    lo, hi = (k - 1) // 2, k - 1 - (k - 1) // 2
+    n, H, Wd, C = x.shape
+    p = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
+    patches = jnp.concatenate([p[:, a:a + H, b:b + Wd, :] for a in range(k)
+                               for b in range(k)], axis=-1)          # (n, H, W, k^2 C)
+    return patches @ W.reshape(k * k * C, W.shape[-1])
+
+
 class Conv(nnx.Module):
     """``w_scale * conv(x, W) + b_scale * b``: SAME padding, stride 1, channels last.
 
     ``W (k, k, C_in, C_out)`` (HWIO, stax's layout), ``b (C_out,)``; the scales are
     static (``W_std / sqrt(k^2 C_in)`` and ``b_std`` in the NTK parameterisation,
-    1 and 1 in the standard one).
+    1 and 1 in the standard one). On the CPU the convolution is an im2col matrix
+    product (:func:`_conv_patches`, fast inside the engine's ``lax.scan``); on an
+    accelerator it is ``lax.conv_general_dilated``. Both compute the same sum.
     """
 
     def __init__(self, W: Array, b: Array, w_scale: float, b_scale: float):
@@ -75,9 +102,8 @@ class Conv(nnx.Module):
         self.b_scale = float(b_scale)
 
     def __call__(self, x: Array) -> Array:
-        y = jax.lax.conv_general_dilated(x, self.W[...], (1, 1), "SAME",
-                                         dimension_numbers=_DIMENSION_NUMBERS)
-        return self.w_scale * y + self.b_scale * self.b[...]
+        conv = _conv_patches if jax.default_backend() == "cpu" else _conv_lax
+        return self.w_scale * conv(x, self.W[...]) + self.b_scale * self.b[...]
 
 
 class Dense(nnx.Module):

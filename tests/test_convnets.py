@@ -92,6 +92,18 @@ def test_cnn_equals_stax_apply_with_the_same_weights(arch, parameterization, rng
     assert np.std(f) > 1e-3                              # not a trivially zero output
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_patch_convolution_equals_lax_convolution(k, rng):
+    """The CPU path (im2col matmul) against lax.conv_general_dilated, SAME, odd and even
+    filters (asymmetric padding)."""
+    x = jnp.asarray(rng.standard_normal((2, 7, 6, 3)))
+    W = jnp.asarray(rng.standard_normal((k, k, 3, 4)))
+    ref = jax.lax.conv_general_dilated(x, W, (1, 1), "SAME",
+                                       dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    assert rel_err(convnets._conv_patches(x, W), ref) < 1e-13
+    assert rel_err(convnets._conv_lax(x, W), ref) == 0.0
+
+
 # --------------------------------------------------------------------------- the kernel
 
 def test_empirical_ntk_converges_to_the_kernel_at_width_power_minus_half(rng):
@@ -190,15 +202,15 @@ def test_nt_cnn_options_equal_the_numpy_recursion(kw, rng):
 
 @pytest.mark.parametrize("num_outputs", [10, 100, 1])
 def test_shapes_features_and_apply_fn(num_outputs, rng):
-    x = jnp.asarray(rng.uniform(size=(3, 28, 28, 1)), jnp.float32)
-    model = nets.CNN(input_shape=(28, 28, 1), channels=8, depth=2, filter_size=3, pool=2,
+    x = jnp.asarray(rng.uniform(size=(3, 12, 12, 1)), jnp.float32)
+    model = nets.CNN(input_shape=(12, 12, 1), channels=8, depth=2, filter_size=3, pool=2,
                      hidden=0, num_outputs=num_outputs, parameterization="standard",
                      rngs=nnx.Rngs(params=jax.random.key(0)), dtype=jnp.float32)
     out = apply(model, x)
     assert out.shape == ((3,) if num_outputs == 1 else (3, num_outputs))
     assert out.dtype == jnp.float32
     feats = features(model, x)
-    assert feats.shape == (3, 7 * 7 * 8)
+    assert feats.shape == (3, 3 * 3 * 8)
     # the readout is an affine map of the features
     W, b = np.asarray(model.readout.W[...]), np.asarray(model.readout.b[...])
     ref = np.asarray(feats) @ W + b
