@@ -46,7 +46,8 @@ KernelFn = Callable[[Array, Array], Array]
 
 __all__ = [
     "Kernel", "register", "get", "available", "sq_dists",
-    "rbf", "linear", "matern52", "nt_fc", "nt_cnn", "from_stax", "normalized", "on_sphere",
+    "rbf", "linear", "matern52", "nt_fc", "nt_cnn", "stax_cnn", "from_stax", "normalized",
+    "on_sphere",
 ]
 
 
@@ -313,33 +314,83 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     return from_stax(kernel_fn, kind, name="nt_fc", params=params)
 
 
-@register("nt_cnn")
-def nt_cnn(depth: int = 2, channels: int = 64, filter_size: int = 3, W_std: float = 1.0,
-           b_std: float = 0.0, kind: str = "ntk") -> Kernel:
-    """The infinite-width kernel of a small ReLU conv net on images ``(n, H, W, C)``.
+def _check_cnn(depth, channels, filter_size, pool, hidden, W_std, b_std):
+    for nm, v in (("depth", depth), ("channels", channels), ("filter_size", filter_size),
+                  ("pool", pool)):
+        if not _validate.is_int_scalar(v) or v < 1:
+            raise ValueError(f"`{nm}` must be an integer >= 1, got {v!r}.")
+    if not _validate.is_int_scalar(hidden) or hidden < 0:
+        raise ValueError(f"`hidden` must be an integer >= 0 (0: no hidden dense layer), "
+                         f"got {hidden!r}.")
+    return _positive("W_std", W_std), float(_validate.nonneg("b_std", b_std))
 
-    Architecture: ``depth x (Conv(filter_size x filter_size, SAME), Relu)``, then
-    ``Flatten`` and ``Dense(1)``, NTK parameterisation. With a Flatten readout only
-    the spatial diagonal of the covariance is needed (Novak et al. 2019, "Bayesian
-    Deep Convolutional Networks with Many Channels are Gaussian Processes"), so the
-    cost is O(n1 n2 H W filter_size^2 depth). ``channels`` only sets the width of the
-    finite twin; the infinite-width kernel does not depend on it.
+
+def stax_cnn(depth: int = 2, channels: int = 64, filter_size: int = 3, W_std: float = 1.0,
+             b_std: float = 0.0, *, pool: int = 1, hidden: int = 0, num_outputs: int = 1,
+             parameterization: str = "ntk", W_std_readout: Any = None):
+    """The neural-tangents ``stax`` triple ``(init_fn, apply_fn, kernel_fn)`` of the conv net
+
+        depth x [Conv(channels, filter_size x filter_size, SAME), Relu,
+                 AvgPool(pool x pool, stride pool, VALID) when pool > 1],
+        Flatten, [Dense(hidden), Relu when hidden > 0], Dense(num_outputs)
+
+    on channels-last images ``(n, H, W, C)``. Every layer has weight scale ``W_std`` and
+    bias scale ``b_std`` except the readout, which has ``W_std_readout`` (default
+    ``W_std``). It is the architecture of :func:`nt_cnn` (``num_outputs = 1``) and of
+    ``nets.CNN`` (``nets.CNN``'s ``stax_twin``). A ``VALID`` pool drops the last
+    ``H mod pool`` rows and columns.
     """
     from neural_tangents import stax
 
-    for nm, v in (("depth", depth), ("channels", channels), ("filter_size", filter_size)):
-        if not _validate.is_int_scalar(v) or v < 1:
-            raise ValueError(f"`{nm}` must be an integer >= 1, got {v!r}.")
-    W_std = _positive("W_std", W_std)
-    b_std = float(_validate.nonneg("b_std", b_std))
+    W_std, b_std = _check_cnn(depth, channels, filter_size, pool, hidden, W_std, b_std)
+    W_out = W_std if W_std_readout is None else _positive("W_std_readout", W_std_readout)
+    if parameterization not in ("ntk", "standard"):
+        raise ValueError("`parameterization` must be 'ntk' or 'standard', got "
+                         f"{parameterization!r}.")
+    if not _validate.is_int_scalar(num_outputs) or num_outputs < 1:
+        raise ValueError(f"`num_outputs` must be an integer >= 1, got {num_outputs!r}.")
+    kw = dict(b_std=b_std, parameterization=parameterization)
     layers = []
     for _ in range(depth):
         layers += [stax.Conv(channels, (filter_size, filter_size), padding="SAME",
-                             W_std=W_std, b_std=b_std), stax.Relu()]
-    layers += [stax.Flatten(), stax.Dense(1, W_std=W_std, b_std=b_std)]
-    _, _, kernel_fn = stax.serial(*layers)
+                             W_std=W_std, **kw), stax.Relu()]
+        if pool > 1:
+            layers += [stax.AvgPool((pool, pool), strides=(pool, pool), padding="VALID")]
+    layers += [stax.Flatten()]
+    if hidden > 0:
+        layers += [stax.Dense(hidden, W_std=W_std, **kw), stax.Relu()]
+    layers += [stax.Dense(num_outputs, W_std=W_out, **kw)]
+    return stax.serial(*layers)
+
+
+@register("nt_cnn")
+def nt_cnn(depth: int = 2, channels: int = 64, filter_size: int = 3, W_std: float = 1.0,
+           b_std: float = 0.0, kind: str = "ntk", pool: int = 1, hidden: int = 0) -> Kernel:
+    """The infinite-width kernel of a small ReLU conv net on images ``(n, H, W, C)``.
+
+    Architecture (:func:`stax_cnn`): ``depth x (Conv(filter_size x filter_size, SAME),
+    Relu[, AvgPool(pool)])``, then ``Flatten``, ``[Dense(hidden), Relu]`` and
+    ``Dense(1)``, NTK parameterisation; the pool (window and stride ``pool``) is left
+    out at ``pool = 1`` and the hidden dense layer at ``hidden = 0`` (the defaults).
+    Without pooling, with a Flatten readout only the spatial diagonal of the
+    covariance is needed (Novak et al. 2019, "Bayesian Deep Convolutional Networks
+    with Many Channels are Gaussian Processes"), so the cost is
+    O(n1 n2 H W filter_size^2 depth); a pool mixes pixels, so with ``pool > 1`` the
+    full ``(H W)^2`` covariance is propagated (O(n1 n2 (H W)^2 filter_size^2) for the
+    first layer). ``channels`` and ``hidden`` only set the widths of the finite twin
+    (``nets.CNN``); the infinite-width kernel depends on ``hidden`` only through
+    whether the layer is there. The same kernel serves each logit of a network
+    with several outputs: its NTK is ``k(x, x') I_C``.
+    """
+    W_std, b_std = _check_cnn(depth, channels, filter_size, pool, hidden, W_std, b_std)
+    _, _, kernel_fn = stax_cnn(depth, channels, filter_size, W_std, b_std, pool=pool,
+                               hidden=hidden)
     params = (("depth", depth), ("channels", channels), ("filter_size", filter_size),
               ("W_std", W_std), ("b_std", b_std))
+    if pool != 1:                                # the default kernel keeps its old identity
+        params += (("pool", pool),)
+    if hidden != 0:
+        params += (("hidden", hidden),)
     return from_stax(kernel_fn, kind, name="nt_cnn", params=params, input_rank=3)
 
 

@@ -697,5 +697,13 @@ def augment_flip_crop(key: Array, images: Array, pad: int = 2) -> jax.Array:
     _validate.array("images", images, ndim=4)
     return _flip_crop(key, jnp.asarray(images), int(pad))
 
+
+# --------------------------------------------------------------------------- CNN, ResNet
+
+#: Public name of the chunked N(0, 1) sampler, for the other network modules.
+standard_normals = _standard_normals
+
+from ntk_poison.convnets import CNN, cnn  # noqa: E402  (convnets uses standard_normals)
 from ntk_poison.resnet import PreActResNet, resnet  # noqa: E402,F401  (re-exported)
-__all__ += ["PreActResNet", "resnet"]
+
+__all__ += ["CNN", "cnn", "standard_normals", "PreActResNet", "resnet"]
