@@ -21,6 +21,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                 "high-pass filter, frontier; kernels vs finite erf nets"),
     "linear": ("experiments.linear", "backdoors in linear models (softmax, least squares) on "
                "MNIST: ASR vs input-Hessian overlap per epoch"),
+    "backdoor_nets": ("experiments.backdoor_nets", "backdoors in CNNs trained for real: the "
+                      "lag, augmentation, the penalty, the frontier, feature collapse"),
 }
 
 

@@ -47,9 +47,8 @@ from ntk_poison import (attacks, data, image_triggers, io, metrics, monitor, net
 from ntk_poison.config import Config as BaseConfig
 from ntk_poison.report import Report, progress, x64_run
 
-from experiments.backdoor_nets import figures
+from experiments.backdoor_nets import claims, figures
 from experiments.backdoor_nets.arms import parse_arm
-from experiments.backdoor_nets.claims import claims, discussion
 
 NAME = "backdoor_nets"
 TRIGGERS = ("patch", "blend", "warp", "cross")
@@ -296,12 +295,12 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         triggers={t: tr.to_dict() for t, tr in trigs.items()},
         random_overlap=1.0 / int(np.prod(shape)), backend=jax.default_backend(),
         dtype=str(np.dtype(X.dtype)))
-    claims(rep, cfg)
+    claims.claims(rep, cfg)
     figures.curves_figure(rep, cfg)
     figures.frontier_figure(rep, cfg)
     figures.overlap_figure(rep, cfg)
     figures.feature_figure(rep, cfg)
     rep.results["seconds_total"] = time.time() - t0
-    rep.text(discussion(rep.results, cfg))
+    rep.text(claims.discussion(rep.results, cfg))
     rep.write()
     return rep

@@ -24,7 +24,7 @@ RULE = ("ASR's half-range crossing (epochs 0..E, epoch 0 = the initial model; li
 
 
 def fmt(x) -> str:
-    return "never" if x is None else f"{x:.3g}"
+    return "-" if x is None else f"{x:.3g}"
 
 
 def final(hist: dict, key: str) -> Optional[float]:
@@ -150,8 +150,9 @@ def claims(rep, cfg) -> None:
             per[t] = best[short] is None
         else:
             per[t] = best[long_] > best[short]
-        ev.append(f"{t}: best suppressed clean accuracy {fmt(best[short])} at {short} "
-                  f"epochs, {fmt(best[long_])} at {long_}")
+        say = {e: "none suppressed" if v is None else f"{v:.3f}" for e, v in best.items()}
+        ev.append(f"{t}: best clean accuracy among suppressed arms {say[short]} at {short} "
+                  f"epochs, {say[long_]} at {long_}")
     rep.claim("longer training improves the frontier", "over the augmented arms, the best "
               "clean accuracy among suppressed runs is higher after the long run than "
               "after the short one (or only the long run suppresses)", combine(per),
