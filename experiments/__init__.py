@@ -21,6 +21,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                 "high-pass filter, frontier; kernels vs finite erf nets"),
     "linear": ("experiments.linear", "backdoors in linear models (softmax, least squares) on "
                "MNIST: ASR vs input-Hessian overlap per epoch"),
+    "predict_asr": ("experiments.predict_asr", "a CNN's backdoor ASR predicted by the flow of "
+                    "its analytic NTK, against trained nets of growing width"),
 }
 
 
