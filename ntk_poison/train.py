@@ -26,7 +26,8 @@ the permutation are dropped (a fresh permutation each epoch, so every example is
 used over the epochs). At full batch (``batch_size = n``) the epoch is one step with
 no loop around it: XLA:CPU runs convolutions inside loops far slower. Randomness is a
 pure function of ``(seed, epoch, step, example)`` (:func:`epoch_permutation`,
-:func:`step_key`): same config and seed, bit-identical parameters, and a resumed run replays exactly the same draws.
+:func:`step_key`): same config and seed, bit-identical parameters, and a resumed run
+replays exactly the same draws.
 
 **Augmentation** (images ``(n, H, W, C)``): ``"crop"`` zero-pads by ``pad`` and crops
 back to ``H x W`` at a uniform offset in ``[0, 2 pad]^2``; ``"crop_flip"`` also flips

@@ -129,8 +129,8 @@ class Config(BaseConfig):
     def quick(cls, **changes) -> "Config":
         """A seconds-long variant (sklearn's 8x8 digits, tiny nets) for tests."""
         small = dict(dataset="digits", n_train=40, pool=1, n_test=40, n_trigger=40,
-                     patch_size=2, poison_counts=(4,), depth=1, widths=(4, 64),
-                     net_seeds=(1, 1), lr=2.0, steps=4)
+                     patch_size=2, poison_counts=(4,), depth=1, widths=(8, 1024),
+                     net_seeds=(1, 1), lr=1.0, steps=10)
         return cls(**(small | changes))
 
 

@@ -33,7 +33,9 @@ def failure(summary, ms, cfg) -> dict:
                                  mean_error=float(e.mean()))
     worst_w = max(cfg.widths, key=lambda w: per_width[str(w)]["mean_error"])
     return dict(transition_m=trans, transition_grid_m=near, per_width=per_width,
-                worst_width=int(worst_w))
+                worst_width=int(worst_w),
+                at_transition=near is not None
+                and per_width[str(cfg.widths[-1])]["worst_m"] == near)
 
 
 def claims(rep, summary, ms, cfg) -> None:
@@ -64,7 +66,7 @@ def claims(rep, summary, ms, cfg) -> None:
               f"of the ASR of the widest net (width {ws[-1]}, mean over "
               f"{wide['seeds']} seed(s)).",
               bool(np.all(e_wide <= cfg.asr_tol)),
-              "; ".join(f"m={m}: kernel {ka:.2f} (trigger-alone {summary['kernel_trigger_alone']:.2f}) "
+              "; ".join(f"m={m}: kernel {fmt_asr(ka, 0, summary['kernel_trigger_alone'])} "
                         f"vs net {fmt_asr(a, s, t)}"
                         for m, ka, a, s, t in zip(ms, summary["kernel_asr"], wide["asr_mean"],
                                                   wide["asr_sd"],
@@ -89,7 +91,8 @@ def claims(rep, summary, ms, cfg) -> None:
                      + "; ".join(f"width {w}: worst at m = {p['worst_m']} (|error| "
                                  f"{p['worst_error']:.2f}, mean {p['mean_error']:.3f})"
                                  for w, p in fl["per_width"].items())
-                     + f"; the worst width is {fl['worst_width']}."),
+                     + f"; the worst width is {fl['worst_width']}; the widest width's worst "
+                     f"m is {'AT' if fl['at_transition'] else 'not at'} the transition."),
                     ["asr_m.png"])
 
 
@@ -98,13 +101,16 @@ def discussion(res, cfg, secs) -> str:
     ws = list(cfg.widths)
     head = "| m | kernel ASR | " + " | ".join(f"width {w} ASR" for w in ws) + \
         " | clean acc. kernel / " + " / ".join(str(w) for w in ws) + " |"
+    shape = "x".join(map(str, res["image_shape"]))
+    frac = ", ".join(f"{f:.1%}" for f in res["poison_fraction"])
+    p, fs = cfg.patch_size, cfg.filter_size
     lines = [f"""## Set-up
-{cfg.dataset} ({res['n_train']} training images, {'x'.join(map(str, res['image_shape']))}
-after {cfg.pool}x{cfg.pool} mean pooling; 10 classes, centred one-hot targets).
-All-to-one dirty-label BadNets poisoning to class {cfg.target_class}: a {cfg.patch_size}x{cfg.patch_size}
-white patch in the bottom-right corner, m training images replaced by their triggered copies
-relabelled {cfg.target_class} (m = {ms}; poison fractions {', '.join(f'{f:.1%}' for f in res['poison_fraction'])}).
-CNN: {cfg.depth} x [Conv {cfg.filter_size}x{cfg.filter_size} SAME, ReLU], Flatten, Dense(10), NTK
+{cfg.dataset} ({res['n_train']} training images, {shape} after {cfg.pool}x{cfg.pool} mean
+pooling; 10 classes, centred one-hot targets). All-to-one dirty-label BadNets poisoning
+to class {cfg.target_class}: a {p}x{p} white patch in the bottom-right corner, m training
+images replaced by their triggered copies relabelled {cfg.target_class} (m = {ms};
+poison fractions {frac}).
+CNN: {cfg.depth} x [Conv {fs}x{fs} SAME, ReLU], Flatten, Dense(10), NTK
 parameterisation, W_std {cfg.W_std:g}, b_std {cfg.b_std:g}; kernel {res['kernel']}.
 Nets: widths {ws} with {list(cfg.net_seeds)} seeds, centred, {cfg.steps} full-batch SGD
 steps at lr {cfg.lr:g} on the MSE loss (train.train, float32); kernel: flow.kernel_flow
@@ -125,13 +131,18 @@ the same model's at m = 0. Total time {secs:.1f} s.
                      + " | ".join(cells) + f" | {accs} |")
     fl = s.get("failure")
     if fl:
-        w = ws[-1]
+        wide, narrow = fl["per_width"][str(ws[-1])], fl["per_width"][str(ws[0])]
+        errs = ", ".join(f"{e:.3f}" for e in s["mean_rel_error"])
+        tr = "none" if fl["transition_m"] is None else f"{fl['transition_m']:.3g}"
+        where = ("so the widest net misses most at the transition, where a small shift of "
+                 "the ASR curve in m moves the ASR most" if fl["at_transition"] else
+                 "not the grid point nearest the transition")
         lines.append(f"""
 ## Where the prediction fails
-Function-space error (mean over m and seeds) {', '.join(f'{e:.3f}' for e in s['mean_rel_error'])}
-at widths {ws}: slope {s['error_slope']:.2f} in log-log. The ASR error of the widest net is
-largest at m = {fl['per_width'][str(w)]['worst_m']} ({fl['per_width'][str(w)]['worst_error']:.2f}); the
-kernel ASR crosses half its range at m = {'none' if fl['transition_m'] is None else f"{fl['transition_m']:.3g}"}.
-The narrowest width's mean ASR error is {fl['per_width'][str(ws[0])]['mean_error']:.3f}, the widest's
-{fl['per_width'][str(w)]['mean_error']:.3f}.""")
+Function-space error (mean over m and seeds) {errs} at widths {ws}: slope
+{s['error_slope']:.2f} in log-log. The ASR error of the widest net is largest at
+m = {wide['worst_m']} ({wide['worst_error']:.2f}); the kernel ASR crosses half its range
+at m = {tr} ({where}). The narrowest width's mean ASR error is {narrow['mean_error']:.3f},
+the widest's {wide['mean_error']:.3f}; in function space the width furthest from the
+kernel is {ws[int(np.argmax(s['mean_rel_error']))]}.""")
     return "\n".join(lines)
