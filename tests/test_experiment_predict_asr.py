@@ -102,3 +102,22 @@ def test_predicted_asr_matches_a_numpy_recomputation(tiny):
             acc = np.mean(np.argmax(f_test, 1) == y_test)
             assert r["kernel_runs"][str(m)]["asr"] == pytest.approx(asr, abs=1e-12)
             assert r["kernel_runs"][str(m)]["clean_acc"] == pytest.approx(acc, abs=1e-12)
+
+
+def test_kernel_gd_gap_against_explicit_gradient_descent():
+    """The discretisation floor: kernel GD in closed form against s explicit numpy GD
+    steps on the function values (train and evaluation points), linear kernel."""
+    from ntk_poison import kernels
+    rng = np.random.default_rng(0)
+    X, Xe, Y = rng.normal(size=(12, 5)), rng.normal(size=(7, 5)), rng.normal(size=(12, 3))
+    k = kernels.linear()
+    with x64_scope(True):
+        K, Ke = np.asarray(k(X, X)), np.asarray(k(Xe, X))
+        lr, steps, n = 0.5 * len(X) / np.linalg.eigvalsh(K)[-1], 15, len(X)
+        f_flow = exp.kernel_prediction(k, X, Y, Xe, lr * steps)
+        f, fe = np.zeros_like(Y), np.zeros((len(Xe), 3))
+        for _ in range(steps):
+            f, fe = f - lr / n * K @ (f - Y), fe - lr / n * Ke @ (f - Y)
+        gap = exp.kernel_gd_gap(k, X, Y, Xe, lr, steps, f_flow)
+    assert gap == pytest.approx(exp.rel_error(fe, f_flow), rel=1e-9)
+    assert gap > 1e-3                           # lr e_max / n = 0.5: a real gap

@@ -55,7 +55,9 @@ def claims(rep, summary, ms, cfg) -> None:
                     "The log-log slope of the function-space error against width (the NTK "
                     "literature's O(width^-1/2) would give -0.5; measured, not asserted).",
                     f"slope {slope:.2f} over widths {ws} (least squares on the mean error "
-                    "over m and seeds); per m at the widest width: " + ", ".join(
+                    "over m and seeds); the discretisation floor (kernel GD at this lr vs "
+                    f"the flow) is {max(summary['gd_gap']):.3g} at most over m; per m at the "
+                    "widest width: " + ", ".join(
                         f"m={m}: {e:.3f}" for m, e in zip(
                             ms, summary["widths"][str(ws[-1])]["rel_error_mean"])) + ".",
                     ["error_width.png"])
