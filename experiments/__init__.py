@@ -23,6 +23,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                "MNIST: ASR vs input-Hessian overlap per epoch"),
     "backdoor_nets": ("experiments.backdoor_nets", "backdoors in CNNs trained for real: the "
                       "lag, augmentation, the penalty, the frontier, feature collapse"),
+    "predict_asr": ("experiments.predict_asr", "a CNN's backdoor ASR predicted by the flow of "
+                    "its analytic NTK, against trained nets of growing width"),
 }
 
 

@@ -23,9 +23,10 @@ computed at all (a separate code path, chosen when the step is traced).
 **An epoch** is one jit-compiled ``lax.scan`` over the ``n // batch_size`` batches
 of a random permutation of the n examples; the last ``n % batch_size`` examples of
 the permutation are dropped (a fresh permutation each epoch, so every example is
-used over the epochs). Randomness is a pure function of ``(seed, epoch, step,
-example)`` (:func:`epoch_permutation`, :func:`step_key`): same config and seed,
-bit-identical parameters, and a resumed run replays exactly the same draws.
+used over the epochs); ``train(..., unroll=True)`` unrolls it (for ``lax.conv``
+models on a CPU, which XLA:CPU runs far slower inside loops). Randomness is a pure function of ``(seed, epoch, step, example)`` (:func:`epoch_permutation`,
+:func:`step_key`): same config and seed, bit-identical parameters, and a resumed run
+replays exactly the same draws.
 
 **Augmentation** (images ``(n, H, W, C)``): ``"crop"`` zero-pads by ``pad`` and crops
 back to ``H x W`` at a uniform offset in ``[0, 2 pad]^2``; ``"crop_flip"`` also flips
@@ -365,9 +366,10 @@ def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Ar
 
 # --------------------------------------------------------------------------- the epoch
 
-@functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps", "gdef"))
+@functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps", "gdef",
+                                             "unroll"))
 def _epoch(params, opt_state, model_state, X, Y, epoch, *, apply, config, optimizer, steps,
-           gdef):
+           gdef, unroll=1):
     bs = config.batch_size
     batches = epoch_permutation(config.seed, epoch, X.shape[0])[:steps * bs].reshape(steps, bs)
     kappa = float(config.kappa)
@@ -394,7 +396,8 @@ def _epoch(params, opt_state, model_state, X, Y, epoch, *, apply, config, optimi
         return (optax.apply_updates(params, upd), state, ms), (val, acc)
 
     (params, opt_state, model_state), (vals, accs) = jax.lax.scan(
-        step, (params, opt_state, model_state), (jnp.arange(steps), batches))
+        step, (params, opt_state, model_state), (jnp.arange(steps), batches),
+        unroll=unroll)
     return params, opt_state, model_state, vals, accs
 
 
@@ -481,10 +484,20 @@ def _check_data(apply, params, X, Y, config):
                          f"{out.shape[1:]}; for loss='mse' pass one-hot rows or scalars.")
 
 
+def _unroll(unroll: Any, steps: int) -> int:
+    """The ``unroll`` of the epoch's ``lax.scan``: an int >= 1 (``True`` = all steps)."""
+    if unroll is True:
+        return steps
+    if _validate.is_int_scalar(unroll) and not isinstance(unroll, bool) and unroll >= 1:
+        return int(min(unroll, steps))
+    raise ValueError(f"`unroll` must be True or an int >= 1 (steps unrolled in the "
+                     f"epoch's scan), got {unroll!r}.")
+
+
 def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
           hooks: Sequence[Callable[[Any, int], Dict[str, Any]]] = (),
           checkpoint_dir: Optional[Any] = None, progress: bool = True,
-          desc: str = "train") -> Tuple[Any, Dict[str, List[Any]]]:
+          desc: str = "train", unroll: Any = 1) -> Tuple[Any, Dict[str, List[Any]]]:
     """Train ``params`` of ``apply`` on ``(X, Y)`` as ``config`` says.
 
     Args:
@@ -505,6 +518,13 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
         same data, model and hooks. Hook values are stored as JSON
         (``io.to_jsonable``: arrays become lists, NaN becomes None).
       progress: show a progress bar with the loss and accuracy.
+      unroll: how many steps of the epoch's ``lax.scan`` XLA unrolls (``True``: all;
+        the maths does not depend on it). XLA:CPU runs ``lax.conv`` and its gradient
+        inside a loop many times slower than outside one (jax-ml/jax#12868; about 20x
+        measured here for a 64-channel conv step), so on a CPU pass ``unroll=True``
+        for models built on ``lax.conv`` (e.g. :mod:`ntk_poison.resnet`); compile time
+        grows with the unrolled steps. :class:`ntk_poison.convnets.CNN` avoids the
+        problem on a CPU (im2col matmuls), so it keeps the default 1.
 
     Returns:
       ``(params, history)``: the final parameters (a model with state: the module
@@ -526,6 +546,7 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     X, Y = jnp.asarray(X), jnp.asarray(Y)
     _check_data(apply, params, X, Y, config)
     steps = X.shape[0] // config.batch_size
+    unroll = _unroll(unroll, steps)
     optimizer = make_optimizer(config, steps)
     params, model_state, gdef = _split(params)
     opt_state = optimizer.init(params)
@@ -547,7 +568,7 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     for e in bar:
         new_p, new_s, new_ms, vals, accs = _epoch(
             params, opt_state, model_state, X, Y, e, apply=apply, config=config,
-            optimizer=optimizer, steps=steps, gdef=gdef)
+            optimizer=optimizer, steps=steps, gdef=gdef, unroll=unroll)
         vals = np.asarray(vals)
         bad = np.flatnonzero(~np.isfinite(vals))
         if bad.size:

@@ -11,10 +11,12 @@ import math
 import pytest
 
 from experiments import defence, demo, lag, linear, near_clone_invisible as nci
+from experiments import predict_asr
 from ntk_poison.config import Config
 
 CONFIGS = {"demo": demo.Config, "lag": lag.Config, "near_clone_invisible": nci.Config,
-           "defence": defence.Config, "linear": linear.Config}
+           "defence": defence.Config, "linear": linear.Config,
+           "predict_asr": predict_asr.Config}
 
 # (field, bad value, text the message must contain), for every config with that field
 SHARED = [
@@ -56,6 +58,12 @@ OWN = {
                ("lr_squares", 0.0, "lr_squares"), ("n_hessian", 0, "n_hessian"),
                ("overlap_rise", 0.5, "overlap_rise"), ("align_factor", 0.0, "align_factor"),
                ("init_scale", -1.0, "init_scale")],
+    "predict_asr": [("target_class", 10, "target_class"), ("pool", 0, "pool"),
+                    ("poison_counts", (4, 2), "poison_counts"),
+                    ("poison_counts", (0, 2), "poison_counts"), ("widths", (8,), "widths"),
+                    ("widths", (32, 8), "widths"), ("net_seeds", (1, 1), "net_seeds"),
+                    ("net_seeds", (1, 0, 1), "net_seeds"), ("lr", 0.0, "lr"),
+                    ("steps", 0, "steps"), ("asr_tol", 0.0, "asr_tol")],
 }
 
 CASES = [(name, f, v, msg) for name, cls in CONFIGS.items()

@@ -470,3 +470,22 @@ def test_batchnorm_determinism_and_exact_resume(rng, tmp_path):
     resumed, rhist = T.train(_tiny_bn(), apply, X, Y, cfg, checkpoint_dir=ck, progress=False)
     assert all(np.array_equal(a, b) for a, b in zip(la, _leaves(nnx.state(resumed))))
     assert rhist == hist
+
+
+def test_unrolled_epoch_equals_the_scanned_one(rng):
+    """``unroll`` changes how XLA runs the epoch, not the maths: 4 steps a epoch, 2 epochs
+    of momentum SGD with the penalty, scanned (1), half (2) and fully (True) unrolled."""
+    X, Y, p = _lin_problem(rng)
+    cfg = _cfg(optimizer="momentum", batch_size=4, epochs=2, penalty="loss", kappa=0.3)
+    outs = [T.train(p, lin_apply, X, Y, cfg, progress=False,
+                    unroll=u)[0] for u in (1, 2, True)]
+    for o in outs[1:]:
+        for k in p:
+            np.testing.assert_allclose(o[k], outs[0][k], rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "auto", False])
+def test_bad_unroll_raises(rng, bad):
+    X, Y, p = _lin_problem(rng)
+    with pytest.raises(ValueError, match="unroll"):
+        T.train(p, lin_apply, X, Y, _cfg(), progress=False, unroll=bad)
