@@ -15,7 +15,10 @@ Dense(10)), standard parameterisation, float32; the kernels are float64.
 
    Every path is called once before timing (its ``cold_seconds``: tracing and XLA
    compilation; ``compile_seconds = cold - median``), then ``--repeats`` interleaved
-   rounds. Goal: ``train.train`` >= 0.9x the faster plain loop.
+   rounds. Goal: ``train.train`` >= 0.9x the faster plain loop. Diagnostic (one warm
+   call each): the plain step inside a jitted ``lax.scan`` over the epoch, as
+   ``train.train`` runs it, rolled and unrolled (XLA:CPU runs convolutions inside a
+   while-loop body much more slowly: jax-ml/jax#12868).
 2. ``penalty``: one epoch of ``train.train`` with the input-gradient penalty
    (``penalty="loss"``, ``kappa=1``: double backprop) against the same epoch without it.
    Goal: time ratio <= 3.
@@ -29,7 +32,8 @@ Dense(10)), standard parameterisation, float32; the kernels are float64.
    first 1000 test images: (a) NTK kernel ridge regression with the CNN's analytic
    kernel (``nets.CNN(..., parameterization="ntk").kernel("ntk")``) via ``krr.fit`` on
    one-hot targets (relative ridge 1e-3) and ``predict`` on the test set, and (b) the
-   standard CNN trained by ``train.train`` for 10 epochs. Reported per n: time (wall,
+   standard CNN trained for 10 epochs by case 1's plain ``jax.jit`` loop (not
+   ``train.train``, whose scanned epoch is ~10x slower on XLA:CPU: see case 1). Reported per n: time (wall,
    one run each: compilation included, which is what a user waits for; the network's
    warm time, i.e. median warm epoch x epochs, is reported too) and test error, and
    the log-log slopes of time against n (``metrics.loglog_slope``) over all n and
@@ -75,7 +79,7 @@ CASES = ("throughput", "penalty", "hvp", "kernel_vs_net")
 
 #: the contract's CNN (input shape added per case)
 CNN_ARCH = dict(channels=32, depth=2, filter_size=3, pool=2, hidden=0, num_outputs=10)
-FULL = dict(cnn=CNN_ARCH, batch=128, tp_n=2048, tp_epochs=2, pen_n=1024, pen_epochs=1,
+FULL = dict(cnn=CNN_ARCH, batch=128, tp_n=1024, tp_epochs=1, pen_n=384, pen_epochs=1,
             hvp_batch=32, hvp_inner=20, kvn_ns=(500, 1000, 2000, 4000), kvn_test=1000,
             kvn_epochs=10, kernel_pools=(1, 2, 4), kernel_probe=4, kernel_block_mb=256)
 #: smoke sizes (tests/test_train_bench.py): a 1-layer, 4-channel CNN; the net of case 4
@@ -198,8 +202,9 @@ def plain_nnx_loop(model0, X: np.ndarray, Y: np.ndarray, batch: int, epochs: int
 
 
 def plain_jax_loop(model0, X: np.ndarray, Y: np.ndarray, batch: int, epochs: int,
-                   seed: int = SEED):
-    """The same with nnx.split once and an @jax.jit step on the state pytrees."""
+                   seed: int = SEED, on_epoch: Optional[Callable[[Any], None]] = None):
+    """The same with nnx.split once and an @jax.jit step on the state pytrees.
+    ``on_epoch(params)``, if given, is called after each epoch (e.g. to block and time)."""
     tx = PLAIN_TX
     graphdef, params = nnx.split(model0)
     opt_state = tx.init(params)
@@ -210,7 +215,34 @@ def plain_jax_loop(model0, X: np.ndarray, Y: np.ndarray, batch: int, epochs: int
         for s in range(steps):
             idx = perm[s * batch:(s + 1) * batch]
             params, opt_state, _ = _jax_step(graphdef, tx, params, opt_state, X[idx], Y[idx])
+        if on_epoch is not None:
+            on_epoch(params)
     return nnx.merge(graphdef, params)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jax_scan_epoch(graphdef, tx, unroll, params, opt_state, X, Y, batches):
+    """One epoch of the plain jax step as a jitted ``lax.scan`` over the batches (the
+    structure of train.train's epoch), with or without unrolling."""
+    def body(carry, idx):
+        p, s = carry
+        p, s, loss = _jax_step(graphdef, tx, p, s, X[idx], Y[idx])
+        return (p, s), loss
+
+    return jax.lax.scan(body, (params, opt_state), batches, unroll=unroll)[0][0]
+
+
+def plain_jax_scan(model0, X, Y, batch: int, epochs: int, unroll: bool, seed: int = SEED):
+    """The plain step inside a jitted lax.scan per epoch (diagnostic of case 1)."""
+    graphdef, params = nnx.split(model0)
+    opt_state = PLAIN_TX.init(params)
+    rng = np.random.default_rng(seed)
+    steps = len(X) // batch
+    for _ in range(epochs):
+        batches = jnp.asarray(rng.permutation(len(X))[:steps * batch].reshape(steps, batch))
+        params = _jax_scan_epoch(graphdef, PLAIN_TX, unroll, params, opt_state, X, Y,
+                                 batches)
+    return params
 
 
 def case_throughput(ds, cfg, repeats: int) -> Dict[str, Any]:
@@ -227,6 +259,16 @@ def case_throughput(ds, cfg, repeats: int) -> Dict[str, Any]:
         "plain_jax": lambda: nnx.state(plain_jax_loop(model0, Xn, Yn, bs, epochs)),
     }
     tm = C.time_group(fns, repeats, log=C.log)
+    # Diagnostic (one warm call each): the plain step inside a jitted lax.scan over the
+    # epoch, as train.train runs it, rolled and unrolled: separates the cost of XLA:CPU
+    # while loops (convolutions in a loop body run much slower: jax-ml/jax#12868) from
+    # the rest of the engine.
+    diag = {}
+    for unroll in (False, True):
+        name = "plain_jax_scan" + ("_unrolled" if unroll else "")
+        diag[name] = C.time_repeats(name, lambda u=unroll: plain_jax_scan(
+            model0, X, Y, bs, epochs, u), 1, log=C.log).as_dict()
+        diag[name]["examples_per_second"] = steps * bs / diag[name]["median_seconds"]
     graphdef = nnx.graphdef(model0)
     m_eval = min(n, 1024)
     losses = {k: eval_loss(nnx.merge(graphdef, t.output), Xn[:m_eval], Yn[:m_eval])
@@ -261,6 +303,15 @@ def case_throughput(ds, cfg, repeats: int) -> Dict[str, Any]:
         "compile_seconds": {k: t.cold_seconds - t.median for k, t in tm.items()},
         "ratios": ratios,
         "ratios_cross_check": cross,
+        "diagnostic_scan": {
+            "timings": diag,
+            "text": "the plain jax step in a jitted lax.scan over each epoch (train.train's "
+                    "structure), one warm call each, not interleaved: scan / plain_jax and "
+                    "unrolled scan / plain_jax time ratios below",
+            "scan_over_plain_jax": C.ratio(diag["plain_jax_scan"]["median_seconds"],
+                                           tm["plain_jax"].median),
+            "unrolled_scan_over_plain_jax": C.ratio(
+                diag["plain_jax_scan_unrolled"]["median_seconds"], tm["plain_jax"].median)},
         "train_loss_after": {"value": losses, "on": f"the first {m_eval} training points",
                              "initial": eval_loss(model0, Xn[:m_eval], Yn[:m_eval])},
         "goal": {"text": f"train.train throughput >= {GOAL_THROUGHPUT}x the faster plain "
@@ -475,27 +526,32 @@ def estimate_kernel(ds, cfg, budget_s: float) -> Dict[str, Any]:
 
 
 def _net_run(cfg, X, Y, Xt, Yt, epochs: int) -> Dict[str, Any]:
+    """Train the standard CNN with the plain jax.jit loop of case 1 (not train.train,
+    whose lax.scan epoch is ~10x slower on XLA:CPU: see case 1's diagnostic) and
+    classify the test set. Epoch times from a blocking per-epoch callback."""
     model0 = standard_cnn(cfg)
-    config = train_config(cfg, epochs)
     marks: List[float] = []
-    hook = lambda params, epoch: marks.append(time.perf_counter()) or {}
+
+    def on_epoch(p):
+        jax.block_until_ready(p)
+        marks.append(time.perf_counter())
+
     t0 = time.perf_counter()
-    params, hist = train.train(model0, nets.apply_fn, X, Y, config, hooks=(hook,),
-                               progress=False)
+    params = plain_jax_loop(model0, X, Y, cfg["batch"], epochs, on_epoch=on_epoch)
     t_train = time.perf_counter() - t0
     t1 = time.perf_counter()
-    logits = jax.block_until_ready(_eval_logits(params, Xt))
+    logits = jax.block_until_ready(_eval_logits(params, jnp.asarray(Xt)))
     t_pred = time.perf_counter() - t1
     ep = np.diff(np.concatenate([[t0], marks]))
     warm_epoch = float(np.median(ep[1:])) if len(ep) > 1 else None
+    m_eval = min(len(X), 1024)
     return {"seconds_end_to_end": t_train + t_pred, "seconds_train": t_train,
             "seconds_predict_test": t_pred, "epoch_seconds": ep.tolist(),
             "seconds_train_warm_estimate": (warm_epoch * epochs if warm_epoch else None),
             "compile_seconds_estimate": (float(ep[0] - warm_epoch) if warm_epoch
                                          else None),
             "test_error": test_error(logits, Yt),
-            "final_train_loss": hist["loss"][-1], "final_train_batch_accuracy":
-            hist["accuracy"][-1]}
+            "final_train_loss": eval_loss(params, X[:m_eval], Y[:m_eval])}
 
 
 def _kernel_run(k, X, Y1h, Xt, Yt) -> Dict[str, Any]:
@@ -536,8 +592,7 @@ def case_kernel_vs_net(ds, cfg, kernel_budget: float) -> Dict[str, Any]:
         kr = _kernel_run(k, Xk_all[:n], Y1h_all[:n], Xk_test, Yt)
         C.log(f"    kernel: {kr['seconds_end_to_end']:.2f} s, test error "
               f"{kr['test_error']:.3f}")
-        nr = _net_run(cfg, jnp.asarray(ds["x_train"][:n]), jnp.asarray(ds["y_train"][:n]),
-                      Xt, Yt, epochs)
+        nr = _net_run(cfg, ds["x_train"][:n], ds["y_train"][:n], Xt, Yt, epochs)
         C.log(f"    net: {nr['seconds_end_to_end']:.2f} s, test error "
               f"{nr['test_error']:.3f}")
         sizes[str(n)] = {"kernel": kr, "net": nr,
@@ -562,12 +617,16 @@ def case_kernel_vs_net(ds, cfg, kernel_budget: float) -> Dict[str, Any]:
             "kernel_input_pooled": pooled,
             "krr": f"krr.fit(k, X, one_hot(y), ridge={RIDGE}) then predict(X_test); "
                    "float64; argmax decision",
-            "net": f"standard CNN 28x28x1 {cfg['cnn']}, float32, train.train "
-                   f"(momentum {MOMENTUM}, lr {LR}, batch {cfg['batch']}, {epochs} "
-                   "epochs, xent), then logits on X_test; argmax decision",
+            "net": f"standard CNN 28x28x1 {cfg['cnn']}, float32, trained by the plain "
+                   f"jax.jit loop of case 1 (momentum {MOMENTUM}, lr {LR}, batch "
+                   f"{cfg['batch']}, {epochs} epochs, xent), then logits on X_test; "
+                   "argmax decision. Not train.train: its lax.scan epoch is ~10x slower "
+                   "on XLA:CPU (case 1), which would make this case about the loop, "
+                   "not the model",
             "timing": "one run each per n, wall clock, compilation included "
                       "(seconds_end_to_end); the net's seconds_train_warm_estimate is "
-                      "its median warm epoch (epochs 2..E, from a per-epoch hook) x E"},
+                      "its median warm epoch (epochs 2..E, blocking per-epoch callback) x E; its "
+                      "compiled step has the same shapes for every n (batch 128)"},
         "kernel_estimate": est,
         "sizes": sizes,
         "scaling_exponents": {
