@@ -33,9 +33,10 @@ Dense(10)), standard parameterisation, float32; the kernels are float64.
    kernel (``nets.CNN(..., parameterization="ntk").kernel("ntk")``) via ``krr.fit`` on
    one-hot targets (relative ridge 1e-3) and ``predict`` on the test set, and (b) the
    standard CNN trained for 10 epochs by case 1's plain ``jax.jit`` loop (not
-   ``train.train``, whose scanned epoch is ~10x slower on XLA:CPU: see case 1). Reported per n: time (wall,
-   one run each: compilation included, which is what a user waits for; the network's
-   warm time, i.e. median warm epoch x epochs, is reported too) and test error, and
+   ``train.train``, whose scanned epoch is ~10x slower on XLA:CPU: see case 1).
+   Reported per n: time (wall, one run each: compilation included, which is what a
+   user waits for; the network's warm time, i.e. median warm epoch x epochs, is
+   reported too) and test error, and
    the log-log slopes of time against n (``metrics.loglog_slope``) over all n and
    over the two largest. The analytic kernel of a pooling CNN needs the full spatial
    covariance (``(H W)^2`` entries per pair of images), so its cost is first
@@ -79,15 +80,16 @@ CASES = ("throughput", "penalty", "hvp", "kernel_vs_net")
 
 #: the contract's CNN (input shape added per case)
 CNN_ARCH = dict(channels=32, depth=2, filter_size=3, pool=2, hidden=0, num_outputs=10)
-FULL = dict(cnn=CNN_ARCH, batch=128, tp_n=1024, tp_epochs=1, pen_n=384, pen_epochs=1,
-            hvp_batch=32, hvp_inner=20, kvn_ns=(500, 1000, 2000, 4000), kvn_test=1000,
-            kvn_epochs=10, kernel_pools=(1, 2, 4), kernel_probe=4, kernel_block_mb=256)
-#: smoke sizes (tests/test_train_bench.py): a 1-layer, 4-channel CNN; the net of case 4
-#: at n = 32 reuses case 1's compiled epoch (same shapes and config)
-QUICK = dict(cnn=dict(CNN_ARCH, channels=4, depth=1), batch=16, tp_n=32, tp_epochs=1,
-             pen_n=32, pen_epochs=1, hvp_batch=4, hvp_inner=2, kvn_ns=(16, 32),
-             kvn_test=16, kvn_epochs=1, kernel_pools=(4,), kernel_probe=2,
-             kernel_block_mb=1024)
+FULL = dict(cnn=CNN_ARCH, batch=128, scan_diagnostic=True, tp_n=1024, tp_epochs=1,
+            pen_n=384, pen_epochs=1, hvp_batch=32, hvp_inner=20,
+            kvn_ns=(500, 1000, 2000, 4000), kvn_test=1000, kvn_epochs=10,
+            kernel_pools=(1, 2, 4), kernel_probe=4, kernel_block_mb=256)
+#: smoke sizes (tests/test_train_bench.py): a 1-layer, 4-channel CNN without pooling
+#: (its kernel needs only the spatial diagonal: quick to compile); no scan diagnostic
+QUICK = dict(cnn=dict(CNN_ARCH, channels=4, depth=1, pool=1), batch=16,
+             scan_diagnostic=False, tp_n=32, tp_epochs=1, pen_n=32, pen_epochs=1,
+             hvp_batch=4, hvp_inner=2, kvn_ns=(16, 32), kvn_test=16, kvn_epochs=1,
+             kernel_pools=(4,), kernel_probe=2, kernel_block_mb=1024)
 
 LR, MOMENTUM = 0.05, 0.9
 #: the plain loops' optimiser, built once: it is static in their compiled steps
@@ -264,7 +266,7 @@ def case_throughput(ds, cfg, repeats: int) -> Dict[str, Any]:
     # while loops (convolutions in a loop body run much slower: jax-ml/jax#12868) from
     # the rest of the engine.
     diag = {}
-    for unroll in (False, True):
+    for unroll in ((False, True) if cfg["scan_diagnostic"] else ()):
         name = "plain_jax_scan" + ("_unrolled" if unroll else "")
         diag[name] = C.time_repeats(name, lambda u=unroll: plain_jax_scan(
             model0, X, Y, bs, epochs, u), 1, log=C.log).as_dict()
@@ -303,7 +305,7 @@ def case_throughput(ds, cfg, repeats: int) -> Dict[str, Any]:
         "compile_seconds": {k: t.cold_seconds - t.median for k, t in tm.items()},
         "ratios": ratios,
         "ratios_cross_check": cross,
-        "diagnostic_scan": {
+        "diagnostic_scan": None if not diag else {
             "timings": diag,
             "text": "the plain jax step in a jitted lax.scan over each epoch (train.train's "
                     "structure), one warm call each, not interleaved: scan / plain_jax and "
@@ -625,8 +627,9 @@ def case_kernel_vs_net(ds, cfg, kernel_budget: float) -> Dict[str, Any]:
                    "not the model",
             "timing": "one run each per n, wall clock, compilation included "
                       "(seconds_end_to_end); the net's seconds_train_warm_estimate is "
-                      "its median warm epoch (epochs 2..E, blocking per-epoch callback) x E; its "
-                      "compiled step has the same shapes for every n (batch 128)"},
+                      "its median warm epoch (epochs 2..E, blocking per-epoch "
+                      "callback) x E; its compiled step has the same shapes for every n "
+                      "(batch 128)"},
         "kernel_estimate": est,
         "sizes": sizes,
         "scaling_exponents": {
