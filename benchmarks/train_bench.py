@@ -41,7 +41,7 @@ Dense(10)), standard parameterisation, float32; the kernels are float64.
    over the two largest. The analytic kernel of a pooling CNN needs the full spatial
    covariance (``(H W)^2`` entries per pair of images), so its cost is first
    *estimated*: the Gram of a few images is timed at each candidate input size
-   (28x28, then 2x2 and 4x4 mean-pooled: 14x14, 7x7) and extrapolated as n^2 (pairs)
+   (28x28, then 2x2, 4x4 and 7x7 mean-pooled: 14x14, 7x7, 4x4) and extrapolated as n^2 (pairs)
    to the whole case; the first size whose estimate fits ``--kernel-budget`` seconds
    is used, and the JSON says which (``kernel_input``) and why. The network always
    trains on the full 28x28 images. The kernel is evaluated in row/column blocks
@@ -83,7 +83,7 @@ CNN_ARCH = dict(channels=32, depth=2, filter_size=3, pool=2, hidden=0, num_outpu
 FULL = dict(cnn=CNN_ARCH, batch=128, scan_diagnostic=True, tp_n=1024, tp_epochs=1,
             pen_n=384, pen_epochs=1, hvp_batch=32, hvp_inner=20,
             kvn_ns=(500, 1000, 2000, 4000), kvn_test=1000, kvn_epochs=10,
-            kernel_pools=(1, 2, 4), kernel_probe=4, kernel_block_mb=256)
+            kernel_pools=(1, 2, 4, 7), kernel_probe=4, kernel_block_mb=256)
 #: smoke sizes (tests/test_train_bench.py): a 1-layer, 4-channel CNN without pooling
 #: (its kernel needs only the spatial diagonal: quick to compile); no scan diagnostic
 QUICK = dict(cnn=dict(CNN_ARCH, channels=4, depth=1, pool=1), batch=16,
