@@ -43,8 +43,9 @@ Dense(10)), standard parameterisation, float32; the kernels are float64.
    covariance (``(H W)^2`` entries per pair of images), so its cost is first
    *estimated*: the Gram of a few images is timed at each candidate input size
    (28x28, then 2x2, 4x4 and 7x7 mean-pooled: 14x14, 7x7, 4x4) and extrapolated as
-   n^2 (pairs) to the whole case; the first size whose estimate fits ``--kernel-budget`` seconds
-   is used, and the JSON says which (``kernel_input``) and why. The network always
+   n^2 (pairs) to the whole case; the first size whose estimate fits
+   ``--kernel-budget`` seconds is used (else the smallest), and the JSON says which
+   (``kernel_input``) and why. The network always
    trains on the full 28x28 images. The kernel is evaluated in row/column blocks
    (``lax.map``) so that its intermediates fit in memory.
 
