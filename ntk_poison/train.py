@@ -367,11 +367,14 @@ def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Ar
 # --------------------------------------------------------------------------- the epoch
 
 @functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps", "gdef",
-                                             "unroll"))
-def _epoch(params, opt_state, model_state, X, Y, epoch, *, apply, config, optimizer, steps,
-           gdef, unroll=1):
+                                             "unroll", "count"))
+def _epoch(params, opt_state, model_state, X, Y, epoch, first=0, *, apply, config, optimizer,
+           steps, gdef, unroll=1, count=None):
+    """Steps ``first .. first + count - 1`` (default: all ``steps``) of ``epoch``."""
     bs = config.batch_size
+    count = steps if count is None else count
     batches = epoch_permutation(config.seed, epoch, X.shape[0])[:steps * bs].reshape(steps, bs)
+    batches = jax.lax.dynamic_slice_in_dim(batches, first, count)
     kappa = float(config.kappa)
 
     def J(p, ms, xb, yb):
@@ -396,8 +399,8 @@ def _epoch(params, opt_state, model_state, X, Y, epoch, *, apply, config, optimi
         return (optax.apply_updates(params, upd), state, ms), (val, acc)
 
     (params, opt_state, model_state), (vals, accs) = jax.lax.scan(
-        step, (params, opt_state, model_state), (jnp.arange(steps), batches),
-        unroll=unroll)
+        step, (params, opt_state, model_state), (first + jnp.arange(count), batches),
+        unroll=min(unroll, count))
     return params, opt_state, model_state, vals, accs
 
 
@@ -497,7 +500,8 @@ def _unroll(unroll: Any, steps: int) -> int:
 def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
           hooks: Sequence[Callable[[Any, int], Dict[str, Any]]] = (),
           checkpoint_dir: Optional[Any] = None, progress: bool = True,
-          desc: str = "train", unroll: Any = 1) -> Tuple[Any, Dict[str, List[Any]]]:
+          desc: str = "train", unroll: Any = 1,
+          evals_per_epoch: int = 1) -> Tuple[Any, Dict[str, List[Any]]]:
     """Train ``params`` of ``apply`` on ``(X, Y)`` as ``config`` says.
 
     Args:
@@ -511,13 +515,18 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
       Y: integer labels ``(n,)`` (xent) or float targets ``(n, C)`` / ``(n,)`` (mse).
       config: a :class:`TrainConfig`.
       hooks: ``hook(params, epoch) -> dict`` run on the host after each epoch
-        (``epoch`` counts from 1); its values are appended to the history.
+        (``epoch`` counts from 1; fractional with ``evals_per_epoch > 1``); its values
+        are appended to the history.
       checkpoint_dir: where ``checkpoint.npz`` is written after every epoch; a run
         resumes from it (ValueError if its config hash differs from ``config``'s, or
         its leaf shapes from ``params``'). The hash covers the config only: pass the
         same data, model and hooks. Hook values are stored as JSON
         (``io.to_jsonable``: arrays become lists, NaN becomes None).
       progress: show a progress bar with the loss and accuracy.
+      evals_per_epoch: run the hooks (and record the loss and accuracy) this many times
+        an epoch, after each of that many near-equal contiguous chunks of its steps
+        (the same steps and numbers as one scan); the history's ``epoch`` is then
+        fractional, ``e + j / evals_per_epoch``. Checkpoints stay once an epoch.
       unroll: how many steps of the epoch's ``lax.scan`` XLA unrolls (``True``: all;
         the maths does not depend on it). XLA:CPU runs ``lax.conv`` and its gradient
         inside a loop many times slower than outside one (jax-ml/jax#12868; about 20x
@@ -547,6 +556,10 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     _check_data(apply, params, X, Y, config)
     steps = X.shape[0] // config.batch_size
     unroll = _unroll(unroll, steps)
+    if not _validate.is_int_scalar(evals_per_epoch) or not 1 <= evals_per_epoch <= steps:
+        raise ValueError(f"`evals_per_epoch` must be an int in [1, {steps}] (the steps of an "
+                         f"epoch), got {evals_per_epoch!r}.")
+    cuts = np.linspace(0, steps, int(evals_per_epoch) + 1).round().astype(int)
     optimizer = make_optimizer(config, steps)
     params, model_state, gdef = _split(params)
     opt_state = optimizer.init(params)
@@ -566,27 +579,31 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     if progress:
         bar = report.progress(bar, desc, total=config.epochs - start)
     for e in bar:
-        new_p, new_s, new_ms, vals, accs = _epoch(
-            params, opt_state, model_state, X, Y, e, apply=apply, config=config,
-            optimizer=optimizer, steps=steps, gdef=gdef, unroll=unroll)
-        vals = np.asarray(vals)
-        bad = np.flatnonzero(~np.isfinite(vals))
-        if bad.size:
-            kept = f"; the last good checkpoint (epoch {e}) is in {checkpoint_dir}" \
-                if path is not None and e > 0 else ""
-            raise ValueError(f"the loss is {vals[bad[0]]} at epoch {e + 1}, step {bad[0]} "
-                             f"(global step {e * steps + int(bad[0])}): training diverged; "
-                             f"lower `lr` (now {config.lr}){kept}.")
-        params, opt_state, model_state = new_p, new_s, new_ms
-        history["epoch"].append(e + 1)
-        history["loss"].append(float(np.mean(vals)))
-        history["accuracy"].append(float(np.mean(np.asarray(accs))))
-        for hook in hooks:
-            for k, v in dict(hook(_merge(gdef, params, model_state), e + 1)).items():
-                history.setdefault(k, []).append(io.to_jsonable(v))
-        if progress and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
-                            acc=f"{history['accuracy'][-1]:.3f}")
+        for j, (first, last) in enumerate(zip(cuts[:-1], cuts[1:])):
+            new_p, new_s, new_ms, vals, accs = _epoch(
+                params, opt_state, model_state, X, Y, e, int(first), apply=apply,
+                config=config, optimizer=optimizer, steps=steps, gdef=gdef, unroll=unroll,
+                count=int(last - first))
+            vals = np.asarray(vals)
+            bad = np.flatnonzero(~np.isfinite(vals))
+            if bad.size:
+                kept = f"; the last good checkpoint (epoch {e}) is in {checkpoint_dir}" \
+                    if path is not None and e > 0 else ""
+                at = int(first + bad[0])
+                raise ValueError(f"the loss is {vals[bad[0]]} at epoch {e + 1}, step {at} "
+                                 f"(global step {e * steps + at}): training diverged; "
+                                 f"lower `lr` (now {config.lr}){kept}.")
+            params, opt_state, model_state = new_p, new_s, new_ms
+            when = e + 1 if len(cuts) == 2 else e + float(last) / steps
+            history["epoch"].append(when)
+            history["loss"].append(float(np.mean(vals)))
+            history["accuracy"].append(float(np.mean(np.asarray(accs))))
+            for hook in hooks:
+                for k, v in dict(hook(_merge(gdef, params, model_state), when)).items():
+                    history.setdefault(k, []).append(io.to_jsonable(v))
+            if progress and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
+                                acc=f"{history['accuracy'][-1]:.3f}")
         if path is not None:
             _save(path, params, opt_state, model_state, e + 1, history, config.digest())
     return _merge(gdef, params, model_state), history

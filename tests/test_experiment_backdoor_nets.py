@@ -140,3 +140,17 @@ def jax_unflatten(state, leaves):
     ref, treedef = jax.tree_util.tree_flatten(state)
     assert len(ref) == len(leaves)
     return jax.tree_util.tree_unflatten(treedef, [np.asarray(v) for v in leaves])
+
+
+def test_dominated_area_against_a_grid_count():
+    """The frontier's dominated area against counting grid cells (an independent oracle)."""
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        pts = [dict(asr=float(a), clean_acc=float(c)) for a, c in rng.uniform(size=(4, 2))]
+        g = (np.arange(400) + 0.5) / 400
+        A, C = np.meshgrid(g, g, indexing="ij")
+        dom = np.zeros_like(A, bool)
+        for p in pts:
+            dom |= (A >= p["asr"]) & (C <= p["clean_acc"])
+        assert cl.dominated_area(pts) == pytest.approx(dom.mean(), abs=6e-3)
+    assert cl.dominated_area([dict(asr=0.0, clean_acc=1.0)]) == 1.0

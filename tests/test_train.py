@@ -489,3 +489,34 @@ def test_bad_unroll_raises(rng, bad):
     X, Y, p = _lin_problem(rng)
     with pytest.raises(ValueError, match="unroll"):
         T.train(p, lin_apply, X, Y, _cfg(), progress=False, unroll=bad)
+
+
+def test_evaluations_within_an_epoch_change_no_step(rng):
+    """3 evaluations an epoch cut each epoch's 4 steps into chunks 0-1, 1-3, 3-4
+    (rounded thirds): the final parameters equal one scan an epoch, the hooks see the
+    model at fractional epochs, and at whole epochs the history equals the plain run."""
+    X, Y, p = _lin_problem(rng)
+    cfg = _cfg(optimizer="momentum", batch_size=4, epochs=2, schedule="cosine")
+    seen = []
+
+    def hook(q, epoch):
+        seen.append(epoch)
+        return {"w00": float(q["W"][0, 0])}
+
+    a, ha = T.train(p, lin_apply, X, Y, cfg, progress=False, hooks=[hook])
+    b, hb = T.train(p, lin_apply, X, Y, cfg, progress=False, hooks=[hook], evals_per_epoch=3)
+    for k in p:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-12, atol=1e-13)
+    want = [0.25, 0.75, 1.0, 1.25, 1.75, 2.0]
+    assert seen == [1, 2] + want and hb["epoch"] == want
+    np.testing.assert_allclose([hb["w00"][2], hb["w00"][5]], ha["w00"], rtol=1e-12)
+    # the chunks' mean losses, weighted by their steps, give the epoch's mean loss
+    np.testing.assert_allclose(np.dot(hb["loss"][:3], [1, 2, 1]) / 4, ha["loss"][0],
+                               rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0, 5, 1.5])
+def test_bad_evals_per_epoch_raises(rng, bad):
+    X, Y, p = _lin_problem(rng)
+    with pytest.raises(ValueError, match="evals_per_epoch"):
+        T.train(p, lin_apply, X, Y, _cfg(batch_size=4), progress=False, evals_per_epoch=bad)

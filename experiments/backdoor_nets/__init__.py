@@ -74,7 +74,7 @@ class Config(BaseConfig):
     cross_strength: float = 3.0        # the cross trigger's L2 norm (pixel units)
     poison_rate: float = 0.05
     target_class: int = 0
-    arms: Tuple[str, ...] = ("none", "aug", "pen@0.1", "aug+pen@0.01", "aug+pen@0.1")
+    arms: Tuple[str, ...] = ("none", "aug", "pen@1", "aug+pen@0.3", "aug+pen@1", "aug+pen@3")
     epochs: Tuple[int, int] = (5, 10)  # the two training lengths (short, long)
     optimizer: str = "momentum"
     lr: float = 0.05
@@ -84,10 +84,12 @@ class Config(BaseConfig):
     pad: int = 2                       # crop padding (pixels): 2 at 28x28, 4 at 32x32
     flip: bool = False                 # horizontal flips (not for digits)
     probe_arms: Tuple[str, ...] = ("none", "aug")
+    evals_per_epoch: int = 4           # measures an epoch in the probed runs (else 1)
     n_probe: int = 32                  # probe images (and their triggered versions)
     probe_k: int = 3                   # eigenpairs per input
     probe_iters: int = 16              # Lanczos iterations per input
     suppress_margin: float = 0.10      # suppressed: ASR <= trigger-alone ASR + margin
+    attack_margin: float = 0.5         # the attack works: undefended ASR >= alone + margin
     align_factor: float = 5.0          # aligned: cos^2 >= factor x max(comparators)
     seed: int = 0
     x64: bool = False
@@ -101,8 +103,8 @@ class Config(BaseConfig):
         self.check_min(0, "n_train", "n_test", "target_class", "seed", "pad",
                        "weight_decay", "momentum")
         self.check_min(1, "channels", "depth", "width", "batch_size", "n_probe", "probe_k",
-                       "probe_iters", "align_factor")
-        self.check_positive("lr", "cross_strength", "suppress_margin")
+                       "probe_iters", "align_factor", "evals_per_epoch")
+        self.check_positive("lr", "cross_strength", "suppress_margin", "attack_margin")
         if not 0 < self.poison_rate < 1:
             raise ValueError(f"`poison_rate` must be in (0, 1), got {self.poison_rate}.")
         if self.dataset == "digits" and self.data_path:
@@ -240,10 +242,12 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
 
     def fit(arm, Xa, ya, epochs, hooks, tag, initial):
         """Train one run; its history starts with the initial model's measures (epoch 0:
-        the same initial model for every run, measured once)."""
+        the same initial model for every run, measured once). Runs with probes are
+        measured ``evals_per_epoch`` times an epoch."""
         ts = time.time()
         params, hist = train.train(model0, apply, Xa, ya, train_config(cfg, arm, epochs),
-                                   hooks=[thook] + hooks, progress=True, desc=tag)
+                                   hooks=[thook] + hooks, progress=True, desc=tag,
+                                   evals_per_epoch=cfg.evals_per_epoch if hooks else 1)
         secs[tag] = time.time() - ts
         return params, {k: [initial.get(k)] + v for k, v in hist.items()}
 

@@ -15,12 +15,12 @@ from ntk_poison import metrics
 
 from experiments.backdoor_nets.arms import parse_arm
 
-#: the lag's rule, as the report states it (per run; epochs are the evaluation times)
-RULE = ("ASR's half-range crossing (epochs 0..E, epoch 0 = the initial model; linear "
-        "interpolation) must precede the top-eigenvector overlap's by more than one "
-        "epoch (SUPPORTED), follow it by more than one epoch (NOT supported), or lie "
-        "within one epoch (inconclusive); untested if ASR or the overlap does not rise "
-        "(ASR by 0.05; the overlap to twice its start and above 2/d).")
+#: the lag's rule, as the report states it (per run)
+RULE = ("ASR's half-range crossing (over the evaluations from epoch 0, the initial model, "
+        "to E; linear interpolation) must precede the top-eigenvector overlap's by more "
+        "than one evaluation interval h (SUPPORTED), follow it by more than h (NOT "
+        "supported), or lie within h (inconclusive); untested if ASR or the overlap does "
+        "not rise (ASR by 0.05; the overlap to twice its start and above 2/d).")
 
 
 def fmt(x) -> str:
@@ -62,8 +62,10 @@ def lag(hist: dict, t: str, d: int) -> dict:
                                  f" 1/d = {1 / d:.2g})")
     else:
         gap = out["overlap"] - out["asr"]
-        out.update(lag=True if gap > 1 else (False if gap < -1 else None),
-                   why=f"ASR at epoch {out['asr']:.3g}, overlap at {out['overlap']:.3g}")
+        h = float(np.max(np.diff(ep)))
+        out.update(lag=True if gap > h else (False if gap < -h else None), interval=h,
+                   why=f"ASR at epoch {out['asr']:.3g}, overlap at {out['overlap']:.3g} "
+                       f"(h = {h:.3g})")
     return out
 
 
@@ -82,18 +84,49 @@ def frontier(res: dict, cfg, t: str, epochs: int) -> List[dict]:
     return pts
 
 
+def working(res: dict, cfg) -> Dict[str, bool]:
+    """Per trigger: does the attack work? The undefended long run's final ASR is at least
+    the trigger-alone ASR + ``cfg.attack_margin``."""
+    long_ = str(cfg.epochs[1])
+    return {t: final(res["runs"][t][long_]["none"], f"asr_{t}")
+            >= baseline(res, t, "none") + cfg.attack_margin for t in cfg.triggers}
+
+
+def dominated_area(points: List[dict]) -> float:
+    """The area of ``{(a, c) in [0, 1]^2 : some point has ASR <= a and clean accuracy
+    >= c}``: the union of the rectangles ``[asr, 1] x [0, clean_acc]`` (the frontier's
+    hypervolume with reference (ASR 1, accuracy 0); larger is better)."""
+    pts = sorted((p["asr"], p["clean_acc"]) for p in points)
+    area, best = 0.0, 0.0
+    for i, (a, c) in enumerate(pts):
+        best = max(best, c)
+        nxt = pts[i + 1][0] if i + 1 < len(pts) else 1.0
+        area += (nxt - a) * best
+    return float(area)
+
+
 def claims(rep, cfg) -> None:
+    """The six claims; those about defences, collapse and alignment are tested only on
+    the triggers whose attack works (:func:`working`)."""
     res = rep.results
     d = int(np.prod(res["image_shape"]))
     short, long_ = (str(e) for e in cfg.epochs)
-    T = cfg.triggers
-    run = {t: res["runs"][t][long_] for t in T}
+    ok = working(res, cfg)
+    res["attack_works"] = ok
+    T = [t for t in cfg.triggers if ok[t]]
+    failed = "".join(f"; {t}: untested, the attack does not work (undefended ASR "
+                     f"{final(res['runs'][t][long_]['none'], f'asr_{t}'):.3f}, trigger alone "
+                     f"{baseline(res, t, 'none'):.3f})" for t in cfg.triggers if not ok[t])
+    run = {t: res["runs"][t][long_] for t in cfg.triggers}
     m = cfg.suppress_margin
 
+    def claim(name, statement, verdict, evidence, figs):
+        rep.claim(name, statement, verdict, evidence.removeprefix("; "), figs)
+
     # 1. the lag, in training
-    lags = {t: lag(run[t]["none"], t, d) for t in T}
+    lags = {t: lag(run[t]["none"], t, d) for t in cfg.triggers}
     res["lag"] = lags
-    rep.claim("lag in training", "in the undefended long run, ASR crosses half its range "
+    claim("lag in training", "in the undefended long run, ASR crosses half its range "
               "before the top-eigenvector overlap with the trigger does. " + RULE,
               combine({t: v["lag"] for t, v in lags.items()}),
               "; ".join(f"{t}: {v['why']}" for t, v in lags.items()), ["curves.png"])
@@ -105,11 +138,11 @@ def claims(rep, cfg) -> None:
 
     if "aug" in cfg.arms:
         per = {t: row(t, "aug")[0] > row(t, "aug")[1] + m for t in T}
-        rep.claim("augmentation alone does not suppress", f"with augmentation alone the "
+        claim("augmentation alone does not suppress", f"with augmentation alone the "
                   f"ASR stays above the trigger-alone ASR + {m:g}",
                   combine(per), "; ".join(f"{t}: ASR {row(t, 'aug')[0]:.3f} (trigger alone "
                                           f"{row(t, 'aug')[1]:.3f}, undefended "
-                                          f"{row(t, 'none')[0]:.3f})" for t in T),
+                                          f"{row(t, 'none')[0]:.3f})" for t in T) + failed,
                   ["curves.png"])
 
     # 3. penalty + augmentation, and its cost
@@ -126,10 +159,10 @@ def claims(rep, cfg) -> None:
                       + (f"; suppressed by {best} at clean accuracy {row(t, best)[2]:.3f} "
                          f"(cost {acc0 - row(t, best)[2]:+.3f} against the undefended "
                          f"clean model's {acc0:.3f})" if best else "; never suppressed"))
-        rep.claim("penalty + augmentation suppresses", "some kappa of the penalty with "
+        claim("penalty + augmentation suppresses", "some kappa of the penalty with "
                   f"augmentation brings the ASR to within {m:g} of the trigger-alone ASR "
                   "(ASR/trigger-alone listed), at the measured clean-accuracy cost",
-                  combine(per), "; ".join(ev), ["frontier.png"])
+                  combine(per), "; ".join(ev) + failed, ["frontier.png"])
     pen_only = [a for a in cfg.arms if not parse_arm(a)[0] and parse_arm(a)[1] > 0]
     if pen_only:
         rep.measurement("penalty alone", "ASR / trigger-alone ASR / clean accuracy of the "
@@ -140,36 +173,30 @@ def claims(rep, cfg) -> None:
     # 4. longer training and the frontier
     per, ev = {}, []
     for t in T:
-        best = {}
-        for e in (short, long_):
-            ok = [p["clean_acc"] for p in frontier(res, cfg, t, int(e)) if p["suppressed"]]
-            best[e] = max(ok) if ok else None
-        if best[short] is None and best[long_] is None:
-            per[t] = None
-        elif best[short] is None or best[long_] is None:
-            per[t] = best[short] is None
-        else:
-            per[t] = best[long_] > best[short]
-        say = {e: "none suppressed" if v is None else f"{v:.3f}" for e, v in best.items()}
-        ev.append(f"{t}: best clean accuracy among suppressed arms {say[short]} at {short} "
-                  f"epochs, {say[long_]} at {long_}")
-    rep.claim("longer training improves the frontier", "over the augmented arms, the best "
-              "clean accuracy among suppressed runs is higher after the long run than "
-              "after the short one (or only the long run suppresses)", combine(per),
-              "; ".join(ev), ["frontier.png"])
+        hv = {e: dominated_area(frontier(res, cfg, t, int(e))) for e in (short, long_)}
+        per[t] = hv[long_] > hv[short]
+        ev.append(f"{t}: dominated area {hv[short]:.3f} at {short} epochs, {hv[long_]:.3f} "
+                  f"at {long_}")
+    claim("longer training improves the frontier", "the frontier of the augmented arms "
+          "over kappa (clean accuracy up, ASR down) dominates a larger area of the (ASR, "
+          "clean accuracy) square after the long run than after the short one",
+          combine(per), "; ".join(ev) + failed, ["frontier.png"])
 
     # 5. feature collapse
     per = {}
     for t in T:
         c = res["collapse"][t]
-        per[t] = c["trig_to_poison"] < 1.0 and c["trig_to_poison"] < c["clean_other_to_poison"]
-    rep.claim("feature collapse", "in the undefended long run, triggered test inputs land "
-              "within one within-class spread of the poisons' feature centroid, closer than "
-              "clean non-target inputs", combine(per),
+        per[t] = c["trig_to_poison"] < min(c["clean_target_to_poison"],
+                                           c["clean_other_to_poison"])
+    claim("feature collapse", "in the undefended long run's penultimate features, "
+              "triggered test inputs lie closer to the poisons' centroid than clean "
+              "target-class and clean other-class test inputs do (median distances, in "
+              "units of the within-class spread)", combine(per),
               "; ".join(f"{t}: triggered {c['trig_to_poison']:.2f}, clean target "
                         f"{c['clean_target_to_poison']:.2f}, clean other "
-                        f"{c['clean_other_to_poison']:.2f} spreads from the poison centroid"
-                        for t, c in res["collapse"].items()), ["features.png"])
+                        f"{c['clean_other_to_poison']:.2f}"
+                        for t, c in res["collapse"].items() if t in T) + failed,
+              ["features.png"])
 
     # 6. alignment
     per, ev = {}, []
@@ -178,15 +205,16 @@ def claims(rep, cfg) -> None:
         ref = max(final(res["clean"]["none"], f"{t}_overlap_mean"), 1.0 / d)
         per[t] = ov >= cfg.align_factor * ref
         ev.append(f"{t}: cos^2 {ov:.3g} against max(clean model {ref:.3g}, 1/d)")
-    rep.claim("the top eigenvector aligns with the trigger", f"at poison rate "
+    claim("the top eigenvector aligns with the trigger", f"at poison rate "
               f"{cfg.poison_rate:g}, the undefended model's top input-Hessian eigenvector "
               f"at triggered inputs has cos^2 with x_trig - x at least {cfg.align_factor:g}x "
               "that of the clean model at the same inputs (and 1/d)", combine(per),
-              "; ".join(ev), ["overlap.png"])
+              "; ".join(ev) + failed, ["overlap.png"])
     rep.measurement("curvature detector", "AUROC of the top eigenvalue (triggered vs clean "
                     "inputs) and the ratio of median top eigenvalues, undefended, at the end",
                     "; ".join(f"{t}: AUROC {final(run[t]['none'], 'auroc'):.3f}, ratio "
-                              f"{final(run[t]['none'], 'lam_ratio_median'):.3g}" for t in T))
+                              f"{final(run[t]['none'], 'lam_ratio_median'):.3g}"
+                              for t in cfg.triggers))
 
 
 def discussion(res: dict, cfg) -> str:
