@@ -34,7 +34,7 @@ def test_bad_arms_raise(arm):
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(arms=("aug",)), "arms"), (dict(probe_arms=("pen@1",)), "probe_arms"),
+    (dict(arms=("aug",)), "arms"), (dict(probe_arms=("pen@7",)), "probe_arms"),
     (dict(epochs=(3, 3)), "epochs"), (dict(triggers=("glitter",)), "triggers"),
     (dict(dataset="cifar10"), "data_path"), (dict(poison_rate=1.5), "poison_rate"),
     (dict(probe_k=5, probe_iters=4), "probe_k")])
@@ -154,3 +154,34 @@ def test_dominated_area_against_a_grid_count():
             dom |= (A >= p["asr"]) & (C <= p["clean_acc"])
         assert cl.dominated_area(pts) == pytest.approx(dom.mean(), abs=6e-3)
     assert cl.dominated_area([dict(asr=0.0, clean_acc=1.0)]) == 1.0
+
+
+def _write_cifar10(root, n=4):
+    """A tiny cifar-10-batches-py folder in the python-pickle format; its test images."""
+    import pickle
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        img = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        rows = img.transpose(0, 3, 1, 2).reshape(n, -1)          # channel-major rows
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": rows, b"labels": list(range(n))}, f)
+    return folder, img
+
+
+def test_cifar_from_a_path(tmp_path):
+    """CIFAR-10 from a folder the test writes: images (n, 32, 32, 3) in [0, 1], the
+    classes, and both models built for them (the ResNet with 3 input channels)."""
+    folder, test_img = _write_cifar10(tmp_path)
+    cfg = exp.Config(dataset="cifar10", data_path=str(folder), n_train=0, n_test=0, pad=4,
+                     flip=True)
+    X, y, xte, yte, c = exp.load_task(cfg)
+    assert X.shape == (20, 32, 32, 3) and xte.shape == (4, 32, 32, 3) and c == 10
+    np.testing.assert_allclose(xte, test_img / 255.0, rtol=1e-6)
+    assert exp.make_model(cfg, X.shape[1:], 10)(xte).shape == (4, 10)
+    r = exp.make_model(cfg.replace(model="preact_resnet", depth=20, width=0.25),
+                       X.shape[1:], 10)
+    assert type(r).__name__ == "PreActResNet"
+    with pytest.raises(ValueError, match="target_class"):
+        exp.load_task(cfg.replace(target_class=10))

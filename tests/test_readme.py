@@ -89,3 +89,18 @@ def test_readme_defence_block_runs():
     assert np.all(np.diff(np.asarray(ns["dof"])) < 0)      # capacity falls with kappa
     assert np.asarray(ns["f_t"]).shape == (3, 5)
     assert ns["hist"].times[-1] == 0.2 * 50
+
+
+@pytest.mark.slow
+def test_readme_networks_block_runs(tmp_path, monkeypatch):
+    """The networks block as written: a penalised CNN run with curvature probes four
+    times an epoch and a checkpoint, and the ResNet constructor."""
+    block = next(b for b in _python_blocks() if "curvature_hook" in b)
+    monkeypatch.chdir(tmp_path)
+    ns = {}
+    exec(compile(block, "README-nets", "exec"), ns)
+    h = ns["history"]
+    assert h["epoch"] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert len(h["overlap_mean"]) == 8 and all(0 <= v <= 1 for v in h["overlap_mean"])
+    assert (tmp_path / "ckpt" / "checkpoint.npz").exists()
+    assert ns["k"].name == "nt_cnn"

@@ -52,8 +52,8 @@ from experiments.backdoor_nets.arms import parse_arm
 
 NAME = "backdoor_nets"
 TRIGGERS = ("patch", "blend", "warp", "cross")
-DATASETS = ("mnist", "fashion_mnist", "digits", "cifar10", "cifar100")
 MODELS = ("cnn", "preact_resnet")
+CLASSES = {"mnist": 10, "fashion_mnist": 10, "digits": 10, "cifar10": 10, "cifar100": 100}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +68,7 @@ class Config(BaseConfig):
     model: str = "cnn"
     channels: int = 8                  # cnn: conv channels (width)
     depth: int = 2                     # cnn: conv layers; preact_resnet: 18, 34 or 6n+2
-    width: int = 1                     # preact_resnet: width multiplier
+    width: float = 1.0                 # preact_resnet: width multiplier
     parameterization: str = "standard"
     triggers: Tuple[str, ...] = ("patch", "blend", "warp")
     cross_strength: float = 3.0        # the cross trigger's L2 norm (pixel units)
@@ -96,13 +96,14 @@ class Config(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
-        self.check_choice("dataset", DATASETS)
+        self.check_choice("dataset", tuple(CLASSES))
         self.check_choice("model", MODELS)
         self.check_choice("parameterization", ("standard", "ntk"))
         self.check_choice("optimizer", train.OPTIMIZERS)
         self.check_min(0, "n_train", "n_test", "target_class", "seed", "pad",
                        "weight_decay", "momentum")
-        self.check_min(1, "channels", "depth", "width", "batch_size", "n_probe", "probe_k",
+        self.check_positive("width")
+        self.check_min(1, "channels", "depth", "batch_size", "n_probe", "probe_k",
                        "probe_iters", "align_factor", "evals_per_epoch")
         self.check_positive("lr", "cross_strength", "suppress_margin", "attack_margin")
         if not 0 < self.poison_rate < 1:
@@ -140,7 +141,7 @@ def load_task(cfg: Config):
     if cfg.data_path:
         kw["path"] = cfg.data_path
     X, y, xte, yte = data.load(cfg.dataset, **kw)
-    c = int(max(y.max(), yte.max())) + 1
+    c = CLASSES[cfg.dataset]
     if cfg.target_class >= c:
         raise ValueError(f"`target_class` = {cfg.target_class} is not a class of "
                          f"{cfg.dataset} (0..{c - 1}).")
@@ -170,7 +171,7 @@ def make_model(cfg: Config, shape, classes: int):
                         depth=cfg.depth, pool=2, num_outputs=classes,
                         parameterization=cfg.parameterization)
     return nets.resnet(key, depth=cfg.depth, width=cfg.width, num_outputs=classes,
-                       input_shape=tuple(shape), parameterization=cfg.parameterization)
+                       in_channels=int(shape[-1]), parameterization=cfg.parameterization)
 
 
 def train_config(cfg: Config, arm: str, epochs: int) -> train.TrainConfig:
