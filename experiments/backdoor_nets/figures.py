@@ -86,8 +86,9 @@ def feature_figure(rep, cfg):
         clean = np.asarray(p["clean"])
         lab = np.asarray(p["clean_labels"])
         ax.scatter(clean[:, 0], clean[:, 1], c=lab, cmap="tab10", s=3, alpha=0.4)
-        tr = np.asarray(p["trig"])
-        ax.scatter(tr[:, 0], tr[:, 1], marker="x", s=6, color="k", label="triggered test")
+        tr = np.asarray(p["trig"])[::max(1, len(p["trig"]) // 200)]
+        ax.scatter(tr[:, 0], tr[:, 1], marker="x", s=6, color="k", alpha=0.5,
+                   label="triggered test (<= 200 shown)")
         po = np.asarray(p["poison"])
         ax.scatter(po[:, 0], po[:, 1], marker="*", s=18, color="red", label="poisons")
         ax.set_title(f"{t}: feature PCA (clean coloured by class)", fontsize=8)
