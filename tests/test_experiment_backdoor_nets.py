@@ -117,6 +117,13 @@ def test_poisoned_set_and_reported_numbers_recomputed(run):
     xte, yte = data.subset(xte, yte, 200, seed=1)
     idx = np.asarray(r["poison_idx"]["patch"])
     assert len(idx) == round(0.1 * 300) and np.all(y[idx] != 0)
+    from ntk_poison.artefact import Artefact
+    art = Artefact.load(out / r["artefacts"]["patch"])          # the attack's one artefact
+    np.testing.assert_array_equal(art.poison_idx, idx)
+    xp = X[idx].copy()
+    xp[:, -3:, -3:, :] = 1.0
+    np.testing.assert_allclose(np.asarray(art.x)[idx], xp, rtol=1e-6)
+    assert np.all(np.asarray(art.y)[idx].argmax(1) == 0)
     # the BadNets patch by hand: a 3x3 white square in the bottom-right corner
     src = xte[yte != 0].copy()
     src[:, -3:, -3:, :] = 1.0

@@ -268,6 +268,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     for t in cfg.triggers:
         art = attacks.backdoor_attack(X, eye[y], trigs[t], eye[cfg.target_class],
                                       rate=cfg.poison_rate, seed=cfg.seed, mode="replace")
+        art.save(rep.out_dir / f"artefact_{t}.npz")      # what every defence consumes
         Xp, yp = np.asarray(art.x, X.dtype), np.asarray(art.y).argmax(1).astype(np.int32)
         runs[t] = {}
         for epochs in cfg.epochs:
@@ -294,6 +295,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     rep.results = dict(
         weights="weights.npz: the final model of each trigger's long undefended run, "
                 "keys '{trigger}_none_{i}', the leaves of nnx.state(model) in order",
+        artefacts={t: f"artefact_{t}.npz" for t in cfg.triggers},
         runs=runs, clean=clean, collapse=collapse, seconds=secs, classes=c,
         poison_idx=poison_idx,
         n_train=len(X), n_test=len(xte), n_triggered=int(nt.sum()), image_shape=shape,
