@@ -33,6 +33,7 @@ def quick(tmp_path_factory):
         return rc, json.load(f)
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_case(quick):
     rc, res = quick
     assert rc == 0
@@ -44,6 +45,7 @@ def test_quick_run_writes_every_case(quick):
     assert res["summary"] and res["machine"]["versions"]["jax"]
 
 
+@pytest.mark.slow
 def test_quick_ratios_are_positive_finite(quick):
     cases = quick[1]["cases"]
     tp = cases["throughput"]
@@ -65,6 +67,7 @@ def test_quick_ratios_are_positive_finite(quick):
     assert kvn["kernel_estimate"]["chosen_pool"] in train_bench.QUICK["kernel_pools"]
 
 
+@pytest.mark.slow
 def test_quick_hvp_matches_reverse_over_reverse(quick):
     # forward-over-reverse against reverse-over-reverse (an independent AD mode), float32
     err = quick[1]["cases"]["hvp"]["errors"]["hvp_fwd_over_rev_vs_rev_over_rev_relative"]
