@@ -131,28 +131,40 @@ def _standard_normals(key: Array, size: int, dtype: Any) -> np.ndarray:
 
 
 class NTKDense(nnx.Module):
-    """``W_std / sqrt(fan_in) * x @ W + b_std * b``, with W ``(fan_in, fan_out)``, b ``(fan_out,)``.
+    """``w_scale * x @ W + b_scale * b``, with W ``(fan_in, fan_out)``, b ``(fan_out,)``.
 
-    The NTK parameterisation of neural-tangents' ``stax.Dense``: W and b are drawn
-    N(0, 1) (by :class:`MLP`) and the ``1/sqrt(fan_in)`` sits in the forward pass, so
-    every parameter moves O(1/sqrt(width)) in training and the NTK has a finite limit.
+    In the NTK parameterisation (neural-tangents' ``stax.Dense``) W and b are drawn
+    N(0, 1) (by :class:`MLP`), ``w_scale = W_std / sqrt(fan_in)`` and ``b_scale = b_std``
+    sit in the forward pass, so every parameter moves O(1/sqrt(width)) in training and
+    the NTK has a finite limit. In the standard parameterisation the draws carry the
+    scale and ``w_scale = b_scale = 1`` (an ordinary dense layer).
     """
 
-    def __init__(self, W: Array, b: Array, W_std: float, b_std: float):
+    def __init__(self, W: Array, b: Array, W_std: float, b_std: float,
+                 standard: bool = False):
         self.W = nnx.Param(jnp.asarray(W))
         self.b = nnx.Param(jnp.asarray(b))
-        self.W_std = float(W_std)   # static: part of the pytree structure, not a leaf
+        fan_in = self.W[...].shape[0]
+        # static: part of the pytree structure, not leaves
+        self.W_std = float(W_std)
         self.b_std = float(b_std)
+        self.w_scale = 1.0 if standard else float(W_std) / math.sqrt(fan_in)
+        self.b_scale = 1.0 if standard else float(b_std)
 
     def __call__(self, x: Array) -> Array:
-        W = self.W[...]
-        return (self.W_std / math.sqrt(W.shape[0])) * (x @ W) + self.b_std * self.b[...]
+        return self.w_scale * (x @ self.W[...]) + self.b_scale * self.b[...]
 
 
 class MLP(nnx.Module):
     """``depth x (NTKDense(width), relu)`` then ``NTKDense(1)``: the twin of ``nt_fc``.
 
     ``activation="erf"`` swaps relu for erf (the twin of ``stax.Erf()``).
+    ``parameterization="standard"`` makes ordinary dense layers with the scale in the
+    draws: He's ``N(0, 2 W_std^2 / fan_in)`` before a relu (``N(0, W_std^2 / fan_in)``
+    before erf), LeCun's ``N(0, W_std^2 / fan_in)`` at the readout, biases
+    ``N(0, b_std^2)``: the same function at initialisation as the NTK-parameterised net
+    with weight scale ``sqrt(2) W_std`` (relu) in the hidden layers, but other training
+    dynamics (no width-independent NTK).
 
     Calling it on a batch ``x (n, *input_shape)`` flattens each input to ``(d,)``
     and returns the scalar outputs ``(n,)``. The module is a pytree (flax nnx), so
@@ -165,20 +177,25 @@ class MLP(nnx.Module):
 
     def __init__(self, d: int, width: int, depth: int = 2, W_std: float = 1.0,
                  b_std: float = 0.0, *, rngs: nnx.Rngs, dtype: Any = None,
-                 activation: str = "relu"):
+                 activation: str = "relu", parameterization: str = "ntk"):
         dtype = jnp.result_type(float) if dtype is None else dtype
         self.activation = str(activation)   # static
+        self.parameterization = str(parameterization)
+        standard = self.parameterization == "standard"
         dims = [d] + [width] * depth + [1]
         sizes = [(dims[i], dims[i + 1]) for i in range(depth + 1)]
         total = sum(a * b + b for a, b in sizes)
         flat = _standard_normals(rngs.params(), total, dtype)
         layers, at = [], 0
-        for fan_in, fan_out in sizes:
+        for i, (fan_in, fan_out) in enumerate(sizes):
             W = flat[at:at + fan_in * fan_out].reshape(fan_in, fan_out)
             at += fan_in * fan_out
             b = flat[at:at + fan_out]
             at += fan_out
-            layers.append(NTKDense(W, b, W_std, b_std))
+            if standard:
+                gain = math.sqrt(2.0) if i < depth and self.activation == "relu" else 1.0
+                W, b = W * (gain * W_std / math.sqrt(fan_in)), b * b_std
+            layers.append(NTKDense(W, b, W_std, b_std, standard))
         self.hidden = nnx.List(layers[:-1])
         self.readout = layers[-1]
 
@@ -190,7 +207,8 @@ class MLP(nnx.Module):
         return self.readout(h)[:, 0]
 
 
-def _check_arch(d, width, depth, W_std, b_std, activation="relu"):
+def _check_arch(d, width, depth, W_std, b_std, activation="relu", parameterization="ntk"):
+    _validate.choice("parameterization", parameterization, ("ntk", "standard"))
     if activation not in ACTIVATIONS:
         raise ValueError(f"`activation` must be one of {tuple(ACTIVATIONS)}, got "
                          f"{activation!r}.")
@@ -202,7 +220,8 @@ def _check_arch(d, width, depth, W_std, b_std, activation="relu"):
 
 
 def init(key: Array, d: int, width: int, depth: int = 2, W_std: float = 1.0,
-         b_std: float = 0.0, *, dtype: Any = None, activation: str = "relu") -> MLP:
+         b_std: float = 0.0, *, dtype: Any = None, activation: str = "relu",
+         parameterization: str = "ntk") -> MLP:
     """Initialise the NTK-parameterised MLP; returns its parameters (an nnx pytree).
 
     Args:
@@ -218,18 +237,20 @@ def init(key: Array, d: int, width: int, depth: int = 2, W_std: float = 1.0,
         a cusp at x = x', and the input-gradient penalty of a wide ReLU net does not
         converge to the one built from the analytic kernel's derivatives (the
         kinks that autodiff does not see add up to a finite term in the limit).
+      parameterization: ``"ntk"`` (default; the twin of the analytic kernels) or
+        ``"standard"`` (ordinary layers, He/LeCun draws; see :class:`MLP`).
 
     Returns:
       An :class:`MLP`, which is the ``params`` pytree of :func:`apply_fn`.
     """
-    _check_arch(d, width, depth, W_std, b_std, activation)
+    _check_arch(d, width, depth, W_std, b_std, activation, parameterization)
     key = jnp.asarray(key)
     if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or
             (key.dtype == jnp.uint32 and key.shape == (2,))):
         raise ValueError(f"`key` must be a jax.random key (jax.random.key(seed) or "
                          f"PRNGKey(seed)), got dtype {key.dtype} shape {key.shape}.")
     return MLP(d, width, depth, W_std, b_std, rngs=nnx.Rngs(params=key), dtype=dtype,
-               activation=activation)
+               activation=activation, parameterization=parameterization)
 
 
 def apply_fn(params: Any, x: Array) -> jax.Array:

@@ -74,6 +74,49 @@ def tiny(rng):
 
 # --------------------------------------------------------------------------- the model
 
+
+@pytest.mark.parametrize("activation", ["relu", "erf"])
+def test_standard_parameterisation_is_the_ntk_net_with_scaled_draws(rng, activation):
+    """parameterization="standard": the same N(0, 1) draws as the NTK net, scaled into
+    the weights (He before a relu, LeCun at the readout and before erf), ordinary layers
+    in the forward pass (checked in numpy), and the other parameterisation's gradient:
+    d f / d W_standard = d f / d W_ntk / (scale) for every weight matrix."""
+    X = rng.standard_normal((4, 6))
+    ntk = nets.init(jax.random.key(1), 6, 16, 2, 1.3, 0.2, activation=activation)
+    std = nets.init(jax.random.key(1), 6, 16, 2, 1.3, 0.2, activation=activation,
+                    parameterization="standard")
+    gain = np.sqrt(2.0) if activation == "relu" else 1.0
+    layers = list(ntk.hidden) + [ntk.readout]
+    slayers = list(std.hidden) + [std.readout]
+    scales = []
+    for i, (a, b) in enumerate(zip(layers, slayers)):
+        fan_in = np.asarray(a.W[...]).shape[0]
+        c = (gain if i < 2 else 1.0) * 1.3 / np.sqrt(fan_in)
+        scales.append(c)
+        np.testing.assert_allclose(np.asarray(b.W[...]), c * np.asarray(a.W[...]), rtol=1e-14)
+        np.testing.assert_allclose(np.asarray(b.b[...]), 0.2 * np.asarray(a.b[...]), rtol=1e-14)
+    from scipy.special import erf
+    h = X
+    for b in slayers[:-1]:
+        z = h @ np.asarray(b.W[...]) + np.asarray(b.b[...])
+        h = np.maximum(z, 0) if activation == "relu" else erf(z)
+    f = (h @ np.asarray(slayers[-1].W[...]) + np.asarray(slayers[-1].b[...]))[:, 0]
+    np.testing.assert_allclose(np.asarray(nets.apply_fn(std, X)), f, rtol=1e-12, atol=1e-13)
+    if activation == "erf":
+        # no He gain: the same function at init, f_std(c W) = f_ntk(W), so the standard
+        # parameterisation's gradient is the NTK one divided by c (per weight matrix)
+        np.testing.assert_allclose(f, np.asarray(nets.apply_fn(ntk, X)), rtol=1e-12,
+                                   atol=1e-13)
+        g = jax.grad(lambda m: nets.apply_fn(m, jnp.asarray(X)).sum())
+        gn, gs = g(ntk), g(std)
+        for la, lb, c in zip(list(gn.hidden) + [gn.readout], list(gs.hidden) + [gs.readout],
+                             scales):
+            np.testing.assert_allclose(np.asarray(lb.W[...]), np.asarray(la.W[...]) / c,
+                                       rtol=1e-11, atol=1e-13)
+    with pytest.raises(ValueError, match="parameterization"):
+        nets.init(jax.random.key(1), 6, 16, parameterization="mup")
+
+
 def test_init_apply_and_model_match_numpy(tiny, rng):
     X, y, params0, params, _ = tiny
     n_params = 3 * 8 + 8 + 8 * 8 + 8 + 8 + 1
