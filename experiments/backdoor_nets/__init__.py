@@ -185,7 +185,7 @@ def train_config(cfg: Config, arm: str, epochs: int) -> train.TrainConfig:
         seed=cfg.seed)
 
 
-def test_hook(predict, xte, yte, trig_sets, target):
+def measure_hook(predict, xte, yte, trig_sets, target):
     """hook(params, epoch) -> clean accuracy, and ASR and RA per trigger."""
     def hook(params, epoch):
         out = dict(clean_acc=float(metrics.clean_accuracy(predict(params, xte), yte,
@@ -229,7 +229,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     model0 = make_model(cfg, shape, c)
     apply = nets.apply_fn
     predict = batched(apply)
-    thook = test_hook(predict, xte, yte, trig_sets, cfg.target_class)
+    thook = measure_hook(predict, xte, yte, trig_sets, cfg.target_class)
     long_ = cfg.epochs[1]
     runs, clean, collapse, secs, poison_idx, weights = {}, {}, {}, {}, {}, {}
     feats = jax.jit(lambda p, x: p.features(x))
