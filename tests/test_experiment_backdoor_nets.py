@@ -15,7 +15,7 @@ from experiments.backdoor_nets import claims as cl
 from experiments.backdoor_nets.arms import parse_arm
 
 CFG = dict(dataset="digits", n_train=300, n_test=200, channels=4, triggers=("patch",),
-           arms=("none", "aug", "aug+pen@0.1"), probe_arms=("none",), epochs=(1, 2),
+           arms=("none", "aug+pen@0.1"), probe_arms=("none",), epochs=(1, 2),
            batch_size=50, n_probe=4, probe_k=2, probe_iters=4, pad=1, poison_rate=0.1,
            evals_per_epoch=2)
 
@@ -141,7 +141,7 @@ def test_poisoned_set_and_reported_numbers_recomputed(run):
     assert h["ra_patch"][-1] == pytest.approx(np.mean(f_trig.argmax(1) == yte[yte != 0]))
     assert h["clean_acc"][-1] == pytest.approx(np.mean(f_clean.argmax(1) == yte))
     assert h["epoch"] == [0, 0.5, 1.0, 1.5, 2.0]          # probed: 2 measures an epoch
-    assert r["runs"]["patch"]["2"]["aug"]["epoch"] == [0, 1, 2]   # not probed: 1
+    assert r["runs"]["patch"]["2"]["aug+pen@0.1"]["epoch"] == [0, 1, 2]   # not probed: 1
 
 
 def jax_unflatten(state, leaves):

@@ -136,14 +136,16 @@ def claims(rep, cfg) -> None:
         h = run[t][arm]
         return final(h, f"asr_{t}"), baseline(res, t, arm), final(h, "clean_acc")
 
+    aug_stmt = f"with augmentation alone the ASR stays above the trigger-alone ASR + {m:g}"
     if "aug" in cfg.arms:
         per = {t: row(t, "aug")[0] > row(t, "aug")[1] + m for t in T}
-        claim("augmentation alone does not suppress", f"with augmentation alone the "
-                  f"ASR stays above the trigger-alone ASR + {m:g}",
-                  combine(per), "; ".join(f"{t}: ASR {row(t, 'aug')[0]:.3f} (trigger alone "
-                                          f"{row(t, 'aug')[1]:.3f}, undefended "
-                                          f"{row(t, 'none')[0]:.3f})" for t in T) + failed,
-                  ["curves.png"])
+        claim("augmentation alone does not suppress", aug_stmt, combine(per),
+              "; ".join(f"{t}: ASR {row(t, 'aug')[0]:.3f} (trigger alone "
+                        f"{row(t, 'aug')[1]:.3f}, undefended {row(t, 'none')[0]:.3f})"
+                        for t in T) + failed, ["curves.png"])
+    else:
+        claim("augmentation alone does not suppress", aug_stmt, None,
+              "untested: the config has no 'aug' arm", [])
 
     # 3. penalty + augmentation, and its cost
     both = [a for a in cfg.arms if parse_arm(a)[0] and parse_arm(a)[1] > 0]
