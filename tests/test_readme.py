@@ -56,6 +56,7 @@ def test_readme_custom_kernel_is_registered_and_differentiable():
     np.testing.assert_allclose(g, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_readme_defence_block_runs():
     """The spectra / artefact / detector / flow / nets block, with its shapes and the
     claims it states in comments checked independently."""
