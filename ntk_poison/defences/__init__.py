@@ -20,5 +20,5 @@ from ntk_poison.defences.features import empirical_ntk_features, kernel_pca_feat
 from ntk_poison.defences.spectral_signatures import SpectralSignatures
 
 __all__ = ["Detector", "class_ids", "ActivationClustering", "CurvatureDetector",
-           "SpectralSignatures", "auroc", "confusion", "evaluate", "evaluate_artefact", "tpr_at_fpr",
-           "empirical_ntk_features", "kernel_pca_features"]
+           "SpectralSignatures", "auroc", "confusion", "evaluate", "evaluate_artefact",
+           "tpr_at_fpr", "empirical_ntk_features", "kernel_pca_features"]

@@ -127,7 +127,7 @@ class ActivationClustering:
         _validate.array("features", features, ndim=(2, 3, 4))
         classes = class_ids(labels)
         _validate.same_rows("features", np.asarray(features), "labels", classes)
-        sizes = cluster_relative_sizes(features, classes, n_components=self.n_components,
-                                       n_init=self.n_init,
-                                       random_state=self.random_state)
+        sizes = cluster_relative_sizes(
+            features, classes, n_components=self.n_components, n_init=self.n_init,
+            random_state=self.random_state)
         return 1.0 - sizes, sizes < self.size_threshold
