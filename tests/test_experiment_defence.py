@@ -139,6 +139,7 @@ def _half(x, rel):
                         * (lx[i] - lx[i - 1])))
 
 
+@pytest.mark.slow
 def test_tiny_kernel_part_against_independent_refits(tmp_path):
     """Items 1-5 and the new measures end to end (widths=() skips the nets), each
     number checked against separate fits by penalized.fit_penalized at every kappa

@@ -295,6 +295,7 @@ def nc_cnn_run(tmp_path_factory):
     return out, cfg
 
 
+@pytest.mark.slow
 def test_near_clone_runs_the_cnn_kernel_on_images(nc_cnn_run):
     import jax
     from ntk_poison import attacks, krr
