@@ -579,7 +579,7 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     if progress:
         bar = report.progress(bar, desc, total=config.epochs - start)
     for e in bar:
-        for j, (first, last) in enumerate(zip(cuts[:-1], cuts[1:])):
+        for first, last in zip(cuts[:-1], cuts[1:]):
             new_p, new_s, new_ms, vals, accs = _epoch(
                 params, opt_state, model_state, X, Y, e, int(first), apply=apply,
                 config=config, optimizer=optimizer, steps=steps, gdef=gdef, unroll=unroll,
