@@ -194,3 +194,17 @@ def test_cifar_from_a_path(tmp_path):
     assert type(r).__name__ == "PreActResNet"
     with pytest.raises(ValueError, match="target_class"):
         exp.load_task(cfg.replace(target_class=10))
+
+
+@pytest.mark.parametrize("name, classes", [("paper_cifar10", "cifar10"),
+                                           ("paper_cifar100", "cifar100")])
+def test_paper_configs_load_and_validate(name, classes):
+    """The shipped GPU configs are valid configs with the paper's settings."""
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / f"{name}.json"
+    cfg = exp.Config.load(path)
+    assert cfg.dataset == classes and cfg.model == "preact_resnet" and cfg.depth == 110
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size) == (0.1, 0.9, 5e-4, 128)
+    assert cfg.flip and cfg.pad == 4
+    kappas = sorted(parse_arm(a)[1] for a in cfg.arms if a.startswith("aug+pen@"))
+    assert kappas == [1e2, 1e3, 1e4, 1e5, 1e6]
