@@ -56,6 +56,7 @@ import numpy as np
 from flax import nnx
 
 from ntk_poison import _validate
+from ntk_poison.convnets import Dense  # w_scale * h @ W + b_scale * b: the CNN's readout
 
 __all__ = ["PreActResNet", "resnet", "stage_plan", "PARAMETERIZATIONS", "NORMS"]
 
@@ -122,21 +123,6 @@ class Conv(nnx.Module):
         y = jax.lax.conv_general_dilated(x, W, (self.stride, self.stride), ((p, p), (p, p)),
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y if self.scale == 1.0 else self.scale * y
-
-
-class Dense(nnx.Module):
-    """``scale * h @ W + b_scale * b`` (standard: 1, 1; NTK: ``1/sqrt(fan_in)``, ``b_std``)."""
-
-    def __init__(self, W: Array, b: Array, scale: float, b_scale: float):
-        self.W = nnx.Param(jnp.asarray(W))
-        self.b = nnx.Param(jnp.asarray(b))
-        self.scale = float(scale)
-        self.b_scale = float(b_scale)
-
-    def __call__(self, h: Array) -> Array:
-        y = h @ self.W[...]
-        y = y if self.scale == 1.0 else self.scale * y
-        return y + (self.b[...] if self.b_scale == 1.0 else self.b_scale * self.b[...])
 
 
 def _batch_norm(channels: int, dtype: Any) -> nnx.BatchNorm:
