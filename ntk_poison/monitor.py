@@ -54,7 +54,7 @@ from ntk_poison.defences.evaluate import auroc
 Array = Any
 
 __all__ = ["input_hessian_top", "overlap", "curvature_hook", "feature_collapse",
-           "feature_pca_figure"]
+           "feature_pca_plot", "feature_pca_figure"]
 
 
 # --------------------------------------------------------------------------- public
@@ -335,26 +335,27 @@ def feature_collapse(features_clean: Array, y_clean: Array, features_poison: Arr
         target=target)
 
 
-def feature_pca_figure(result: Dict[str, Any], path: str | Path) -> Path:
-    """Scatter the PCA of :func:`feature_collapse` and save it (PNG) atomically.
+def feature_pca_plot(result: Dict[str, Any], ax: Any, max_trig: Optional[int] = None):
+    """Draw the PCA of :func:`feature_collapse` on the matplotlib axes ``ax``.
 
     Clean points are coloured by class (the target class ringed), poison points are
-    black crosses, triggered inputs red triangles; the title carries
-    ``trig_to_poison`` and ``clean_other_to_poison`` (in units of the spread).
-    Returns the path written.
+    black crosses, triggered inputs red triangles (at most ``max_trig`` of them, evenly
+    strided, if given); the title carries ``trig_to_poison`` and
+    ``clean_other_to_poison`` (in units of the spread). Returns the clean points'
+    scatter (for a colour bar).
     """
     if not isinstance(result, dict) or "pca" not in result:
         raise ValueError("`result` must be the dict feature_collapse returns (with a "
                          "'pca' entry).")
     pca = result["pca"]
-    fig, axes = report.new_figure()
-    ax = axes[0, 0]
     C, y = np.asarray(pca["clean"]), np.asarray(pca["clean_labels"])
     sc = ax.scatter(C[:, 0], C[:, 1], c=y, cmap="tab10", s=8, alpha=0.6, label="clean")
     t = y == result["target"]
     ax.scatter(C[t, 0], C[t, 1], facecolors="none", edgecolors="k", s=20, linewidths=0.5,
                label=f"clean, target class {result['target']}")
     P, T = np.asarray(pca["poison"]), np.asarray(pca["trig"])
+    if max_trig is not None and len(T) > max_trig:
+        T = T[::-(-len(T) // max_trig)]
     ax.scatter(P[:, 0], P[:, 1], marker="x", c="k", s=18, label="poison")
     ax.scatter(T[:, 0], T[:, 1], marker="^", c="r", s=14, label="triggered")
     ev = np.asarray(pca["explained"])
@@ -363,7 +364,18 @@ def feature_pca_figure(result: Dict[str, Any], path: str | Path) -> Path:
     ax.set_title(f"triggered to poison {result['trig_to_poison']:.2f}, clean other to "
                  f"poison {result['clean_other_to_poison']:.2f} (x spread)", fontsize=8)
     ax.legend(fontsize=6, loc="best")
-    fig.colorbar(sc, ax=ax, label="clean class")
+    return sc
+
+
+def feature_pca_figure(result: Dict[str, Any], path: str | Path) -> Path:
+    """:func:`feature_pca_plot` as a PNG with a colour bar, saved atomically; returns
+    the path written."""
+    if not isinstance(result, dict) or "pca" not in result:
+        raise ValueError("`result` must be the dict feature_collapse returns (with a "
+                         "'pca' entry).")
+    fig, axes = report.new_figure()
+    sc = feature_pca_plot(result, axes[0, 0])
+    fig.colorbar(sc, ax=axes[0, 0], label="clean class")
     fig.tight_layout()
     import matplotlib.pyplot as plt
     try:

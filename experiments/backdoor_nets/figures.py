@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ntk_poison import monitor
 from ntk_poison.report import new_figure
 
 from experiments.backdoor_nets.claims import baseline, frontier
@@ -79,18 +80,10 @@ def overlap_figure(rep, cfg):
 
 
 def feature_figure(rep, cfg):
-    """PCA of penultimate features: clean (by class), poisons, triggered test inputs."""
+    """PCA of penultimate features (:func:`ntk_poison.monitor.feature_pca_plot`): clean
+    (by class), poisons, triggered test inputs (at most 200 drawn)."""
     fig, axes = new_figure(len(cfg.triggers), 1, size=(4.2, 3.8))
     for ax, t in zip(axes[0], cfg.triggers):
-        p = rep.results["collapse"][t]["pca"]
-        clean = np.asarray(p["clean"])
-        lab = np.asarray(p["clean_labels"])
-        ax.scatter(clean[:, 0], clean[:, 1], c=lab, cmap="tab10", s=3, alpha=0.4)
-        tr = np.asarray(p["trig"])[::max(1, len(p["trig"]) // 200)]
-        ax.scatter(tr[:, 0], tr[:, 1], marker="x", s=6, color="k", alpha=0.5,
-                   label="triggered test (<= 200 shown)")
-        po = np.asarray(p["poison"])
-        ax.scatter(po[:, 0], po[:, 1], marker="*", s=18, color="red", label="poisons")
-        ax.set_title(f"{t}: feature PCA (clean coloured by class)", fontsize=8)
-        ax.legend(fontsize=6)
+        monitor.feature_pca_plot(rep.results["collapse"][t], ax, max_trig=200)
+        ax.set_title(f"{t}: " + ax.get_title(), fontsize=7)
     rep.figure(fig, "features.png")
