@@ -262,12 +262,7 @@ def _write(path: Union[str, Path], arrays: Dict[str, np.ndarray],
     header = dict(header)
     header["sha256"] = _digest(arrays, header)
     text = np.array(json.dumps(header, sort_keys=True))
-
-    def writer(tmp: str) -> None:
-        with open(tmp, "wb") as f:  # a file object: np.savez adds no suffix
-            np.savez(f, header=text, **arrays)
-
-    return _io.write_atomic(path, writer)
+    return _io.write_npz(path, {"header": text, **arrays})
 
 
 # --------------------------------------------------------------------------- old names

@@ -11,7 +11,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Dict
 
 import numpy as np
 
@@ -65,6 +65,15 @@ def write_text(path: str | Path, text: str) -> Path:
     def w(tmp):
         with open(tmp, "w") as f:
             f.write(text)
+    return write_atomic(path, w)
+
+
+def write_npz(path: str | Path, arrays: Dict[str, Any]) -> Path:
+    """``np.savez`` of ``arrays`` (name -> array) to ``path``, atomically (written through
+    a file object, so no ``.npz`` is appended to the name)."""
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
     return write_atomic(path, w)
 
 

@@ -412,11 +412,7 @@ def _save(path: Path, params, opt_state, model_state, epoch: int, history, diges
     header = json.dumps({"epoch": epoch, "history": io.to_jsonable(history),
                          "config": digest, "n_leaves": len(leaves)})
     arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
-
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, header=np.array(header), **arrays)
-    io.write_atomic(path, w)
+    io.write_npz(path, {"header": np.array(header), **arrays})
 
 
 def _load(path: Path, ref_tree):

@@ -287,11 +287,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                         np.asarray(feats(params, trig_sets[t][0])), cfg.target_class)
         poison_idx[t] = np.asarray(art.poison_idx)
 
-    def save_npz(tmp):
-        with open(tmp, "wb") as f:                   # a file object: no ".npz" appended
-            np.savez(f, **weights)
-
-    io.write_atomic(rep.out_dir / "weights.npz", save_npz)
+    io.write_npz(rep.out_dir / "weights.npz", weights)
     rep.results = dict(
         weights="weights.npz: the final model of each trigger's long undefended run, "
                 "keys '{trigger}_none_{i}', the leaves of nnx.state(model) in order",

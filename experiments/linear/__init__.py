@@ -213,11 +213,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                          crossings={str(m): crossings(runs[m], times, d, cfg)
                                     for m in counts},
                          seconds={str(m): v for m, v in secs.items()})
-    def save_npz(tmp):
-        with open(tmp, "wb") as f:                   # a file object: no ".npz" appended
-            np.savez(f, **weights)
-
-    io.write_atomic(out_dir / "weights.npz", save_npz)
+    io.write_npz(out_dir / "weights.npz", weights)
     rep.results = dict(
         models=res, length_scale=ell, trigger=trig.to_dict(), d=d, n_train=n, classes=c,
         n_triggered=int(nt.sum()), n_test=int(len(xte)), hessian_idx=hidx,
