@@ -12,8 +12,11 @@ seed) is what every detector, defence and experiment consumes.
   2017): triggered copies of ``n_poison`` non-target training points, relabelled.
 
 The poison point itself: :func:`prototype_poison` (the triggered mean non-target
-training image, or one such image), :func:`near_clone`. Everything here is plain
-numpy on the host: poisons are data, not computation.
+training image, or one such image), :func:`near_clone`. Everything in this file is
+plain numpy on the host: poisons are data, not computation. The optimised attacks,
+which differentiate through a model, live in submodules (issue 13):
+:mod:`ntk_poison.attacks.deferred` (deferred poisoning by Hessian singularization) and
+:mod:`ntk_poison.attacks.optimal` (the optimal invisible clone poison).
 """
 
 from __future__ import annotations
