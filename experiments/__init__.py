@@ -25,6 +25,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                       "lag, augmentation, the penalty, the frontier, feature collapse"),
     "predict_asr": ("experiments.predict_asr", "a CNN's backdoor ASR predicted by the flow of "
                     "its analytic NTK, against trained nets of growing width"),
+    "matrix": ("experiments.matrix", "every attack against every defence, in the kernel "
+               "model and in a CNN: ASR beside the trigger alone, accuracy, detection"),
 }
 
 

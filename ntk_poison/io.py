@@ -11,11 +11,12 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict
+import re
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-__all__ = ["to_jsonable", "write_json", "write_text", "write_atomic"]
+__all__ = ["to_jsonable", "write_json", "write_text", "write_atomic", "write_npz", "CellStore"]
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -79,3 +80,45 @@ def write_npz(path: str | Path, arrays: Dict[str, Any]) -> Path:
 
 def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(to_jsonable(obj), indent=2, sort_keys=False) + "\n")
+
+
+class CellStore:
+    """A resumable sweep's results: one JSON file per finished cell, written atomically.
+
+    ``store.get(key)`` is the cell's saved result or None; ``store.put(key, result)``
+    writes it (``<root>/<key>.json``, through :func:`write_json`), so a crash loses at
+    most the cell in progress and a rerun skips every cell already on disk. Each file
+    records the ``tag`` it was computed under (e.g. a config hash); a cell saved under
+    another tag is treated as missing and recomputed. Keys are file names: letters,
+    digits and ``._+-@=`` only.
+    """
+
+    _KEY = re.compile(r"^[A-Za-z0-9._+\-@=]+$")
+
+    def __init__(self, root: str | Path, tag: str = ""):
+        self.root = Path(root)
+        self.tag = str(tag)
+
+    def path(self, key: str) -> Path:
+        if not isinstance(key, str) or not self._KEY.match(key) or key.startswith("."):
+            raise ValueError(f"`key` must be a file-name-safe string (letters, digits, "
+                             f"'._+-@='; not starting with '.'), got {key!r}.")
+        return self.root / f"{key}.json"
+
+    def get(self, key: str) -> Optional[Dict[str, Any]]:
+        p = self.path(key)
+        if not p.exists():
+            return None
+        with open(p) as f:
+            d = json.load(f)
+        return d.get("result") if d.get("tag") == self.tag else None
+
+    def put(self, key: str, result: Dict[str, Any]) -> Dict[str, Any]:
+        write_json(self.path(key), {"tag": self.tag, "result": result})
+        return result
+
+    def keys(self) -> list:
+        """Keys of the cells saved under this tag, sorted."""
+        if not self.root.exists():
+            return []
+        return sorted(p.stem for p in self.root.glob("*.json") if self.get(p.stem) is not None)
