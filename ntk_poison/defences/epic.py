@@ -133,7 +133,7 @@ def last_layer_gradients(logits: Array, labels: Array) -> np.ndarray:
     if y.size and (y.min() < 0 or y.max() >= C):
         raise ValueError(f"`labels` must lie in [0, {C}) (the logits' classes).")
     z = z if np.issubdtype(z.dtype, np.floating) else z.astype(np.float64)
-    p = np.asarray(jax.nn.softmax(jnp.asarray(z), axis=1), dtype=z.dtype)
+    p = np.array(jax.nn.softmax(jnp.asarray(z), axis=1), dtype=z.dtype)
     p[np.arange(len(y)), y] -= 1
     return p
 
