@@ -530,7 +530,7 @@ def _lin_x(p, x):
 
 def test_data_filter_keeping_everything_is_bit_identical(rng):
     X, Y, p = _lin_problem(rng)
-    cfg = _cfg(batch_size=4, epochs=3, optimizer="momentum", lr=0.1)
+    cfg = _cfg(batch_size=4, epochs=2, lr=0.3)
     base, hist = T.train(p, _lin_x, X, Y, cfg, progress=False)
     calls = []
 
@@ -539,9 +539,9 @@ def test_data_filter_keeping_everything_is_bit_identical(rng):
         return keep
 
     out, fhist = T.train(p, _lin_x, X, Y, cfg, progress=False, data_filter=keep_all)
-    assert calls == [1, 2, 3]
+    assert calls == [1, 2]
     assert all(np.array_equal(a, b) for a, b in zip(_leaves(base), _leaves(out)))
-    assert fhist.pop("n_kept") == [16, 16, 16] and fhist == hist
+    assert fhist.pop("n_kept") == [16, 16] and fhist == hist
 
 
 def test_data_filter_trains_later_epochs_on_the_kept_rows_in_permutation_order(rng):
@@ -552,11 +552,16 @@ def test_data_filter_trains_later_epochs_on_the_kept_rows_in_permutation_order(r
     mask = np.zeros(16, bool)
     mask[rng.choice(16, size=10, replace=False)] = True
     cfg = _cfg(batch_size=4, epochs=2, lr=0.3)
-    out, hist = T.train(p, _lin_x, X, Y, cfg, progress=False,
+    seen = {}
+
+    def after_epoch(params, epoch):              # hooks run before the filter
+        seen[epoch] = params
+        return {}
+
+    out, hist = T.train(p, _lin_x, X, Y, cfg, progress=False, hooks=[after_epoch],
                         data_filter=lambda params, e, keep: keep & mask)
     assert hist["n_kept"] == [10, 10]
-    one, _ = T.train(p, _lin_x, X, Y, _cfg(batch_size=4, epochs=1, lr=0.3), progress=False)
-    W, b = np.asarray(one["W"]), np.asarray(one["b"])
+    W, b = np.asarray(seen[1]["W"]), np.asarray(seen[1]["b"])
     perm = np.asarray(T.epoch_permutation(cfg.seed, 1, 16))
     order = [i for i in perm if mask[i]]
     for s in range(2):
