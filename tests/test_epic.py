@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -243,6 +242,7 @@ def test_epic_flow_against_the_matrix_exponential(rng, poison, warmup, freq):
     for w in ((warmup, 0.5) if not poison else (warmup,)):
         res = epic.epic_flow(k, X, y, ridge, time=T, subset_size=0.4, subset_freq=freq,
                              warmup=w)
+        assert len(res.times) == (1 if poison else 5 if w == 0.5 else 0)   # steps at 0.5 (+ k/2)
         if not poison:
             assert res.keep.all() and np.isnan(res.dropped_at).all()
             ref = flow.kernel_flow(k, X, y, ridge, 0.0, [T])
