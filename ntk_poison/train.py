@@ -64,10 +64,22 @@ classes). Where the examples do not interact this is the per-example
 A model without such variables (a dict, stax, an nnx module of ``Param`` only)
 takes exactly the stateless path.
 
+**Data filters** (EPIC, :func:`ntk_poison.defences.epic.epic_filter`). With
+``data_filter(params, epoch, keep) -> keep`` (a host callable; ``keep`` a bool (n,)
+mask, all True at the start) called after each epoch's hooks, the next epochs train on
+the kept rows only: the epoch's permutation is reordered with the kept rows first, in
+permutation order (a stable sort), and its first ``(n_kept // batch_size) *
+batch_size`` rows are used, ``n_kept // batch_size`` steps (a static count of the
+compiled epoch: a new count compiles a new program). An all-True mask takes the
+unfiltered path, so no filter and a filter that keeps everything give bit-identical
+runs. The optimiser's schedule stays in steps of the full epoch. The history gains
+``n_kept`` (the rows kept at each entry, after that epoch's filter call at its last
+entry) and the checkpoint stores the mask, so a resumed run is exact.
+
 **Checkpoints.** With ``checkpoint_dir`` a file ``checkpoint.npz`` (the leaves of
 ``(params, opt_state, state)`` and a JSON header: epoch, history, config hash; no
-pickle; a stateless model has no state leaves) is written atomically after every
-epoch, and :func:`train` resumes from it, state included.
+pickle; a stateless model has no state leaves; with a data filter, the keep mask) is
+written atomically after every epoch, and :func:`train` resumes from it, state included.
 """
 
 from __future__ import annotations
@@ -368,12 +380,16 @@ def apply_augment(images: Any, oy: Any, ox: Any, flips: Any, pad: int) -> jax.Ar
 
 @functools.partial(jax.jit, static_argnames=("apply", "config", "optimizer", "steps", "gdef",
                                              "unroll", "count"))
-def _epoch(params, opt_state, model_state, X, Y, epoch, first=0, *, apply, config, optimizer,
-           steps, gdef, unroll=1, count=None):
-    """Steps ``first .. first + count - 1`` (default: all ``steps``) of ``epoch``."""
+def _epoch(params, opt_state, model_state, X, Y, epoch, first=0, keep=None, *, apply, config,
+           optimizer, steps, gdef, unroll=1, count=None):
+    """Steps ``first .. first + count - 1`` (default: all ``steps``) of ``epoch``; with a
+    ``keep`` mask the kept rows come first in the permutation (stable)."""
     bs = config.batch_size
     count = steps if count is None else count
-    batches = epoch_permutation(config.seed, epoch, X.shape[0])[:steps * bs].reshape(steps, bs)
+    perm = epoch_permutation(config.seed, epoch, X.shape[0])
+    if keep is not None:
+        perm = perm[jnp.argsort(~keep[perm], stable=True)]
+    batches = perm[:steps * bs].reshape(steps, bs)
     batches = jax.lax.dynamic_slice_in_dim(batches, first, count)
     kappa = float(config.kappa)
 
@@ -406,12 +422,14 @@ def _epoch(params, opt_state, model_state, X, Y, epoch, first=0, *, apply, confi
 
 # --------------------------------------------------------------------------- checkpoints
 
-def _save(path: Path, params, opt_state, model_state, epoch: int, history, digest: str
-          ) -> None:
+def _save(path: Path, params, opt_state, model_state, epoch: int, history, digest: str,
+          keep: Optional[np.ndarray] = None) -> None:
     leaves = jax.tree_util.tree_leaves((params, opt_state, model_state))
     header = json.dumps({"epoch": epoch, "history": io.to_jsonable(history),
                          "config": digest, "n_leaves": len(leaves)})
     arrays = {f"leaf_{i}": np.asarray(v) for i, v in enumerate(leaves)}
+    if keep is not None:
+        arrays["keep"] = np.asarray(keep, bool)
     io.write_npz(path, {"header": np.array(header), **arrays})
 
 
@@ -496,8 +514,9 @@ def _unroll(unroll: Any, steps: int) -> int:
 def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
           hooks: Sequence[Callable[[Any, int], Dict[str, Any]]] = (),
           checkpoint_dir: Optional[Any] = None, progress: bool = True,
-          desc: str = "train", unroll: Any = 1,
-          evals_per_epoch: int = 1) -> Tuple[Any, Dict[str, List[Any]]]:
+          desc: str = "train", unroll: Any = 1, evals_per_epoch: int = 1,
+          data_filter: Optional[Callable[[Any, int, np.ndarray], Any]] = None
+          ) -> Tuple[Any, Dict[str, List[Any]]]:
     """Train ``params`` of ``apply`` on ``(X, Y)`` as ``config`` says.
 
     Args:
@@ -530,13 +549,18 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
         for models built on ``lax.conv`` (e.g. :mod:`ntk_poison.resnet`); compile time
         grows with the unrolled steps. :class:`ntk_poison.convnets.CNN` avoids the
         problem on a CPU (im2col matmuls), so it keeps the default 1.
+      data_filter: ``data_filter(params, epoch, keep) -> keep`` (bool (n,)), called after
+        each epoch's hooks (``epoch`` from 1); later epochs train on the kept rows
+        (module docstring). ValueError if it keeps fewer than ``batch_size`` rows, or
+        fewer batches than ``evals_per_epoch``.
 
     Returns:
       ``(params, history)``: the final parameters (a model with state: the module
       with its trained parameters and running averages, in evaluation mode) and a
       dict of per-epoch lists:
       ``epoch``, ``loss`` (the mean penalised objective over the epoch's steps),
-      ``accuracy`` (the mean training-batch accuracy) and each hook's keys.
+      ``accuracy`` (the mean training-batch accuracy), each hook's keys, and with a
+      ``data_filter`` ``n_kept``.
 
     Raises:
       ValueError: bad config or data (the input shape is checked by abstract
@@ -560,13 +584,15 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     params, model_state, gdef = _split(params)
     opt_state = optimizer.init(params)
     history: Dict[str, List[Any]] = {"epoch": [], "loss": [], "accuracy": []}
-    start, path = 0, None
+    start, path, n = 0, None, X.shape[0]
+    keep = np.ones(n, bool)
     if checkpoint_dir is not None:
         path = Path(checkpoint_dir) / CHECKPOINT
         if path.exists():
             (params, opt_state, model_state), header = _load(
                 path, (params, opt_state, model_state))
             start, history, digest = int(header["epoch"]), header["history"], header["config"]
+            keep = _load_keep(path, n) if data_filter is not None else keep
             if digest != config.digest():
                 raise ValueError(f"`checkpoint_dir` {checkpoint_dir} holds a run of another "
                                  f"config (hash {digest}, this one {config.digest()}); use "
@@ -575,10 +601,14 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
     if progress:
         bar = report.progress(bar, desc, total=config.epochs - start)
     for e in bar:
-        for first, last in zip(cuts[:-1], cuts[1:]):
+        mask, steps_e, cuts_e = None, steps, cuts
+        if not keep.all():                        # all kept: the unfiltered path, bit for bit
+            mask, steps_e = jnp.asarray(keep), int(keep.sum()) // config.batch_size
+            cuts_e = np.linspace(0, steps_e, int(evals_per_epoch) + 1).round().astype(int)
+        for first, last in zip(cuts_e[:-1], cuts_e[1:]):
             new_p, new_s, new_ms, vals, accs = _epoch(
-                params, opt_state, model_state, X, Y, e, int(first), apply=apply,
-                config=config, optimizer=optimizer, steps=steps, gdef=gdef, unroll=unroll,
+                params, opt_state, model_state, X, Y, e, int(first), mask, apply=apply,
+                config=config, optimizer=optimizer, steps=steps_e, gdef=gdef, unroll=unroll,
                 count=int(last - first))
             vals = np.asarray(vals)
             bad = np.flatnonzero(~np.isfinite(vals))
@@ -587,19 +617,49 @@ def train(params: Any, apply: Callable, X: Any, Y: Any, config: TrainConfig, *,
                     if path is not None and e > 0 else ""
                 at = int(first + bad[0])
                 raise ValueError(f"the loss is {vals[bad[0]]} at epoch {e + 1}, step {at} "
-                                 f"(global step {e * steps + at}): training diverged; "
+                                 f"(global step {e * steps_e + at}): training diverged; "
                                  f"lower `lr` (now {config.lr}){kept}.")
             params, opt_state, model_state = new_p, new_s, new_ms
-            when = e + 1 if len(cuts) == 2 else e + float(last) / steps
+            when = e + 1 if len(cuts_e) == 2 else e + float(last) / steps_e
             history["epoch"].append(when)
             history["loss"].append(float(np.mean(vals)))
             history["accuracy"].append(float(np.mean(np.asarray(accs))))
             for hook in hooks:
                 for k, v in dict(hook(_merge(gdef, params, model_state), when)).items():
                     history.setdefault(k, []).append(io.to_jsonable(v))
+            if data_filter is not None:
+                if last == cuts_e[-1]:
+                    keep = _filtered(data_filter, _merge(gdef, params, model_state), e + 1,
+                                     keep, config.batch_size, int(evals_per_epoch))
+                history.setdefault("n_kept", []).append(int(keep.sum()))
             if progress and hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{history['loss'][-1]:.4g}",
                                 acc=f"{history['accuracy'][-1]:.3f}")
         if path is not None:
-            _save(path, params, opt_state, model_state, e + 1, history, config.digest())
+            _save(path, params, opt_state, model_state, e + 1, history, config.digest(),
+                  keep if data_filter is not None else None)
     return _merge(gdef, params, model_state), history
+
+
+def _filtered(data_filter, params, epoch: int, keep: np.ndarray, batch_size: int,
+              evals: int) -> np.ndarray:
+    """The data filter's new mask, checked."""
+    new = np.asarray(data_filter(params, epoch, keep.copy()))
+    if new.shape != keep.shape or new.dtype != bool:
+        raise ValueError(f"`data_filter` must return a bool mask of shape {keep.shape}, got "
+                         f"{new.dtype} of shape {new.shape} (epoch {epoch}).")
+    if int(new.sum()) // batch_size < evals:
+        raise ValueError(f"`data_filter` kept {int(new.sum())} rows after epoch {epoch}: "
+                         f"fewer than {evals} batch(es) of batch_size = {batch_size}; keep "
+                         "more rows or lower batch_size.")
+    return new
+
+
+def _load_keep(path: Path, n: int) -> np.ndarray:
+    """The checkpoint's keep mask (all True if it has none)."""
+    with np.load(path, allow_pickle=False) as z:
+        keep = np.asarray(z["keep"], bool) if "keep" in z.files else np.ones(n, bool)
+    if keep.shape != (n,):
+        raise ValueError(f"`checkpoint_dir` {path} holds a keep mask of {keep.shape[0]} rows, "
+                         f"the data has {n}; use a fresh directory or the same data.")
+    return keep

@@ -520,3 +520,98 @@ def test_bad_evals_per_epoch_raises(rng, bad):
     X, Y, p = _lin_problem(rng)
     with pytest.raises(ValueError, match="evals_per_epoch"):
         T.train(p, lin_apply, X, Y, _cfg(batch_size=4), progress=False, evals_per_epoch=bad)
+
+
+# --------------------------------------------------------------------------- data filters
+
+def _lin_x(p, x):
+    return x @ p["W"] + p["b"]
+
+
+def test_data_filter_keeping_everything_is_bit_identical(rng):
+    X, Y, p = _lin_problem(rng)
+    cfg = _cfg(batch_size=4, epochs=2, lr=0.3)
+    base, hist = T.train(p, _lin_x, X, Y, cfg, progress=False)
+    calls = []
+
+    def keep_all(params, epoch, keep):
+        calls.append(epoch)
+        return keep
+
+    out, fhist = T.train(p, _lin_x, X, Y, cfg, progress=False, data_filter=keep_all)
+    assert calls == [1, 2]
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(base), _leaves(out)))
+    assert fhist.pop("n_kept") == [16, 16] and fhist == hist
+
+
+def test_data_filter_trains_later_epochs_on_the_kept_rows_in_permutation_order(rng):
+    """A filter keeping 10 of 16 rows after epoch 1: epoch 2 takes the kept rows in the
+    order of its permutation, 10 // 4 = 2 steps of 4, here replayed as hand-written SGD
+    steps with the numpy softmax gradient from the epoch-1 parameters."""
+    X, Y, p = _lin_problem(rng)
+    mask = np.zeros(16, bool)
+    mask[rng.choice(16, size=10, replace=False)] = True
+    cfg = _cfg(batch_size=4, epochs=2, lr=0.3)
+    seen = {}
+
+    def after_epoch(params, epoch):              # hooks run before the filter
+        seen[epoch] = params
+        return {}
+
+    out, hist = T.train(p, _lin_x, X, Y, cfg, progress=False, hooks=[after_epoch],
+                        data_filter=lambda params, e, keep: keep & mask)
+    assert hist["n_kept"] == [10, 10]
+    W, b = np.asarray(seen[1]["W"]), np.asarray(seen[1]["b"])
+    perm = np.asarray(T.epoch_permutation(cfg.seed, 1, 16))
+    order = [i for i in perm if mask[i]]
+    for s in range(2):
+        idx = order[4 * s:4 * s + 4]
+        gW, gb = _softmax_grad(W, b, X[idx], Y[idx])
+        W, b = W - 0.3 * gW, b - 0.3 * gb
+    np.testing.assert_allclose(out["W"], W, rtol=0, atol=1e-13)
+    np.testing.assert_allclose(out["b"], b, rtol=0, atol=1e-13)
+
+
+def test_data_filter_checkpoint_resume_is_exact(rng, tmp_path):
+    """Drops after epochs 1 and 3 (a pure function of the epoch and the mask); a run
+    stopped in epoch 3's hook resumes from epoch 2's checkpoint, mask included, and ends
+    equal to the straight 4-epoch run."""
+    X, Y, p = _lin_problem(rng, n=24)
+    cfg = _cfg(batch_size=4, epochs=4, optimizer="momentum", lr=0.1)
+
+    def filt(params, epoch, keep):
+        keep = keep.copy()
+        if epoch in (1, 3):
+            keep[np.flatnonzero(keep)[:3]] = False
+        return keep
+
+    full, hist = T.train(p, _lin_x, X, Y, cfg, progress=False, data_filter=filt)
+    assert hist["n_kept"] == [21, 21, 18, 18]
+
+    class Stop(Exception):
+        pass
+
+    def stop(params, epoch):
+        if epoch == 3:
+            raise Stop
+        return {}
+
+    ck = tmp_path / "filt"
+    with pytest.raises(Stop):
+        T.train(p, _lin_x, X, Y, cfg, hooks=[stop], checkpoint_dir=ck, progress=False,
+                data_filter=filt)
+    resumed, rhist = T.train(p, _lin_x, X, Y, cfg, checkpoint_dir=ck, progress=False,
+                             data_filter=filt)
+    assert all(np.array_equal(a, b) for a, b in zip(_leaves(full), _leaves(resumed)))
+    assert rhist == hist
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda params, e, keep: keep.astype(int), "data_filter"),
+    (lambda params, e, keep: keep[:-1], "data_filter"),
+    (lambda params, e, keep: np.zeros_like(keep), "batch_size")])
+def test_bad_data_filter_output_raises(rng, bad, match):
+    X, Y, p = _lin_problem(rng)
+    with pytest.raises(ValueError, match=match):
+        T.train(p, _lin_x, X, Y, _cfg(batch_size=4, epochs=2), progress=False,
+                data_filter=bad)
