@@ -3,8 +3,8 @@
 * Hutchinson's estimator against the exact ``||H||_F^2`` of ``jax.hessian`` (within
   four standard errors from the closed-form Rademacher variance), exact for diagonal H;
 * the attack objectives' gradients against central finite differences (float64), the
-  kernel objective's loss term against ``krr.fit`` on the perturbed inputs and its
-  Frobenius term against exact Hessians of the fitted model;
+  kernel objective's loss and Frobenius terms against a numpy RBF-KRR oracle (closed-form
+  input Hessians, the documented probes);
 * one PGD step of each attack at beta = 0 against the projected signed gradient;
 * PGD evasion of a linear model against its closed-form l_inf worst case;
 * the projections (budget, box, rows) and bad inputs.
@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from ntk_poison import kernels, krr, metrics, nets, train
 from ntk_poison.attacks import deferred as D

@@ -301,8 +301,9 @@ def kernel_objective(k: Kernel, X: Array, y: Array, ridge: float, delta: Array, 
     :func:`ntk_poison.krr.fit`; a Cholesky solve, differentiated through);
     ``L = (1/n) sum_i 1/2 |f(x_i + delta_i) - y_i|^2``; ``F = (1/n) sum_i`` Hutchinson's
     estimate of ``||hess_x 1/2 |f(x) - y_i|^2||_F^2`` at ``x = x_i + delta_i`` with
-    probes ``v = jax.random.rademacher(key, (n, P, *s))`` (row i's are ``v[i]``), so the value is a deterministic,
-    differentiable function of delta for a fixed key. One compiled program per
+    probes ``v = jax.random.rademacher(key, (n, P, *s))`` (row i's are ``v[i]``), so
+    the value is a deterministic, differentiable function of delta for a fixed key.
+    One compiled program per
     kernel, shapes and P, shared with :func:`deferred_kernel`.
     """
     k, X, Y = _kernel_args(k, X, y, ridge)
@@ -451,7 +452,8 @@ def net_objective(params: Any, apply: Callable, X: Array, labels: Array, delta: 
     ``||hess_x l_i||_F^2`` at ``x_i + delta_i``. Each row's terms depend on its own
     delta only, so the rows are done in vmapped chunks of ``batch_size`` (default all;
     the last chunk zero-padded and weighted 0); chunk i's probes are
-    ``jax.random.rademacher(fold_in(key, i), (bs, P, *s))``. Deterministic and differentiable in delta for a fixed
+    ``jax.random.rademacher(fold_in(key, i), (bs, P, *s))``. Deterministic and
+    differentiable in delta for a fixed
     key and chunking; :func:`deferred_net` runs the same compiled program.
     """
     _validate.choice("loss", loss, train.LOSSES)
