@@ -453,8 +453,7 @@ def net_objective(params: Any, apply: Callable, X: Array, labels: Array, delta: 
     delta only, so the rows are done in vmapped chunks of ``batch_size`` (default all;
     the last chunk zero-padded and weighted 0); chunk i's probes are
     ``jax.random.rademacher(fold_in(key, i), (bs, P, *s))``. Deterministic and
-    differentiable in delta for a fixed
-    key and chunking; :func:`deferred_net` runs the same compiled program.
+    differentiable in delta for a fixed key and chunking; :func:`deferred_net` runs the same compiled program.
     """
     _validate.choice("loss", loss, train.LOSSES)
     X = _validate.float_array("X", X)
