@@ -1,7 +1,7 @@
 """Every attack against every defence, in two regimes: one table (issue 13).
 
 Regimes (:mod:`experiments.matrix.kernel`, :mod:`experiments.matrix.net`): the exact
-kernel model (KRR with the analytic NTK of a ReLU MLP, float64, ``kernel_n_train``
+kernel model (KRR with the analytic NTK of a wide erf MLP, float64, ``kernel_n_train``
 flattened images), and the small CNN trained by the engine on ``n_train`` images.
 Data: MNIST, all-to-one to ``target_class``; poison budget ``poison_rate`` of the
 clean set.
@@ -65,12 +65,12 @@ class Config(BaseConfig):
     defences: Tuple[str, ...] = DEFENCES
     triggers: Tuple[str, ...] = TRIGGERS
     n_train: int = 1000                # net regime's training images
-    kernel_n_train: int = 300          # kernel regime's training images
+    kernel_n_train: int = 200          # kernel regime's training images
     n_test: int = 1000
     target_class: int = 0
     poison_rate: float = 0.05
     # kernel regime
-    kernel: str = "nt_fc"
+    kernel: str = "nt_erf"            # the erf NTK; or "rbf", "matern52" (median l)
     nt_depth: int = 2
     ridge: float = 1e-3
     kernel_kappa: float = 0.1          # output penalty, units of l^2
@@ -94,7 +94,7 @@ class Config(BaseConfig):
     opt_steps: int = 100
     deferred_eps: float = 0.1
     deferred_beta: float = 1.0
-    deferred_steps: int = 20           # kernel regime PGD steps
+    deferred_steps: int = 20           # PGD steps on delta (net regime: per round)
     deferred_rounds: int = 3           # net regime: surrogate/delta rounds
     deferred_net_epochs: int = 2       # net regime: surrogate epochs per round
     # evaluation
@@ -129,6 +129,7 @@ class Config(BaseConfig):
                        "net_kappa_aug", "deferred_beta")
         self.check_positive("ridge", "lr", "near_clone_r", "opt_radius", "deferred_eps",
                             "pgd_eps", "noise_sigmas", "suppress_margin")
+        self.check_choice("kernel", ("nt_erf", "rbf", "matern52"))
         if not 0 < self.poison_rate < 1:
             raise ValueError(f"`poison_rate` must be in (0, 1), got {self.poison_rate}.")
         if not 0 < self.epic_subset < 1:
@@ -136,6 +137,15 @@ class Config(BaseConfig):
         if self.target_class > 9:
             raise ValueError(f"`target_class` must be an MNIST class 0..9, got "
                              f"{self.target_class}.")
+
+    @classmethod
+    def quick(cls, **changes) -> "Config":
+        """A tiny config that runs every cell in about a minute (tests, smoke runs)."""
+        base = dict(n_train=200, kernel_n_train=60, n_test=200, epochs=2, batch_size=16,
+                    channels=4, n_components=8, opt_points=4, opt_steps=5,
+                    deferred_steps=2, deferred_rounds=1, deferred_net_epochs=1, n_eval=8,
+                    n_cal=8, n_robust=16, probe_iters=8, epic_rounds=1)
+        return cls(**{**base, **changes})
 
     def trigger_objects(self):
         make = {"patch": lambda: triggers.badnets(),

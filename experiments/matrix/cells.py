@@ -80,17 +80,22 @@ def outcome(regime, model, cfg, rejected=None) -> Dict[str, Any]:
 
 
 def robustness(regime, model, cfg, threshold=None) -> Dict[str, Any]:
-    """Accuracy under noise and PGD on the robustness inputs; curvature at them."""
+    """Accuracy under Gaussian noise and l_inf PGD on the robustness inputs
+    (``attacks.deferred.robustness``), and the top input-Hessian eigenvalue at the first
+    ``n_eval`` of them: its median, and with ``threshold`` (the clean model's 95%
+    quantile) the fraction above it."""
     from ntk_poison.attacks import deferred
     x, y = regime.x_rob, regime.y_rob
     r = deferred.robustness(lambda a: regime.predict(model, a), x, y,
-                            sigmas=tuple(cfg.noise_sigmas), pgd_eps=cfg.pgd_eps,
+                            sigmas=tuple(cfg.noise_sigmas), pgd_eps=(cfg.pgd_eps,),
                             loss_fn=regime.loss_fn(model), seed=cfg.seed)
+    out = dict(clean_acc=r["clean"], pgd_acc=r[f"pgd_{cfg.pgd_eps:g}"],
+               noise_acc={f"{s:g}": r[f"noise_{s:g}"] for s in cfg.noise_sigmas})
     top = np.asarray(regime.curvature(model, x[:regime.n_eval]))
-    r["top_eig_median"] = float(np.median(top))
-    if threshold is not None:          # the clean model's 95% quantile
-        r["curvature_fires"] = float(np.mean(top > threshold))
-    return r
+    out["top_eig_median"] = float(np.median(top))
+    if threshold is not None:
+        out["curvature_fires"] = float(np.mean(top > threshold))
+    return out
 
 
 def evaluate_cell(regime, cfg, attack: str, defence: str, art, ref=None) -> Dict[str, Any]:

@@ -34,7 +34,7 @@ def deferred_claims(rep, cfg, rname, rows: Dict[str, Any]) -> None:
     d, c = rows["deferred"]["none"], rows["clean"]["none"]
     if "robust" not in d or "robust" not in c:
         return
-    sig = str(max(cfg.noise_sigmas))
+    sig = f"{max(cfg.noise_sigmas):g}"
     acc_gap = d["clean_acc"] - c["clean_acc"]
     rep.claim(f"deferred_stealthy_{rname}", f"{rname}: deferred poisoning leaves clean "
               "test accuracy nearly unchanged (within 0.05 of the clean-trained model)",
@@ -109,12 +109,12 @@ def claims(rep, cfg) -> None:
         optimal_measure(rep, cfg, table["kernel"], rep.results.get("optimal_meta", {}))
 
 
-def cell_text(cell, attack) -> str:
+def cell_text(cell, attack, cfg) -> str:
     if attack == "deferred":
         r = cell.get("robust")
         if not r:
             return f"acc {cell['clean_acc']:.2f}"
-        s = max(r["noise_acc"], key=float)
+        s = f"{max(cfg.noise_sigmas):g}"
         return f"acc {cell['clean_acc']:.2f}, noise {r['noise_acc'][s]:.2f}, PGD " \
                f"{r['pgd_acc']:.2f}"
     txt = f"{_asr(cell, attack):.2f} ({cell['alone']:.2f}) / {cell['clean_acc']:.2f}"
@@ -138,7 +138,7 @@ def table_markdown(table: Dict[str, Any], cfg) -> str:
         for a, row in rows.items():
             if a == "clean":
                 continue
-            lines.append(f"| {a} | " + " | ".join(cell_text(row[d], a) if d in row else ""
+            lines.append(f"| {a} | " + " | ".join(cell_text(row[d], a, cfg) if d in row else ""
                                                    for d in ds) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -1,5 +1,11 @@
 """The exact kernel regime of the matrix: KRR with an analytic kernel on flattened images.
 
+The kernel is the NTK of a wide erf MLP (``nt_erf``: ``kernels.nt_fc`` with
+``activation="erf"``, W_std 1.5, b_std 0.1), or the RBF / Matern kernel at the median
+distance: smooth kernels, so that the loss input-Hessian exists at the training
+points themselves (deferred poisoning needs it there; the ReLU NTK is not twice
+differentiable at x = x').
+
 Targets are centred one-hot rows (``scenario.centred_one_hot``; all-to-one, argmax
 decisions). Models: ``krr.fit`` (plain); the output-penalty minimiser over the span of
 ``k(., x_j)`` (``penalized.fit_restricted``, kappa in units of l^2, l the median
@@ -8,7 +14,8 @@ d = 784); the same on the training set plus one random-crop copy of every image
 (penalty + augmentation); EPIC on the exact gradient distances
 (``defences.epic.epic_krr``). Detectors read kernel-PCA features. The curvature is
 the top eigenvalue of the dense loss input-Hessian at the model's own (centred
-one-hot) label (``CurvatureDetector``'s score).
+one-hot) label (``CurvatureDetector``'s score, by Lanczos: 0.15 s for 20 inputs
+against 13 s for the dense 784 x 784 Hessians of 10 outputs, the same values).
 """
 
 from __future__ import annotations
@@ -38,9 +45,10 @@ class KernelRegime:
         self.Y = scenario.centred_one_hot(self.y, self.C)
         self.eye = scenario.centred_one_hot(np.arange(self.C), self.C)
         self.xte, self.yte = flat(xte), yte
-        self.k = kernels.get(cfg.kernel, depth=cfg.nt_depth) if cfg.kernel.startswith("nt_") \
-            else kernels.get(cfg.kernel, length_scale=metrics.median_distance(flat(self.X_img)))
         self.ell = metrics.median_distance(flat(self.X_img))
+        self.k = kernels.get("nt_fc", depth=cfg.nt_depth, W_std=1.5, b_std=0.1,
+                             activation="erf") if cfg.kernel == "nt_erf" \
+            else kernels.get(cfg.kernel, length_scale=self.ell)
         self.key = jax.random.PRNGKey(cfg.seed)
         self._common(xte, yte)
 
@@ -91,14 +99,13 @@ class KernelRegime:
         return kernel_pca_features(self.k, X, self.cfg.n_components)
 
     def curvature(self, model, x):
-        det = CurvatureDetector(k=1, method="dense")
+        det = CurvatureDetector(k=1, method="lanczos", tol=1e-6, max_iters=30,
+                                key=self.cfg.seed)
         return det.spectrum(model, flat(x))["eigenvalues"][:, 0]
 
     def loss_fn(self, model):
-        import jax.numpy as jnp
-        fb = model.batch_function()
-        eye = jnp.asarray(self.eye)
-        return lambda xb, yb: 0.5 * jnp.sum((fb(xb) - eye[yb]) ** 2, axis=-1)
+        from ntk_poison.attacks import deferred
+        return deferred.kernel_pgd_loss(model, "margin")
 
     # ---------------------------------------------------------------- attacks
     def attack(self, name, store_opt=None) -> Artefact:

@@ -40,7 +40,8 @@ class NetRegime:
         self.x_eval_clean = self.src_img[:cfg.n_eval]
         self.x_rob, self.y_rob = self.xte[:cfg.n_robust], self.yte[:cfg.n_robust]
         self.model0 = nets.cnn(jax.random.PRNGKey(cfg.seed), input_shape=X.shape[1:],
-                               channels=cfg.channels, depth=2, pool=2, num_outputs=self.C)
+                               channels=cfg.channels, depth=2, pool=2, num_outputs=self.C,
+                               parameterization="standard")
         self._apply = jax.jit(nets.apply_fn)
         self._feats = jax.jit(lambda p, x: p.features(x))
         self.kernel_zeta = None        # set by the caller from the kernel regime
@@ -99,13 +100,8 @@ class NetRegime:
         return np.asarray(ev[0])[:, 0]
 
     def loss_fn(self, model):
-        import jax
-        import jax.numpy as jnp
-
-        def loss(xb, yb):
-            z = nets.apply_fn(model, xb)
-            return jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, yb[:, None], 1)[:, 0]
-        return loss
+        from ntk_poison.attacks import deferred
+        return deferred.net_pgd_loss(model, nets.apply_fn)
 
     # ---------------------------------------------------------------- attacks
     def attack(self, name) -> Artefact:
@@ -138,9 +134,10 @@ class NetRegime:
         if name == "deferred":
             from ntk_poison.attacks import deferred
             res = deferred.deferred_net(self.model0, nets.apply_fn, X, self.y,
-                                        self.config("plain", cfg.deferred_net_epochs),
-                                        eps=cfg.deferred_eps, beta=cfg.deferred_beta,
-                                        rounds=cfg.deferred_rounds, seed=cfg.seed)
+                                        self.config("plain"), eps=cfg.deferred_eps,
+                                        beta=cfg.deferred_beta, rounds=cfg.deferred_rounds,
+                                        surrogate_epochs=cfg.deferred_net_epochs,
+                                        delta_steps=cfg.deferred_steps, seed=cfg.seed)
             return Artefact(x=np.asarray(res.X_poisoned, X.dtype), y=Y,
                             poison_idx=np.asarray(res.rows), target=t, seed=cfg.seed,
                             meta={"attack": "deferred", "eps": cfg.deferred_eps})
