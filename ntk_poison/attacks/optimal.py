@@ -324,6 +324,11 @@ def _visibility_points(s: CloneSolver, zeta, m, y_target, x, u, spec: _Spec):
     return jax.vmap(rayleigh)(xf, yl, jax.lax.stop_gradient(u))
 
 
+_outputs_jit = jax.jit(lambda s, zeta, m, y_target, x: s.outputs(zeta, m, y_target, x))
+_efficacy_jit = jax.jit(_efficacy_points, static_argnames=("spec", "smooth"))
+_visibility_jit = jax.jit(_visibility_points, static_argnames=("spec",))
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def _top_vectors_jit(s, zeta, m, y_target, x, start, tol, spec):
     return _top_vectors(s, zeta, m, y_target, x, start, tol, spec)
@@ -398,7 +403,7 @@ def poisoned_outputs(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, m
     z = _check_zeta(s, "zeta", zeta)
     xs, single = _check_points(s, "x", x)
     m = _check_m(m)
-    out = s.outputs(z, jnp.asarray(m, s.X.dtype), yt, xs)
+    out = _outputs_jit(s, z, jnp.asarray(m, s.X.dtype), yt, xs)
     return out[0] if single else out
 
 
@@ -418,8 +423,8 @@ def efficacy(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, m: Any,
     _validate.nonneg("temperature", temperature, positive=True)
     spec = _Spec("dense", _target_class(s, yt, target_class), float(temperature),
                  tuple(xs.shape[1:]))
-    return _efficacy_points(s, z, jnp.asarray(_check_m(m), s.X.dtype), yt, xs, spec,
-                            bool(smooth))
+    return _efficacy_jit(s, z, jnp.asarray(_check_m(m), s.X.dtype), yt, xs, spec=spec,
+                         smooth=bool(smooth))
 
 
 def visibility(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, m: Any,
@@ -443,7 +448,7 @@ def visibility(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, m: Any,
     mm = jnp.asarray(_check_m(m), s.X.dtype)
     vis = _vis_setup(s, xs, method, None, 1.0, key, tol, max_iters)
     u = _vectors(s, z, mm, yt, xs, vis)
-    return _visibility_points(s, z, mm, yt, xs, u, vis.spec)
+    return _visibility_jit(s, z, mm, yt, xs, u, spec=vis.spec)
 
 
 def clean_threshold(k: Kernel, X: Array, y: Array, ridge: float, x_clean: Array,
@@ -588,7 +593,7 @@ def optimal_poison(k: Kernel, X: Array, y: Array, ridge: float, x_trig: Array,
             if best is None or score > best[:2]:
                 best = score + (zeta,)
             if t == 0:
-                f0 = s.outputs(zeta, m, yt, xs)
+                f0 = _outputs_jit(s, zeta, m, yt, xs)
                 per["efficacy_start"].append(e_mean)
                 per["visibility_max_start"].append(v_max)
                 per["asr_start"].append(_asr(f0, yt, target))
@@ -601,9 +606,11 @@ def optimal_poison(k: Kernel, X: Array, y: Array, ridge: float, x_trig: Array,
                     mult = jnp.maximum(0.0, mult + rho_t * g)
                 else:
                     rho_t *= 2.0
-        zb = best[2]
-        ub = _vectors(s, zb, m, yt, xs, vis)
-        eff, v, f = _evaluate(s, zb, m, yt, xs, ub, vis.spec)
+        zb = best[2]                 # evaluated by the compiled step (no new program)
+        (_, (eff, v, _)), _ = _lagrangian_grad(
+            zb, s, m, yt, xs, _vectors(s, zb, m, yt, xs, vis), jnp.zeros_like(mult),
+            jnp.asarray(rho_t, s.X.dtype), jnp.asarray(thr, s.X.dtype), spec=vis.spec)
+        f = _outputs_jit(s, zb, m, yt, xs)
         per["zeta"].append(np.asarray(zb))
         per["efficacy"].append(float(jnp.mean(eff)))
         per["visibility"].append(np.asarray(v))
