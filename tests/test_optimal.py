@@ -159,6 +159,10 @@ def test_optimiser_is_feasible_projected_and_beats_its_start(task, vector):
                                  **dict(kw, ms=(2,)))
     assert con.feasible and np.max(con.visibility) <= thr
     assert con.efficacy >= con.per_m["efficacy_start"][0] - 1e-12
+    pen = optimal.optimal_poison(k, X, y, LAM, xt, anchor, threshold=thr,
+                                 **dict(kw, ms=(2,), method="penalty", radius=np.inf))
+    assert pen.feasible and pen.efficacy >= pen.per_m["efficacy_start"][0] - 1e-12
+    assert np.all(pen.zeta >= 0.0) and np.all(pen.zeta <= 1.0)     # the box alone
 
 
 @pytest.mark.slow
@@ -178,7 +182,7 @@ def test_frontier_matches_the_pointwise_functions(task):
 
 
 @pytest.mark.parametrize("bad, name", [
-    (dict(radius=-1.0), "radius"), (dict(threshold=0.0), "threshold"),
+    (dict(radius=-1.0), "radius"), (dict(radius=np.nan), "radius"), (dict(threshold=0.0), "threshold"),
     (dict(ms=()), "ms"), (dict(ms=(0,)), "ms"), (dict(method="sgd"), "method"),
     (dict(box=(1.0, 0.0)), "box"), (dict(anchor=np.zeros(D + 1)), "anchor"),
     (dict(y_target=np.ones(C + 1)), "y_target"), (dict(target_class=C), "target_class"),

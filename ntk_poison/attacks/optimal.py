@@ -47,7 +47,12 @@ products (:func:`ntk_poison.spectra.lanczos_hessian`, converged to the dtype's
 tolerance) at ``stop_gradient(zeta)``, then ``V = u^T H(zeta) u`` by one
 Hessian-vector product: its value is the Ritz value and its zeta-gradient is the
 Hellmann-Feynman derivative ``u^T (dH/dzeta) u`` of a simple top eigenvalue. O(iters
-N d) per point, no d x d matrix.
+N d) per point, no d x d matrix. The Rayleigh quotient of any unit u is a lower bound
+on the top eigenvalue, so a Lanczos run stopped by its iteration cap (no warning is
+issued inside the optimiser) under-states the visibility; the dense method, or
+:class:`~ntk_poison.defences.CurvatureDetector` on the refitted model, is the check.
+Both methods assume a simple top eigenvalue (at a crossing the gradient is one
+one-sided derivative).
 
 **The optimiser** (:func:`optimal_poison`). For each m: projected Adam on the
 augmented Lagrangian (constraints ``g_i = V_i / tau - 1 <= 0``)::
@@ -282,7 +287,7 @@ def _pseudo_labels(f: jax.Array) -> jax.Array:
     return jax.nn.one_hot(jnp.argmax(f, axis=1), C, dtype=f.dtype) - 1.0 / C
 
 
-def _losses(s, zeta, m, y_target, x, spec):
+def _losses(s, zeta, m, y_target, x):
     fn = s.function(zeta, m, y_target)
     yl = _pseudo_labels(dataclasses.replace(fn, batched=True)(x))
     return fn, yl
@@ -290,7 +295,7 @@ def _losses(s, zeta, m, y_target, x, spec):
 
 def _top_vectors(s: CloneSolver, zeta, m, y_target, x, start, tol, spec: _Spec):
     """Top eigenvectors ``(P, d)`` of the loss input-Hessians (Lanczos, no gradient)."""
-    fn, yl = _losses(s, zeta, m, y_target, x, spec)
+    fn, yl = _losses(s, zeta, m, y_target, x)
     P = x.shape[0]
 
     def one(args):
@@ -304,7 +309,7 @@ def _top_vectors(s: CloneSolver, zeta, m, y_target, x, start, tol, spec: _Spec):
 
 def _visibility_points(s: CloneSolver, zeta, m, y_target, x, u, spec: _Spec):
     """Per-point top eigenvalue of the loss input-Hessian (module docstring)."""
-    fn, yl = _losses(s, zeta, m, y_target, x, spec)
+    fn, yl = _losses(s, zeta, m, y_target, x)
     P = x.shape[0]
     xf = x.reshape(P, -1)
 
@@ -540,7 +545,10 @@ def optimal_poison(k: Kernel, X: Array, y: Array, ridge: float, x_trig: Array,
     xs, _ = _check_points(s, "x_trig", x_trig)
     a = np.asarray(_check_zeta(s, "anchor", anchor))
     _validate.choice("method", method, _OPT_METHODS)
-    r = _validate.scalar("radius", radius)
+    if np.ndim(radius) != 0 or not float(radius) >= 0.0:
+        raise ValueError(f"`radius` must be a scalar >= 0 (inf: the box only), got "
+                         f"{radius!r}.")
+    r = float(radius)
     thr = float(threshold) if np.ndim(threshold) == 0 else None
     if thr is None or not thr > 0:
         raise ValueError(f"`threshold` must be a scalar > 0 (inf: unconstrained), got "
