@@ -426,7 +426,7 @@ def efficacy(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, m: Any,
     z = _check_zeta(s, "zeta", zeta)
     xs, _ = _check_points(s, "x_trig", x_trig)
     _validate.nonneg("temperature", temperature, positive=True)
-    spec = _Spec("dense", _target_class(s, yt, target_class), float(temperature),
+    spec = _Spec("dense", _target_class(s, y_target, target_class), float(temperature),
                  tuple(xs.shape[1:]))
     return _efficacy_jit(s, z, jnp.asarray(_check_m(m), s.X.dtype), yt, xs, spec=spec,
                          smooth=bool(smooth))
@@ -569,7 +569,7 @@ def optimal_poison(k: Kernel, X: Array, y: Array, ridge: float, x_trig: Array,
     if np.any(lo > hi):
         raise ValueError("The l_inf ball of `radius` around `anchor` misses `box`; move the "
                          "anchor into the box or enlarge the radius.")
-    target = _target_class(s, yt, target_class)
+    target = _target_class(s, y_target, target_class)
     vis = _vis_setup(s, xs, vis_method, target, temperature, key, None, None)
     lo_j, hi_j = jnp.asarray(lo, s.X.dtype), jnp.asarray(hi, s.X.dtype)
     opt = optax.adam(float(lr))
@@ -662,7 +662,7 @@ def frontier(k: Kernel, X: Array, y: Array, ridge: float, x_trig: Array, *, y_ta
     _validate.nonneg("ms", ms_arr, integer=True)
     if threshold is not None:
         _validate.nonneg("threshold", threshold, positive=True)
-    target = _target_class(s, yt, target_class)
+    target = _target_class(s, y_target, target_class)
     vis = _vis_setup(s, xs, method, target, 1.0, key, None, None)
     out = {}
     for name, z in zetas.items():
