@@ -143,7 +143,7 @@ def test_clean_threshold_is_the_quantile_of_the_unpoisoned_visibility(task):
     """m = 0 in the rank-one law is the clean model at ridge N lam: its visibility's
     quantile (numpy) equals the detector-based threshold of the refitted clean KRR."""
     y, yt = _targets(task, False)
-    x_clean = task["x_trig"]                 # any inputs (the shapes of the other tests)
+    x_clean = task["x_clean"]
     thr = optimal.clean_threshold(task["k"], task["X"], y, LAM, x_clean, q=0.9)
     v0 = optimal.visibility(task["k"], task["X"], y, LAM, task["zeta"], 0, x_clean,
                             y_target=yt)
@@ -198,7 +198,8 @@ def test_frontier_matches_the_pointwise_functions(task):
 
 
 @pytest.mark.parametrize("bad, name", [
-    (dict(radius=-1.0), "radius"), (dict(radius=np.nan), "radius"), (dict(threshold=0.0), "threshold"),
+    (dict(radius=-1.0), "radius"), (dict(radius=np.nan), "radius"),
+    (dict(threshold=0.0), "threshold"),
     (dict(ms=()), "ms"), (dict(ms=(0,)), "ms"), (dict(method="sgd"), "method"),
     (dict(box=(1.0, 0.0)), "box"), (dict(anchor=np.zeros(D + 1)), "anchor"),
     (dict(y_target=np.ones(C + 1)), "y_target"), (dict(target_class=C), "target_class"),
