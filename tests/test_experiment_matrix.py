@@ -86,7 +86,7 @@ def test_rerun_resumes_and_recomputes_one_cell(tiny, tmp_path):
     assert rep.results["cells_computed"] == []
     assert rep.results["table"] == res["results"]["table"]
     victim = out / "cells" / "kernel__patch__spectral.json"
-    old = json.loads(victim.read_text())["result"]
+    old = res["results"]["table"]["kernel"]["patch"]["spectral"]
     victim.unlink()
     rep = exp.run(CFG, out)
     assert rep.results["cells_computed"] == ["kernel__patch__spectral"]

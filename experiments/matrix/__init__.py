@@ -92,6 +92,8 @@ class Config(BaseConfig):
     opt_radius: float = 0.3            # l_inf box around the anchor image (pixels)
     opt_points: int = 20
     opt_steps: int = 100
+    frontier_r: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.5)   # near clones of the
+                                       # prototype on the frontier (units of l)
     deferred_eps: float = 0.1
     deferred_beta: float = 1.0
     deferred_steps: int = 20           # PGD steps on delta (net regime: per round)
@@ -128,6 +130,7 @@ class Config(BaseConfig):
         self.check_min(0, "target_class", "seed", "pad", "kernel_kappa", "net_kappa",
                        "net_kappa_aug", "deferred_beta")
         self.check_positive("ridge", "lr", "near_clone_r", "opt_radius", "deferred_eps",
+                            "frontier_r",
                             "pgd_eps", "noise_sigmas", "suppress_margin")
         self.check_choice("kernel", ("nt_erf", "rbf", "matern52"))
         if not 0 < self.poison_rate < 1:
@@ -190,7 +193,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                  out, cfg)
     store = io.CellStore(out / "cells", tag=cfg.tag())
     table, computed = {}, []
-    kernel_zeta = None
+    kernel_zeta, optimal_meta = None, None
     for rname in cfg.regimes:
         with x64_scope(rname == "kernel"):
             R = _regime(cfg, rname)
@@ -218,10 +221,11 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                             art.save(art_path)
                     return art
 
-                if rname == "kernel" and a == "optimal" and "net" in cfg.regimes:
+                if rname == "kernel" and a == "optimal":
                     A = artefact()
                     kernel_zeta = (np.asarray(A.x)[A.poison_idx[0]],
                                    A.n_poison / (A.n - A.n_poison))
+                    optimal_meta = dict(A.meta)
                 row = {}
                 for d in cfg.defences:
                     key = f"{rname}__{a}__{d}"
@@ -233,11 +237,12 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                         computed.append(key)
                     row[d] = cell
                 table[rname][a] = row
-    rep.results = dict(table=table, cells_computed=computed,
+    rep.results = dict(table=table, cells_computed=computed, optimal=optimal_meta,
                        cells_reused=len(store.keys()) - len(computed),
                        artefacts=sorted(p.name for p in (out / "artefacts").glob("*.npz")))
     claims.claims(rep, cfg)
     figures.heatmap(rep, cfg)
+    figures.frontier(rep, cfg)
     rep.text(claims.table_markdown(rep.results["table"], cfg))
     rep.results["seconds_total"] = time.time() - t0
     rep.write()

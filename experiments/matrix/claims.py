@@ -70,15 +70,30 @@ def deferred_claims(rep, cfg, rname, rows: Dict[str, Any]) -> None:
                   f"{p['robust']['pgd_acc']:.3f})")
 
 
-def optimal_measure(rep, cfg, rows: Dict[str, Any], meta: Dict[str, Any]) -> None:
-    if "optimal" not in rows or "none" not in rows["optimal"]:
-        return
-    asr = {a: _asr(rows[a]["none"], a) for a in CLUSTERED if a in rows}
-    ev = ", ".join(f"{a} {v:.2f}" for a, v in asr.items())
-    rep.measurement("optimal_kernel", "kernel: the optimal invisible poison's ASR beside "
-                    "the clone placements' (undefended), and its curvature at the "
-                    "triggered points against the detector's threshold", ev + ". " +
-                    ", ".join(f"{k} {v}" for k, v in meta.items()))
+def optimal_claim(rep, cfg, rows: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """The optimised poison against every clone placement on the frontier, at the
+    triggered points it was optimised on, under the clean curvature threshold."""
+    placements = meta["frontier"]["placements"]
+    feas = {(name, m): p["asr"][i] for name, p in placements.items()
+            for i, m in enumerate(meta["frontier"]["ms"]) if p["feasible"][i]}
+    clones = {k: v for k, v in feas.items() if not k[0].startswith("optimal")}
+    opt = {k: v for k, v in feas.items() if k[0].startswith("optimal")}
+    best_c = max(clones.items(), key=lambda kv: kv[1]) if clones else None
+    best_o = max(opt.items(), key=lambda kv: kv[1]) if opt else None
+    ok = None if best_o is None else (best_c is None or best_o[1] > best_c[1])
+    ev = (f"under the clean 95% curvature quantile {meta['threshold']:.4g} at "
+          f"{cfg.opt_points} triggered points: best optimised {best_o[0][0]} (m = "
+          f"{best_o[0][1]}) ASR {best_o[1]:.2f}" if best_o else "no feasible optimised poison")
+    ev += (f"; best clone placement {best_c[0][0]} (m = {best_c[0][1]}) ASR {best_c[1]:.2f}"
+           if best_c else "; no clone placement stays under the threshold")
+    if "optimal" in rows and "none" in rows["optimal"]:
+        ev += (f". Over all patch-triggered test inputs (undefended, refitted): optimal {rows['optimal']['none']['asr']['patch']:.2f}"
+               + "".join(f", {a} {rows[a]['none']['asr']['patch']:.2f}"
+                         for a in ("clone", "near_clone") if a in rows and "none" in rows[a]))
+    rep.claim("optimal_invisible", "kernel: the optimised poison reaches a higher ASR than "
+              "any clone placement (the prototype clone, near clones at "
+              f"{', '.join(f'{r:g}' for r in cfg.frontier_r)} l) at the same visibility "
+              "(all under the detector's threshold)", ok, ev, ["frontier.png"])
 
 
 def suppression(rep, cfg, rname, rows) -> None:
@@ -105,8 +120,8 @@ def claims(rep, cfg) -> None:
             epic_claim(rep, cfg, rname, rows)
         deferred_claims(rep, cfg, rname, rows)
         suppression(rep, cfg, rname, rows)
-    if "kernel" in table:
-        optimal_measure(rep, cfg, table["kernel"], rep.results.get("optimal_meta", {}))
+    if "kernel" in table and rep.results.get("optimal"):
+        optimal_claim(rep, cfg, table["kernel"], rep.results["optimal"])
 
 
 def cell_text(cell, attack, cfg) -> str:

@@ -30,6 +30,27 @@ def heatmap(rep, cfg) -> str:
                       fontsize=8)
         ax.set_yticks(range(len(rows)), rows, fontsize=8)
         ax.set_title(f"{rname} regime", fontsize=9)
-    fig.colorbar(im, ax=list(axes[0]), shrink=0.8,
+    fig.colorbar(im, ax=axes[0][-1], shrink=0.8,
                  label="ASR - trigger-alone ASR (deferred: noise accuracy lost)")
     return rep.figure(fig, "matrix_heatmap")
+
+
+def frontier(rep, cfg):
+    """The attacker's frontier (kernel regime): ASR at the optimised-on triggered points
+    against the largest visibility, per placement and m, with the detector's threshold."""
+    meta = rep.results.get("optimal")
+    if not meta:
+        return None
+    fr = meta["frontier"]
+    fig, axes = new_figure(1, 1, size=(5.6, 4.0))
+    ax = axes[0][0]
+    for name, p in fr["placements"].items():
+        style = "*-" if name.startswith("optimal") else "o--"
+        ax.plot(p["visibility_max"], p["asr"], style, label=name, ms=7)
+    ax.axvline(fr["threshold"], color="k", lw=0.8, ls=":", label="clean 95% quantile")
+    ax.set_xscale("log")
+    ax.set_xlabel("max top input-Hessian eigenvalue at the triggered points")
+    ax.set_ylabel("ASR at the triggered points")
+    ax.set_title(f"attacker's frontier, m in {list(fr['ms'])}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    return rep.figure(fig, "frontier")

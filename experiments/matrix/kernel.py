@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ntk_poison import attacks, kernels, krr, metrics, penalized, scenario, train
+from ntk_poison import attacks, io, kernels, krr, metrics, penalized, scenario, train
 from ntk_poison.artefact import Artefact
 from ntk_poison.defences import CurvatureDetector, kernel_pca_features
 
@@ -140,20 +140,34 @@ class KernelRegime:
         raise ValueError(f"unknown attack {name!r}")
 
     def _optimal(self, X, Y, t, m, patch):
+        """The optimal invisible poison for ms = (m/2, m, 2m), and the attacker's frontier
+        (efficacy, ASR, visibility by the rank-one law at the ``opt_points`` triggered
+        inputs) of the clone at the triggered prototype, near clones of the prototype at
+        ``frontier_r`` (units of l) and the optimised zetas; in the artefact's meta."""
         from ntk_poison.attacks import optimal
         cfg = self.cfg
         Xf = flat(X)
-        thr = optimal.clean_threshold(self.k, Xf, Y, cfg.ridge, self.x_cal)
-        non_target = np.flatnonzero(self.y != cfg.target_class)
-        anchor = Xf[non_target[0]]
-        ms = tuple(sorted({max(1, m // 2), m}))
-        res = optimal.optimal_poison(
-            self.k, Xf, Y, cfg.ridge, self.x_trig["patch"][:cfg.opt_points], anchor,
-            radius=cfg.opt_radius, y_target=t, ms=ms, threshold=thr, steps=cfg.opt_steps,
-            target_class=cfg.target_class)
+        xt = self.x_trig["patch"][:cfg.opt_points]
+        solver = optimal.prepare(self.k, Xf, Y, cfg.ridge)
+        thr = optimal.clean_threshold(self.k, Xf, Y, cfg.ridge, self.x_cal, method="lanczos")
+        anchor = Xf[np.flatnonzero(self.y != cfg.target_class)[0]]
+        ms = tuple(sorted({max(1, m // 2), m, 2 * m}))
+        kw = dict(y_target=t, target_class=cfg.target_class, solver=solver)
+        res = optimal.optimal_poison(self.k, Xf, Y, cfg.ridge, xt, anchor,
+                                     radius=cfg.opt_radius, ms=ms, threshold=thr,
+                                     steps=cfg.opt_steps, **kw)
+        proto = flat(attacks.prototype_poison(X, Y, patch, target=t)[None])[0]
+        zetas = {"clone": proto}
+        for r in cfg.frontier_r:
+            zetas[f"near_clone_{r:g}l"] = attacks.near_clone(proto, r * self.ell, seed=cfg.seed)
+        for i, mi in enumerate(res.per_m["ms"]):
+            zetas[f"optimal_m{int(mi)}"] = np.asarray(res.per_m["zeta"][i]).reshape(-1)
+        front = optimal.frontier(self.k, Xf, Y, cfg.ridge, xt, ms=ms, zetas=zetas,
+                                 threshold=thr, **kw)
         zeta = np.asarray(res.zeta).reshape(X.shape[1:])
-        art = attacks.clone_attack(X, Y, zeta, t, int(res.m), trigger=patch, seed=cfg.seed,
-                                   meta={"attack": "optimal", "threshold": float(thr),
-                                         "visibility": float(np.max(res.visibility)),
-                                         "feasible": bool(res.feasible)})
-        return art
+        meta = {"attack": "optimal", "threshold": float(thr), "m": int(res.m),
+                "asr_at_points": float(res.asr), "efficacy": float(res.efficacy),
+                "visibility_max": float(np.max(res.visibility)),
+                "feasible": bool(res.feasible), "frontier": front}
+        return attacks.clone_attack(X, Y, zeta, t, int(res.m), trigger=patch, seed=cfg.seed,
+                                    meta=io.to_jsonable(meta))
