@@ -105,3 +105,40 @@ def test_readme_networks_block_runs(tmp_path, monkeypatch):
     assert len(h["overlap_mean"]) == 8 and all(0 <= v <= 1 for v in h["overlap_mean"])
     assert (tmp_path / "ckpt" / "checkpoint.npz").exists()
     assert ns["k"].name == "nt_cnn"
+
+
+@pytest.mark.slow
+def test_readme_seed_systems_block_runs():
+    """The EPIC / deferred / optimal block as written, its outputs checked independently:
+    EPIC's flags are the singleton clusters of a numpy nearest-medoid assignment, the
+    deferred perturbation keeps labels and its l_inf budget and box, the optimised
+    poison respects its box and, when feasible, the threshold (a dense refit check)."""
+    from ntk_poison import krr as krr_mod, x64_scope
+    from ntk_poison.defences import CurvatureDetector, epic_select
+    block = next(b for b in _python_blocks() if "deferred_kernel" in b)
+    ns = {}
+    with x64_scope(True):
+        exec(compile(block, "README-seed-systems", "exec"), ns)
+        X, Y, dp, opt = ns["X"], ns["Y"], ns["dp"], ns["opt"]
+        sel = epic_select(ns["D"], ns["art"].y, 0.2)
+        sizes = np.bincount(sel.assignment, minlength=len(X))[sel.assignment]
+        np.testing.assert_array_equal(ns["flagged"], sizes <= 1)
+        medoid_d = ns["D"][:, sel.medoids]
+        for i in range(len(X)):            # nearest medoid of the same class, by numpy
+            same = np.argmax(ns["art"].y[sel.medoids], 1) == np.argmax(ns["art"].y[i])
+            j = sel.medoids[same][np.argmin(medoid_d[i, same])]
+            assert ns["D"][i, sel.assignment[i]] == pytest.approx(ns["D"][i, j])
+        assert ns["res"].keep.shape == (len(X),)
+        delta = np.asarray(dp.X_poisoned) - X
+        assert np.abs(delta).max() <= 0.1 + 1e-12
+        assert np.asarray(dp.X_poisoned).min() >= 0 and np.asarray(dp.X_poisoned).max() <= 1
+        assert set(ns["rob"]) == {"clean", "noise_0.1", "pgd_0.1"}
+        z = np.asarray(opt.zeta)
+        anchor = X[ns["labels"] != 0][0]
+        assert np.abs(z - anchor).max() <= 0.3 + 1e-9 and z.min() >= 0 and z.max() <= 1
+        if opt.feasible:
+            Xp = np.concatenate([X, np.repeat(z[None], opt.m, 0)])
+            Yp = np.concatenate([Y, np.repeat(ns["t"][None], opt.m, 0)])
+            model = krr_mod.fit(ns["k"], Xp, Yp, 1e-3)
+            s = CurvatureDetector(k=1, method="dense").spectrum(model, ns["x_trig"])
+            assert s["eigenvalues"][:, 0].max() <= ns["thr"] * (1 + 1e-6)
