@@ -10,6 +10,9 @@ defences) in float64. Checks:
 * a rerun computes no cell and gives the same table; deleting one cell file recomputes
   exactly that cell, to the same numbers (same config and seed, same numbers);
 * a changed config recomputes (the cell tag); bad configs are ValueErrors.
+
+The two end-to-end checks take about 35 s (mostly compilation), so they run in
+``make test-slow``; the cell store itself is tested fast in ``tests/test_io.py``.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def _auroc_pairs(s, t):
     return float(np.mean((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])))
 
 
+@pytest.mark.slow
 def test_cells_against_numpy(tiny):
     out, res = tiny
     table = res["results"]["table"]["kernel"]
@@ -80,6 +84,7 @@ def test_cells_against_numpy(tiny):
     assert "| clone |" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_rerun_resumes_and_recomputes_one_cell(tiny, tmp_path):
     out, res = tiny
     rep = exp.run(CFG, out)
