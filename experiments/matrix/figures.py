@@ -36,21 +36,23 @@ def heatmap(rep, cfg) -> str:
 
 
 def frontier(rep, cfg):
-    """The attacker's frontier (kernel regime): ASR at the optimised-on triggered points
-    against the largest visibility, per placement and m, with the detector's threshold."""
+    """The attacker's frontier (kernel regime): efficacy (the mean target margin) and ASR
+    at the optimised-on triggered points against the largest visibility there, per
+    placement and m, with the detector's threshold."""
     meta = rep.results.get("optimal")
     if not meta:
         return None
     fr = meta["frontier"]
-    fig, axes = new_figure(1, 1, size=(5.6, 4.0))
-    ax = axes[0][0]
-    for name, p in fr["placements"].items():
-        style = "*-" if name.startswith("optimal") else "o--"
-        ax.plot(p["visibility_max"], p["asr"], style, label=name, ms=7)
-    ax.axvline(fr["threshold"], color="k", lw=0.8, ls=":", label="clean 95% quantile")
-    ax.set_xscale("log")
-    ax.set_xlabel("max top input-Hessian eigenvalue at the triggered points")
-    ax.set_ylabel("ASR at the triggered points")
-    ax.set_title(f"attacker's frontier, m in {list(fr['ms'])}", fontsize=9)
-    ax.legend(fontsize=6, ncol=2)
+    fig, axes = new_figure(2, 1, size=(5.2, 4.0))
+    for ax, key, label in ((axes[0][0], "efficacy", "mean target margin (efficacy)"),
+                           (axes[0][1], "asr", "ASR at the triggered points")):
+        for name, p in fr["placements"].items():
+            style = "*-" if name.startswith("optimal") else "o--"
+            ax.plot(p["visibility_max"], p[key], style, label=name, ms=7)
+        ax.axvline(fr["threshold"], color="k", lw=0.8, ls=":", label="clean 95% quantile")
+        ax.set_xscale("log")
+        ax.set_xlabel("max top input-Hessian eigenvalue at the triggered points")
+        ax.set_ylabel(label)
+        ax.set_title(f"attacker's frontier, m in {list(fr['ms'])}", fontsize=9)
+    axes[0][1].legend(fontsize=6, ncol=2)
     return rep.figure(fig, "frontier")
