@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ Array = Any
 
 __all__ = ["KRRModel", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
            "fit_clones", "fit_clean", "check_kernel", "as_inputs", "model_inputs",
-           "gram_plus_ridge", "solve_psd"]
+           "gram_plus_ridge", "solve_psd", "check_training"]
 
 
 def check_kernel(k: Any) -> Kernel:
@@ -194,6 +194,16 @@ def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:
       integer targets, a negative ridge, a non-positive-definite system, or an
       ``n x n`` Gram matrix that would not fit in memory.
     """
+    k, X, y = check_training(k, X, y, ridge)
+    return solve(k, X, y, float(ridge))
+
+
+def check_training(k: Kernel, X: Array, y: Array, ridge: float
+                   ) -> Tuple[Kernel, jax.Array, jax.Array]:
+    """The one input check of a kernel fit (KRR, EPIC's refits, deferred poisoning):
+    a kernel, non-empty finite inputs of its rank, float targets ``(n,)`` or ``(n, c)``
+    with one row per input, a ridge >= 0. Returns ``(k, X, y)`` as jax arrays of their
+    common float dtype."""
     k = check_kernel(k)
     X = as_inputs(k, "X", X)
     _validate.array("y", y, ndim=(1, 2), floating=True)
@@ -202,7 +212,7 @@ def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:
     if X.shape[0] == 0:
         raise ValueError("`X` is empty; pass at least one training point.")
     dtype = jnp.result_type(X.dtype, jnp.asarray(y).dtype)
-    return solve(k, X.astype(dtype), jnp.asarray(y, dtype), float(ridge))
+    return k, X.astype(dtype), jnp.asarray(y, dtype)
 
 
 def solve(k: Kernel, X: jax.Array, y: jax.Array, ridge: float) -> KRRModel:

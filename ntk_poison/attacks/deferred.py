@@ -272,15 +272,7 @@ def _signed_step(delta, g, mask, X, eps, lo, hi, step_size):
 
 
 def _kernel_args(k, X, y, ridge):
-    k = krr.check_kernel(k)
-    X = krr.as_inputs(k, "X", X)
-    _validate.array("y", y, ndim=(1, 2), floating=True)
-    _validate.same_rows("X", X, "y", y)
-    _validate.nonneg("ridge", ridge)
-    if X.shape[0] == 0:
-        raise ValueError("`X` is empty; pass at least one training point.")
-    dtype = jnp.result_type(X.dtype, jnp.asarray(y).dtype)
-    return k, X.astype(dtype), jnp.asarray(y, dtype)
+    return krr.check_training(k, X, y, ridge)
 
 
 def _check_delta(delta, X):

@@ -536,18 +536,9 @@ def _medoids(S: np.ndarray, k: int) -> np.ndarray:
 
 
 def _kernel_problem(k, X, y, ridge, subset_size, num_classes):
-    k = krr.check_kernel(k)
-    X = krr.as_inputs(k, "X", X)
-    _validate.array("y", y, ndim=(1, 2), floating=True)
-    _validate.same_rows("X", X, "y", y)
-    _validate.scalar("ridge", ridge)
-    if X.shape[0] == 0:
-        raise ValueError("`X` is empty; pass at least one training point.")
-    y = jnp.asarray(y)
-    dt = jnp.result_type(X.dtype, y.dtype)
+    k, X, y = krr.check_training(k, X, y, ridge)
     cls = class_ids(np.asarray(y))
-    return (k, X.astype(dt), y.astype(dt), cls, _num_classes(num_classes, cls),
-            _check_subset_size(subset_size))
+    return k, X, y, cls, _num_classes(num_classes, cls), _check_subset_size(subset_size)
 
 
 def _gram(k, X) -> np.ndarray:
