@@ -27,6 +27,8 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                     "its analytic NTK, against trained nets of growing width"),
     "matrix": ("experiments.matrix", "every attack against every defence, in the kernel "
                "model and in a CNN: ASR beside the trigger alone, accuracy, detection"),
+    "certify": ("experiments.certify", "certified (exact kernel certificates, AGT), reached "
+                "and visible, against the poison budget"),
 }
 
 
