@@ -73,7 +73,7 @@ def test_label_flip_bounds_and_radius_match_enumeration(seed):
 
 
 def test_label_change_bounds_match_vertex_enumeration():
-    k, X, y, xt = _problem(2, n=7, m=4)
+    k, X, y, xt = _problem(2)
     y = y * np.linspace(0.5, 2.0, len(y))           # any real targets
     eps = 0.3
     for k_points in (0, 1, 2, 3):
@@ -104,7 +104,9 @@ def test_class_margins_and_radius_match_enumeration(encoding):
     k = kernels.rbf(1.2)
     labellings = np.array(list(itertools.product(range(C), repeat=n)))    # (C^n, n)
     counts = (labellings != cls).sum(1)
-    F = np.stack([_refit(k, X, rows[lab], RIDGE, xt) for lab in labellings])  # (L, m, C)
+    L = len(labellings)
+    Yall = np.moveaxis(rows[labellings], 0, 1).reshape(n, L * C)         # one solve
+    F = np.moveaxis(_refit(k, X, Yall, RIDGE, xt).reshape(m, L, C), 1, 0)  # (L, m, C)
     p0 = np.argmax(F[counts == 0][0], axis=1)
     marg = np.take_along_axis(F, np.broadcast_to(p0[None, :, None], F.shape[:2] + (1,)),
                               axis=2) - F                                  # (L, m, C)
@@ -125,26 +127,24 @@ def test_class_margins_and_radius_match_enumeration(encoding):
 
 
 def test_flow_weights_match_kernel_flow():
-    k, X, y, xt = _problem(4, n=10, m=6, d=3)
-    for t in (0.0, 3.0, 40.0):
+    k, X, y, xt = _problem(4)
+    Ys, counts = _all_flips(y)
+    Ys = Ys[:, counts <= 2]
+    times = [0.0, 3.0, 40.0]
+    # kernel_flow on every label vector within 2 flips at once: (T, m, B)
+    F = np.asarray(flow.kernel_flow(k, X, Ys, RIDGE, 0.0, times).predict(xt))
+    for i, t in enumerate(times):
         W = certify.kernel_weights(k, X, RIDGE, xt, time=t)
-        path = flow.kernel_flow(k, X, y, RIDGE, 0.0, [t])
-        np.testing.assert_allclose(W @ y, np.asarray(path.predict(xt))[0], rtol=0,
-                                   atol=1e-10)
-    # the flow certificate is the KRR one's formula on the flow weights: check one
-    # bound by enumeration against kernel_flow's own predictions
-    Ys, counts = _all_flips(y[:6])
-    X6, t = X[:6], 5.0
-    F = np.stack([np.asarray(flow.kernel_flow(k, X6, yy, RIDGE, 0.0, [t]).predict(xt))[0]
-                  for yy in Ys[:, counts <= 1].T], axis=1)
-    lo, hi = certify.label_flip_bounds(k, X6, y[:6], RIDGE, xt, 1, time=t)
-    np.testing.assert_allclose(lo, F.min(1), atol=1e-10)
-    np.testing.assert_allclose(hi, F.max(1), atol=1e-10)
+        np.testing.assert_allclose(W @ y, F[i, :, 0], rtol=0, atol=1e-10)
+        lo, hi = certify.label_flip_bounds(k, X, y, RIDGE, xt, 2, time=t)
+        np.testing.assert_allclose(lo, F[i].min(1), rtol=0, atol=1e-10)
+        np.testing.assert_allclose(hi, F[i].max(1), rtol=0, atol=1e-10)
+    assert np.ptp(F[1].min(1) - F[2].min(1)) > 1e-3      # the times differ
 
 
 @pytest.mark.parametrize("multi", [False, True])
 def test_clone_worst_case_matches_explicit_refits(multi):
-    k, X, y, xt = _problem(5, n=9, m=4)
+    k, X, y, xt = _problem(5)
     r = np.random.default_rng(6)
     cand = np.concatenate([X[:3], r.normal(size=(3, 2))])
     m = 4

@@ -45,7 +45,8 @@ exactly, per class q; the prediction survives k flips iff every ``M_q`` stays > 
 
 **Clone poisons** (:func:`clone_worst_case`): the exact effect of m clones of
 ``(zeta, y_t)`` for each zeta of a finite candidate set, by the rank-one clone law
-(:func:`ntk_poison.theory.clone_law`: one factorisation, O(N^2) per candidate). The
+(:class:`ntk_poison.attacks.optimal.CloneSolver`: one factorisation, O(N^2) per
+candidate). The
 maximum over a finite set is a LOWER bound on the attacker's power over all zeta.
 
 **Joint certificates** (:func:`joint_flip_certificate`): one flip set for a whole
@@ -63,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntk_poison import _validate, krr, linalg, theory
+from ntk_poison import _validate, krr, linalg
 from ntk_poison.kernels import Kernel
 
 Array = Any
@@ -173,21 +174,21 @@ def label_flip_bounds(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array
     x_test = _check_test(k, X, x_test)
     kk = min(_check_count("n_flips", n_flips), X.shape[0])
     return _over_blocks(k, X, ridge, time, x_test, X.shape[0],
-                        functools.partial(_flip_bounds, kk=kk), y)
+                        _flip_bounds, y, jnp.asarray(kk))
 
 
-@functools.partial(jax.jit, static_argnames="kk")
-def _flip_bounds(W, y, *, kk: int):
+@jax.jit
+def _flip_bounds(W, y, kk):
     f = W @ y
     g = 2.0 * W * y
     return f - _top_sum(jnp.maximum(g, 0.0), kk), f + _top_sum(jnp.maximum(-g, 0.0), kk)
 
 
-def _top_sum(g, kk: int):
-    """Sum of the ``kk`` largest entries along the last axis (0 for kk = 0)."""
-    if kk == 0:
-        return jnp.zeros(g.shape[:-1], g.dtype)
-    return jax.lax.top_k(g, kk)[0].sum(-1)
+def _top_sum(g, kk):
+    """Sum of the ``kk`` largest entries along the last axis (0 for kk = 0); ``kk`` is
+    traced (one compiled program for every budget): a sort and a cumulative sum."""
+    cum = jnp.cumsum(-jnp.sort(-g, axis=-1), axis=-1)
+    return jnp.where(kk > 0, jnp.take(cum, jnp.maximum(kk - 1, 0), axis=-1), 0.0)
 
 
 def label_change_bounds(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
@@ -209,12 +210,11 @@ def label_change_bounds(k: Kernel, X: Array, y: Array, ridge: float, x_test: Arr
     eps = _validate.scalar("eps", eps)
     kk = min(_check_count("k_points", k_points), X.shape[0])
     return _over_blocks(k, X, ridge, time, x_test, X.shape[0],
-                        functools.partial(_change_bounds, kk=kk), y,
-                        jnp.asarray(eps, X.dtype))
+                        _change_bounds, y, jnp.asarray(eps, X.dtype), jnp.asarray(kk))
 
 
-@functools.partial(jax.jit, static_argnames="kk")
-def _change_bounds(W, y, eps, *, kk: int):
+@jax.jit
+def _change_bounds(W, y, eps, kk):
     f = W @ y
     r = eps * _top_sum(jnp.abs(W), kk)
     return f - r, f + r
@@ -305,7 +305,7 @@ def class_margin_bounds(k: Kernel, X: Array, Y: Array, ridge: float, x_test: Arr
     x_test = _check_test(k, X, x_test)
     kk = min(_check_count("n_flips", n_flips), X.shape[0])
     return _over_blocks(k, X, ridge, time, x_test, X.shape[0] * Y.shape[1],
-                        functools.partial(_margin_bounds, kk=kk), Y, cls, scale)
+                        _margin_bounds, Y, cls, scale, jnp.asarray(kk))
 
 
 def _margins_and_gains(W, Y, cls, scale):
@@ -320,8 +320,8 @@ def _margins_and_gains(W, Y, cls, scale):
     return p, M, jnp.swapaxes(g, 1, 2)
 
 
-@functools.partial(jax.jit, static_argnames="kk")
-def _margin_bounds(W, Y, cls, scale, *, kk: int):
+@jax.jit
+def _margin_bounds(W, Y, cls, scale, kk):
     p, M, g = _margins_and_gains(W, Y, cls, scale)
     lo = M - _top_sum(g, kk)
     is_p = jax.nn.one_hot(p, Y.shape[1], dtype=bool)
@@ -368,34 +368,49 @@ def clone_worst_case(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
 
     Each candidate's poisoned prediction is the exact KRR refit on X plus the m clones
     at absolute ridge ``(N + m) ridge`` (the project's convention), computed by the
-    rank-one clone law (:func:`ntk_poison.theory.clone_law`: O(N^3) once, O(N^2) per
-    candidate). The maximum over a FINITE candidate set is a LOWER BOUND on the
-    attacker's power: a location outside the set may do better.
+    rank-one clone law (block elimination of the clone block,
+    :class:`ntk_poison.attacks.optimal.CloneSolver`: one ``eigh`` O(N^3), then O(N^2)
+    per candidate, vmapped; the law of :func:`ntk_poison.theory.clone_law`). The
+    maximum over a FINITE candidate set is a LOWER BOUND on the attacker's power: a
+    location outside the set may do better.
 
     ``y`` is ``(N,)`` (``y_target`` a scalar) or ``(N, C)`` (``y_target`` a ``(C,)``
-    row); ``m`` an int >= 1.
+    row); ``m`` an int >= 1; ``ridge > 0``.
     """
+    from ntk_poison.attacks import optimal
     m = _check_count("m", m)
     if m < 1:
         raise ValueError("`m` must be >= 1 clones; m = 0 adds no poison.")
-    candidates = _validate.array("candidates", candidates)
-    rank = krr.check_kernel(k).input_rank
-    if np.ndim(candidates) != rank + 1:
-        raise ValueError("`candidates` must be a batch (Q, *input_shape) of poison inputs.")
-    if np.ndim(x_test) != rank + 1:
-        raise ValueError("`x_test` must be a batch (P, *input_shape) of test points.")
-    law = theory.clone_law(k, X, y, ridge, candidates, y_target, [m], x_test)
-    fp = np.asarray(law.f_poisoned)[0]                      # (Q, P[, C])
-    fc = np.asarray(law.f_clean)[0]
+    solver = optimal.prepare(k, X, y, ridge)
+    k, Xc = solver.kernel, solver.X
+    cands = krr.as_inputs(k, "candidates", candidates)
+    _validate.same_trailing("candidates", cands, "X (training inputs)", Xc, k.input_rank)
+    xt = _check_test(k, Xc, x_test)
+    _validate.array("y_target", y_target)
+    if np.shape(y_target) != tuple(solver.y.shape[1:]):
+        raise ValueError(f"`y_target` has shape {np.shape(y_target)}; for targets `y` of "
+                         f"shape {tuple(solver.y.shape)} pass a scalar (y (N,)) or the "
+                         "poison's target row (y (N, C)).")
+    fp, fc = _clone_outputs(solver, cands.astype(Xc.dtype), jnp.asarray(m, Xc.dtype),
+                            jnp.asarray(y_target, Xc.dtype), xt)
+    fp, fc = np.asarray(fp), np.asarray(fc)
     if fp.ndim == 3:
         t = int(np.argmax(np.asarray(y_target)))
-        others = np.delete(fp, t, axis=2)
-        effects = fp[..., t] - others.max(axis=2)
+        effects = fp[..., t] - np.delete(fp, t, axis=2).max(axis=2)
     else:
         effects = float(y_target) * fp
-    idx = np.argmax(effects, axis=0)
     return CloneWorstCase(effects=effects, worst_effect=effects.max(axis=0),
-                          worst_candidate=idx, f_clean=fc, f_poisoned=fp)
+                          worst_candidate=np.argmax(effects, axis=0), f_clean=fc,
+                          f_poisoned=fp)
+
+
+@jax.jit
+def _clone_outputs(solver, cands, m, y_target, xt):
+    """The poisoned outputs ``(Q, P[, C])`` (vmap over candidates of the rank-one
+    update, O(N^2) each) and the clean ones at the same absolute ridge."""
+    fp = jax.vmap(lambda z: solver.outputs(z, m, y_target, xt))(cands)
+    fc = solver.kernel.fn(xt, solver.X) @ solver.solve(m, solver.y)
+    return fp, fc
 
 
 # --------------------------------------------------------------------------- joint (MILP)
