@@ -229,12 +229,17 @@ def certified_radius(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
     (one-hot, centred one-hot, +-1 one-vs-rest): the argmax class, through the
     per-class margins of :func:`class_margin_bounds`.
     """
+    return _prediction_and_radius(k, X, y, ridge, x_test, time)[1]
+
+
+def _prediction_and_radius(k, X, y, ridge, x_test, time):
+    """``(sign f or argmax class, radius)`` per test point, from one pass of weights."""
     if np.ndim(y) == 2:
         k, X, Y, ridge, time, scale, cls = _check_multiclass(k, X, y, ridge, time)
         x_test = _check_test(k, X, x_test)
         C = Y.shape[1]
         return _over_blocks(k, X, ridge, time, x_test, X.shape[0] * C, _multi_radius,
-                            Y, cls, scale)[1]
+                            Y, cls, scale)
     k, X, y, ridge, time = _check_binary(k, X, y, ridge, time)
     x_test = _check_test(k, X, x_test)
     return _over_blocks(k, X, ridge, time, x_test, X.shape[0], _binary_radius, y)
@@ -244,7 +249,7 @@ def certified_radius(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
 def _binary_radius(W, y):
     f = W @ y
     g = jnp.maximum(2.0 * jnp.sign(f)[:, None] * W * y, 0.0)
-    return _radius(jnp.abs(f), g)
+    return jnp.sign(f), _radius(jnp.abs(f), g)
 
 
 def _radius(margin, g):
@@ -267,22 +272,19 @@ def certified_accuracy(k: Kernel, X: Array, y: Array, ridge: float, x_test: Arra
     if ks.ndim != 1 or ks.size == 0:
         raise ValueError("`k_values` must be a non-empty 1-D sequence of flip counts.")
     _validate.nonneg("k_values", ks, integer=True)
-    radius = np.asarray(certified_radius(k, X, y, ridge, x_test, time=time))
+    pred, radius = (np.asarray(a) for a in _prediction_and_radius(k, X, y, ridge, x_test,
+                                                                  time))
     _validate.array("y_test", y_test, ndim=1)
     yt = np.asarray(y_test)
     if yt.shape[0] != radius.shape[0]:
         raise ValueError(f"`y_test` has {yt.shape[0]} labels for {radius.shape[0]} test "
                          "points; pass one label per row of x_test.")
-    W = kernel_weights(k, X, ridge, x_test, time=time)
-    f = np.asarray(W @ jnp.asarray(y, W.dtype))
     if np.ndim(y) == 2:
         if not np.all(np.equal(np.mod(yt, 1), 0)):
             raise ValueError("`y_test` must hold integer class labels for targets y (n, C).")
-        correct = np.argmax(f, axis=1) == yt
-    else:
-        if not np.all(np.isin(yt, (-1.0, 1.0))):
-            raise ValueError("`y_test` must be +-1 labels for +-1 training labels y.")
-        correct = np.sign(f) == yt
+    elif not np.all(np.isin(yt, (-1.0, 1.0))):
+        raise ValueError("`y_test` must be +-1 labels for +-1 training labels y.")
+    correct = pred == yt
     return np.array([np.mean(correct & (radius >= kv)) for kv in ks.astype(np.int64)])
 
 
