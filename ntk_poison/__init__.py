@@ -44,6 +44,6 @@ def __getattr__(name):
     if name in ("data", "report", "spectra", "flow", "nets", "defences", "cli", "artefact",
                 "triggers", "config", "io", "linalg", "models", "joint", "penalty",
                 "penalized", "metrics", "attacks", "scenario", "continuum", "modes", "floor",
-                "linear", "train", "convnets"):
+                "linear", "train", "convnets", "certify"):
         return importlib.import_module(f"ntk_poison.{name}")
     raise AttributeError(f"module 'ntk_poison' has no attribute {name!r}")
