@@ -48,12 +48,12 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart,
 
     n_train: int = 300
     n_trigger: int = 100
-    ridge: float = 1e-3
+    trigger_strength: float = 1.0  # the cross trigger's norm in units of l    ridge: float = 1e-3
     ms: Tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
     n_candidates: int = 50        # triggered training images beside the prototype
     agt_dim: int = 32             # AGT: PCA dimension (the trigger kept), linear 2-class
-    agt_lr: float = 0.5           # AGT: full-batch gradient descent, learning rate
-    agt_steps: int = 5            # AGT: steps
+    agt_lr: float = 5.0           # AGT: full-batch gradient descent (the reference
+    agt_steps: int = 2            # notebook's MNIST example: lr 5, 2 steps)
     visible_auroc: float = 0.9    # visible: detector AUROC at least this
     possible_rate: float = 0.5    # certifiably possible: this fraction can be flipped
 
@@ -79,14 +79,15 @@ def visibility(cfg, sc, splits, k, model):
 
 
 def agt_part(cfg, sc):
-    """A linear 2-class model on the PCA features (trigger kept), trained by full-batch
-    gradient descent: returns ``bound(m) -> (lower, nominal, upper)`` ASR on the
+    """A linear 2-class model on the PCA features (trigger kept; scaled to mean squared
+    norm 1), trained by full-batch gradient descent: returns ``bound(m) -> (lower, nominal, upper)`` ASR on the
     triggered inputs over every flip of at most m labels to the target class (AGT)."""
     import jax
     from ntk_poison import data
     from ntk_poison.certify import agt
     reduce = data.pca_reduction(sc.X, sc.trigger.direction(sc.X.shape[1:]), cfg.agt_dim)
-    Z, Zt, Zte = reduce(sc.X), reduce(sc.X_trig), reduce(sc.X_test)
+    scale = 1.0 / np.sqrt(cfg.agt_dim)
+    Z, Zt, Zte = (reduce(a) * scale for a in (sc.X, sc.X_trig, sc.X_test))
     labels = (sc.y > 0).astype(np.int32)
     params = agt.init_mlp(jax.random.PRNGKey(cfg.seed), [cfg.agt_dim, 2])
 
