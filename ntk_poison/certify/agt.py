@@ -192,6 +192,7 @@ def loss_per_sample(out: Array, y: Array, loss: str) -> jax.Array:
 
 # --------------------------------------------------------------------------- intervals
 
+@jax.jit
 def interval_matmul(A_l: Array, A_u: Array, B_l: Array, B_u: Array
                     ) -> Tuple[jax.Array, jax.Array]:
     """Enclosure of ``{A B : A in [A_l, A_u], B in [B_l, B_u]}`` in midpoint-radius form.
@@ -208,6 +209,7 @@ def interval_matmul(A_l: Array, A_u: Array, B_l: Array, B_u: Array
     return C_m - C_r, C_m + C_r
 
 
+@jax.jit
 def interval_mul(a_l: Array, a_u: Array, b_l: Array, b_u: Array
                  ) -> Tuple[jax.Array, jax.Array]:
     """Exact elementwise (broadcasting) product of intervals: min/max of 4 corners."""
@@ -215,11 +217,13 @@ def interval_mul(a_l: Array, a_u: Array, b_l: Array, b_u: Array
     return c.min(0), c.max(0)
 
 
+@jax.jit
 def interval_relu(z_l: Array, z_u: Array) -> Tuple[jax.Array, jax.Array]:
     """``relu`` is monotone: ``[relu(z_l), relu(z_u)]``."""
     return jax.nn.relu(z_l), jax.nn.relu(z_u)
 
 
+@jax.jit
 def interval_softmax(z_l: Array, z_u: Array) -> Tuple[jax.Array, jax.Array]:
     """Exact bounds on ``softmax(z)_j`` over the box ``z in [z_l, z_u]`` (last axis).
 
@@ -235,6 +239,7 @@ def interval_softmax(z_l: Array, z_u: Array) -> Tuple[jax.Array, jax.Array]:
     return p_l, p_u
 
 
+@functools.partial(jax.jit, static_argnames=("label_free", "target"))
 def xent_grad_bounds(z_l: Array, z_u: Array, y: Array, *, label_free: bool = False,
                      target: Optional[int] = None) -> Tuple[jax.Array, jax.Array]:
     """Bounds on ``d/dz [-log softmax(z)_y'] = softmax(z) - e_y'`` for one sample.
@@ -254,6 +259,7 @@ def xent_grad_bounds(z_l: Array, z_u: Array, y: Array, *, label_free: bool = Fal
     return p_l - jnp.maximum(e_y, e_t), p_u - jnp.minimum(e_y, e_t)
 
 
+@jax.jit
 def mse_grad_bounds(f_l: Array, f_u: Array, y: Array, label_epsilon: float = 0.0
                     ) -> Tuple[jax.Array, jax.Array]:
     """Bounds on ``d/df sum (f - y')^2 = 2 (f - y')`` over ``f in [f_l, f_u]``,
@@ -340,12 +346,14 @@ def clip_bounds(g_l: Any, g_n: Any, g_u: Any, gamma: float, method: str):
     return out_l, out_n, out_u
 
 
+@functools.partial(jax.jit, static_argnames=("config", "poisoned"))
 def gradient_bounds(params_l: Params, params_u: Params, X: Array, y: Array,
                     config: AGTConfig, *, poisoned: bool = False):
     """Per-sample gradient bounds ``(g_l, g_u)`` (pytrees with a leading batch axis)
     over the parameter box: clean samples (``poisoned=False``, weight perturbation
     only) or poisoned ones (features in ``[x - epsilon, x + epsilon]`` when
-    ``k_poison > 0``, label free when ``label_k_poison > 0``). Unclipped."""
+    ``k_poison > 0``, label free when ``label_k_poison > 0``). Unclipped; jitted
+    (``config`` and ``poisoned`` static)."""
     eps = config.epsilon if (poisoned and config.k_poison > 0) else 0.0
     label_free = bool(poisoned and config.label_k_poison > 0)
     fn = lambda x, t: _sample_gradient_bounds(
@@ -368,8 +376,9 @@ def _sum_extreme(diff, k, largest):
     return (top if largest else -top).reshape(diff.shape[1:])
 
 
+@functools.partial(jax.jit, static_argnames=("config",))
 def agt_step(box: ParamBox, X: Array, y: Array, config: AGTConfig) -> ParamBox:
-    """One AGT step on the batch ``(X (B, d), y)`` (unjitted; :func:`train` jits it).
+    """One AGT step on the batch ``(X (B, d), y)`` (jitted; ``config`` is static).
 
     The nominal parameters take a plain step ``theta_n -= lr (mean_i g_n,i + l2
     theta_n)``; the box takes ``theta_l -= lr d_u``, ``theta_u -= lr d_l`` with
