@@ -368,11 +368,28 @@ def _nominal_gradients(params, X, y, loss):
 
 
 def _sum_extreme(diff, k, largest):
-    """SEMax_k / SEMin_k: sum of the k largest / smallest entries over axis 0."""
+    """SEMax_k / SEMin_k: sum of the k largest / smallest entries over axis 0.
+
+    For k <= 64 by k rounds of (max, remove one maximiser): O(k B P) with no sort;
+    XLA's CPU top_k sorts and was measured 30x slower at B = 2000, k = 10.
+    """
     if k == 0:
         return jnp.zeros(diff.shape[1:], diff.dtype)
-    flat = diff.reshape(diff.shape[0], -1).T
-    top = jax.lax.top_k(flat if largest else -flat, k)[0].sum(-1)
+    flat = diff.reshape(diff.shape[0], -1)
+    flat = flat if largest else -flat
+    if k > 64:
+        top = jax.lax.top_k(flat.T, k)[0].sum(-1)
+    else:
+        rows = jnp.arange(flat.shape[0])[:, None]
+
+        def take_max(_, carry):
+            d, acc = carry
+            i = jnp.argmax(d, axis=0)
+            acc = acc + jnp.take_along_axis(d, i[None], 0)[0]
+            return jnp.where(rows == i[None], -jnp.inf, d), acc
+
+        top = jax.lax.fori_loop(0, k, take_max,
+                                (flat, jnp.zeros(flat.shape[1], flat.dtype)))[1]
     return (top if largest else -top).reshape(diff.shape[1:])
 
 
@@ -387,7 +404,13 @@ def agt_step(box: ParamBox, X: Array, y: Array, config: AGTConfig) -> ParamBox:
     B = X.shape[0]
     k = min(config.k, B)
     lr, l2 = config.learning_rate, config.l2_reg
-    g_n = _nominal_gradients(box.nominal, X, y, config.loss)
+    clipped = math.isfinite(config.clip_gamma)
+    if clipped:   # per-sample gradients, clipped one by one
+        g_n = _nominal_gradients(box.nominal, X, y, config.loss)
+    else:         # one batched gradient of the batch-mean loss
+        g_n = None
+        d_n = jax.grad(lambda p: jnp.mean(jax.vmap(
+            lambda o, t: loss_per_sample(o, t, config.loss))(apply(p, X), y)))(box.nominal)
     wp_l, wp_u = gradient_bounds(box.lower, box.upper, X, y, config, poisoned=False)
     wp_l, g_n, wp_u = clip_bounds(wp_l, g_n, wp_u, config.clip_gamma, config.clip_method)
     if k > 0:
@@ -401,7 +424,8 @@ def agt_step(box: ParamBox, X: Array, y: Array, config: AGTConfig) -> ParamBox:
     else:
         d_l = jax.tree.map(lambda w: w.sum(0) / B, wp_l)
         d_u = jax.tree.map(lambda w: w.sum(0) / B, wp_u)
-    d_n = jax.tree.map(lambda g: g.mean(0), g_n)
+    if clipped:
+        d_n = jax.tree.map(lambda g: g.mean(0), g_n)
     step = lambda p, d, q: p - lr * (d + l2 * q)
     nominal = jax.tree.map(lambda p, d: step(p, d, p), box.nominal, d_n)
     lower = jax.tree.map(lambda p, d: step(p, d, p), box.lower, d_u)
