@@ -125,6 +125,16 @@ def test_interval_mul_and_softmax_match_corner_enumeration():
         np.testing.assert_allclose(p_u, allc.max(0), rtol=1e-12)
 
 
+@pytest.mark.parametrize("k", [3, 70])   # k rounds of max extraction; top_k above 64
+def test_sum_of_k_extremes_matches_sorting(k):
+    d = np.random.default_rng(13).normal(size=(80, 2, 3))
+    s = np.sort(d, axis=0)
+    np.testing.assert_allclose(agt._sum_extreme(jnp.asarray(d), k, True), s[-k:].sum(0),
+                               rtol=1e-12)
+    np.testing.assert_allclose(agt._sum_extreme(jnp.asarray(d), k, False), s[:k].sum(0),
+                               rtol=1e-12)
+
+
 @pytest.mark.parametrize("target", [None, 2])
 def test_xent_grad_bounds_cover_every_allowed_label(target):
     with enable_x64():

@@ -300,7 +300,12 @@ def _sample_gradient_bounds(params_l, params_u, x_l, x_u, y, loss, label_free, t
     g_l, g_u = [None] * len(params_l), [None] * len(params_l)
     for i in range(len(params_l) - 1, -1, -1):
         h_l, h_u = hs[i]
-        gW_l, gW_u = interval_mul(h_l[:, None], h_u[:, None], d_l[None, :], d_u[None, :])
+        if i > 0:   # post-relu inputs are >= 0: two products per bound, not four
+            a_l, a_u = h_l[:, None], h_u[:, None]
+            gW_l = jnp.minimum(a_l * d_l[None, :], a_u * d_l[None, :])
+            gW_u = jnp.maximum(a_l * d_u[None, :], a_u * d_u[None, :])
+        else:
+            gW_l, gW_u = interval_mul(h_l[:, None], h_u[:, None], d_l[None, :], d_u[None, :])
         g_l[i], g_u[i] = (gW_l, d_l), (gW_u, d_u)
         if i > 0:
             W_l, W_u = params_l[i][0], params_u[i][0]
