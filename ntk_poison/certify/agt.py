@@ -33,6 +33,13 @@ Models are plain parameter pytrees: a list of ``(W, b)`` with ``W`` of shape
 ``"clamp"``: each entry to ``[-gamma, gamma]``; ``"norm"``: the whole per-sample
 gradient to l2 norm ``gamma``).
 
+**Cost.** A step materialises per-sample gradient bounds (four ``(B, P)`` arrays for
+``B`` samples and ``P`` parameters: the top-k needs them), where a plain step forms one
+batched gradient; benchmarks/agt_bench.py measured 50-90x a plain step for the
+linear 32 -> 10 model and about 280x for a 32 -> 64 -> 10 MLP on 2 loaded CPU cores
+(the issue's goal of 4x is not met; the reference implementation has the same
+per-sample structure).
+
 The interval arithmetic is sound in exact arithmetic; floating-point rounding is not
 directed (as in the reference implementation), so bounds can be off by a few ulps.
 """
