@@ -333,6 +333,46 @@ def test_regression_label_epsilon_attacks_inside_box_and_mse_bounds():
             assert best - TOL <= mse <= worst + TOL
 
 
+@pytest.mark.slow
+def test_mnist_example_label_flips_inside_the_box():
+    """The reference notebook's setting (PCA-32 MNIST, linear 32 -> 10, full batch, lr 5,
+    2 steps, label_k_poison = 10) on 12000 training images: random flips and flips
+    of the 10 largest-norm points to one class all train inside the box, and the
+    attacked models' test accuracy lies within the certified (lower, upper)."""
+    from sklearn.decomposition import PCA
+    from ntk_poison import data
+    Xtr, ytr, Xte, yte = data.load("mnist", dtype=np.float64)
+    Xtr, ytr = Xtr.reshape(len(Xtr), -1)[:12000], np.asarray(ytr[:12000])
+    pca = PCA(n_components=32, random_state=0).fit(Xtr)
+    X = jnp.asarray(pca.transform(Xtr))
+    Xt = jnp.asarray(pca.transform(Xte[:2000].reshape(2000, -1)))
+    yt = np.asarray(yte[:2000])
+    rng = np.random.default_rng(0)
+    s = 1 / np.sqrt(32)
+    params = [(jnp.asarray(rng.uniform(-s, s, (32, 10))), jnp.asarray(rng.uniform(-s, s, 10)))]
+    k = 10
+    box = agt.train(params, X, jnp.asarray(ytr), agt.AGTConfig(5.0, 2, label_k_poison=k))
+    lo, nom, hi = agt.certified_accuracy(box, Xt, yt)
+    assert lo < nom < hi
+    ys = []
+    for _ in range(6):
+        yy = ytr.copy()
+        idx = rng.choice(len(yy), k, replace=False)
+        yy[idx] = (yy[idx] + rng.integers(1, 10, k)) % 10
+        ys.append(yy)
+    big = np.argsort(-np.linalg.norm(np.asarray(X), axis=1))[:k]
+    for c in (0, 7):
+        yy = ytr.copy()
+        yy[big] = c
+        ys.append(yy)
+    tr = jax.jit(jax.vmap(lambda yy: plain_train(params, X, yy, lr=5.0, n_steps=2,
+                                                 loss="xent")))(jnp.asarray(np.array(ys)))
+    assert inside(box, tr)
+    accs = np.mean(np.argmax(np.asarray(jax.vmap(agt.apply, in_axes=(0, None))(tr, Xt)), -1)
+                   == yt, axis=1)
+    assert np.all(accs >= lo) and np.all(accs <= hi)
+
+
 # --------------------------------------------------------------------------- outputs
 
 def test_output_metrics_match_numpy_on_a_linear_box():
