@@ -35,10 +35,10 @@ gradient to l2 norm ``gamma``).
 
 **Cost.** A step materialises per-sample gradient bounds (four ``(B, P)`` arrays for
 ``B`` samples and ``P`` parameters: the top-k needs them), where a plain step forms one
-batched gradient; benchmarks/agt_bench.py measured 50-90x a plain step for the
-linear 32 -> 10 model and about 280x for a 32 -> 64 -> 10 MLP on 2 loaded CPU cores
-(the issue's goal of 4x is not met; the reference implementation has the same
-per-sample structure).
+batched gradient; benchmarks/agt_bench.py (label_k_poison = 10, float64, 2 CPU
+cores) measured 15x (n = 1000) and 51x (n = 10000) a plain step for the linear
+32 -> 10 model, 64x and 109x for a 32 -> 64 -> 10 MLP. The issue's goal of 4x is
+not met; the reference implementation has the same per-sample structure.
 
 The interval arithmetic is sound in exact arithmetic; floating-point rounding is not
 directed (as in the reference implementation), so bounds can be off by a few ulps.
