@@ -69,7 +69,9 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart,
                              "(0, 1].")
 
 
-def visibility(cfg, sc, splits, k, model):
+def visibility(cfg, splits, model):
+    """The curvature detector's AUROC (triggered against clean test inputs) and the
+    ratio of median top loss input-Hessian eigenvalues, triggered / clean."""
     det = scenario.detector_for(cfg, None).fit(model, splits.x_cal)
     s_t, _ = det.detect(model, splits.x_trig)
     s_c, _ = det.detect(model, splits.x_clean)
@@ -143,7 +145,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             model = krr.fit(k, art.x, art.y, cfg.ridge)
             row[f"{name}_asr"] = float(sc.attack_success_rate(np.asarray(model.predict(x_trig))))
             row.update({f"{name}_{kk}": v for kk, v in
-                        visibility(cfg, sc, splits, k, model).items()})
+                        visibility(cfg, splits, model).items()})
         rows.append(row)
     res = dict(rows=rows, radius=radius.tolist(), trigger_alone=float(np.mean(f0 > 0)),
                length_scale=sc.length_scale, n_train=len(sc.X))
