@@ -70,7 +70,7 @@ def test_certificates_and_asr_against_numpy(tiny):
 
 
 @pytest.mark.parametrize("bad", [dict(ms=(4, 2)), dict(ms=()), dict(visible_auroc=0.4),
-                                 dict(agt_dim=1)])
+                                 dict(agt_dim=1), dict(agt_hidden=(0,))])
 def test_bad_config(bad):
     with pytest.raises(ValueError, match="`"):
         exp.Config(**bad)

@@ -51,7 +51,8 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart,
     trigger_strength: float = 1.0  # the cross trigger's norm in units of l    ridge: float = 1e-3
     ms: Tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32, 64)
     n_candidates: int = 50        # triggered training images beside the prototype
-    agt_dim: int = 32             # AGT: PCA dimension (the trigger kept), linear 2-class
+    agt_dim: int = 32             # AGT: PCA dimension (the trigger kept), 2 classes
+    agt_hidden: Tuple[int, ...] = ()   # AGT: ReLU hidden widths (): a linear model
     agt_lr: float = 5.0           # AGT: full-batch gradient descent (the reference
     agt_steps: int = 2            # notebook's MNIST example: lr 5, 2 steps)
     visible_auroc: float = 0.9    # visible: detector AUROC at least this
@@ -63,6 +64,8 @@ class Config(scenario.DataPart, scenario.AttackPart, scenario.RidgePart,
             raise ValueError(f"`ms` must be increasing counts >= 0, got {list(self.ms)}.")
         self.check_min(1, "n_candidates", "agt_steps")
         self.check_min(2, "agt_dim")
+        if any(h < 1 for h in self.agt_hidden):
+            raise ValueError(f"`agt_hidden` must be widths >= 1, got {list(self.agt_hidden)}.")
         self.check_positive("agt_lr")
         if not 0.5 < self.visible_auroc <= 1 or not 0 < self.possible_rate <= 1:
             raise ValueError("`visible_auroc` must be in (0.5, 1] and `possible_rate` in "
@@ -81,8 +84,9 @@ def visibility(cfg, splits, model):
 
 
 def agt_part(cfg, sc):
-    """A linear 2-class model on the PCA features (trigger kept; scaled to mean squared
-    norm 1), trained by full-batch gradient descent: returns ``bound(m) -> (lower, nominal, upper)`` ASR on the
+    """A linear 2-class model (or a ReLU MLP with ``agt_hidden``) on the PCA features
+    (trigger kept; scaled to mean squared norm 1), trained by full-batch gradient
+    descent: returns ``bound(m) -> (lower, nominal, upper)`` ASR on the
     triggered inputs over every flip of at most m labels to the target class (AGT)."""
     import jax
     from ntk_poison import data
@@ -91,7 +95,8 @@ def agt_part(cfg, sc):
     scale = 1.0 / np.sqrt(cfg.agt_dim)
     Z, Zt, Zte = (reduce(a) * scale for a in (sc.X, sc.X_trig, sc.X_test))
     labels = (sc.y > 0).astype(np.int32)
-    params = agt.init_mlp(jax.random.PRNGKey(cfg.seed), [cfg.agt_dim, 2])
+    params = agt.init_mlp(jax.random.PRNGKey(cfg.seed),
+                          [cfg.agt_dim, *cfg.agt_hidden, 2])
 
     def bound(m):
         conf = agt.AGTConfig(learning_rate=cfg.agt_lr, n_steps=cfg.agt_steps,
