@@ -173,6 +173,16 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             f"{m_vis} (None: not within ms = {list(ms)})")
     res["first_m"] = lines
     rep.results = res
+    head = ["m", "flips possible", "clones possible", "AGT ASR bound", "clone ASR",
+            "clone AUROC", "backdoor ASR", "backdoor AUROC"]
+    keys = ["flips_possible", "clones_possible", "agt_asr_upper", "clone_asr",
+            "clone_auroc", "backdoor_asr", "backdoor_auroc"]
+    table = [f"Trigger-alone ASR (the clean model): {res['trigger_alone']:.2f}; AGT's "
+             f"nominal ASR at m = 0: {rows[0]['agt_asr_nominal']:.2f}.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table += ["| " + " | ".join([str(r["m"])] + [f"{r[kk]:.2f}" for kk in keys]) + " |"
+              for r in rows]
+    rep.text("\n".join(table))
     fig, axes = new_figure(1, 1, size=(6.0, 4.2))
     ax = axes[0][0]
     x = np.maximum(ms, 0.5)
