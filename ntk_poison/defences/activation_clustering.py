@@ -35,7 +35,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from ntk_poison import _validate
-from ntk_poison.defences.base import class_ids
+from ntk_poison.defences.base import feature_classes
 
 Array = Any
 
@@ -128,9 +128,7 @@ class ActivationClustering:
           ``s_i < size_threshold``, with ``s_i`` the relative size of the point's
           cluster in its class (:func:`cluster_relative_sizes`).
         """
-        _validate.array("features", features, ndim=(2, 3, 4))
-        classes = class_ids(labels)
-        _validate.same_rows("features", np.asarray(features), "labels", classes)
+        classes = feature_classes(features, labels)
         sizes = cluster_relative_sizes(
             features, classes, n_components=self.n_components, n_init=self.n_init,
             random_state=self.random_state)

@@ -25,8 +25,8 @@ from ntk_poison import _validate
 
 Array = Any
 
-__all__ = ["Detector", "check_output", "class_ids", "top_fraction_count",
-           "flag_top_per_group"]
+__all__ = ["Detector", "check_output", "class_ids", "feature_classes",
+           "top_fraction_count", "flag_top_per_group"]
 
 
 @runtime_checkable
@@ -67,6 +67,16 @@ def class_ids(labels: Array) -> np.ndarray:
         return lab.astype(np.int64)
     _, inv = np.unique(lab, return_inverse=True)
     return inv.astype(np.int64).reshape(-1)
+
+
+def feature_classes(features: Array, labels: Array) -> np.ndarray:
+    """The input check of a detector that reads training representations: ``features``
+    ``(n, p)`` (or ``(n, ...)``) with one row per label; returns the class ids
+    (:func:`class_ids`)."""
+    _validate.array("features", features, ndim=(2, 3, 4))
+    classes = class_ids(labels)
+    _validate.same_rows("features", np.asarray(features), "labels", classes)
+    return classes
 
 
 def top_fraction_count(n: int, fraction: float) -> int:

@@ -24,7 +24,7 @@ from typing import Any, Tuple
 import numpy as np
 
 from ntk_poison import _validate
-from ntk_poison.defences.base import class_ids, flag_top_per_group
+from ntk_poison.defences.base import feature_classes, flag_top_per_group
 
 Array = Any
 
@@ -82,9 +82,7 @@ class SpectralSignatures:
         Returns:
           ``(scores, flagged)``: float ``(n,)`` and bool ``(n,)``.
         """
-        _validate.array("features", features, ndim=(2, 3, 4))
-        classes = class_ids(labels)
-        _validate.same_rows("features", np.asarray(features), "labels", classes)
+        classes = feature_classes(features, labels)
         scores = spectral_scores(features, classes)
         flagged = flag_top_per_group(scores, classes, self.multiplier * self.eps)
         return scores, flagged
