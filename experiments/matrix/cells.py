@@ -38,6 +38,22 @@ DETECTORS = {"spectral": lambda cfg: SpectralSignatures(eps=cfg.poison_rate),
              "clustering": lambda cfg: ActivationClustering(random_state=cfg.seed)}
 
 
+def evaluation_inputs(regime, cfg, xte, yte, as_input) -> None:
+    """Set the test inputs every cell reads, from test IMAGES ``xte`` and labels:
+    ``xte``/``yte``, the non-target images ``src_img``, their triggered versions
+    ``x_trig[t]`` per trigger, the curvature detector's clean calibration (the last
+    ``n_cal``) and evaluation (the first ``n_eval``) inputs, and the robustness inputs
+    ``x_rob``, ``y_rob`` (the first ``n_robust``). ``as_input`` maps images to the
+    regime's inputs (flattened for the kernel, float32 images for the net)."""
+    regime.src_img = xte[np.flatnonzero(yte != cfg.target_class)]
+    src = as_input(regime.src_img)
+    regime.x_trig = {t: as_input(tr.apply(regime.src_img)) for t, tr in cfg.trigger_objects()}
+    regime.n_eval = cfg.n_eval
+    regime.x_cal, regime.x_eval_clean = src[-cfg.n_cal:], src[:cfg.n_eval]
+    regime.xte, regime.yte = as_input(xte), yte
+    regime.x_rob, regime.y_rob = regime.xte[:cfg.n_robust], yte[:cfg.n_robust]
+
+
 def fit_cached(regime, X, Y, arm):
     """``regime.fit``, memoised on the data and the arm: the undefended model is shared
     by the none, curvature and (as the feature map) removal cells of one attack."""

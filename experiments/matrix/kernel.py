@@ -26,6 +26,8 @@ from ntk_poison import attacks, io, kernels, krr, metrics, penalized, scenario, 
 from ntk_poison.artefact import Artefact
 from ntk_poison.defences import CurvatureDetector, kernel_pca_features
 
+from experiments.matrix.cells import evaluation_inputs
+
 
 def flat(A):
     A = np.asarray(A)
@@ -38,30 +40,17 @@ class KernelRegime:
     def __init__(self, cfg, task):
         import jax
         self.cfg = cfg
-        X, y, xte, yte = task
-        n = cfg.kernel_n_train
-        self.X_img, self.y = X[:n].astype(np.float64), y[:n]
+        X, y, xte, yte = task                  # load_task: kernel_n_train images
+        self.X_img, self.y = X.astype(np.float64), y
         self.C = 10
         self.Y = scenario.centred_one_hot(self.y, self.C)
         self.eye = scenario.centred_one_hot(np.arange(self.C), self.C)
-        self.xte, self.yte = flat(xte), yte
         self.ell = metrics.median_distance(flat(self.X_img))
         self.k = kernels.get("nt_fc", depth=cfg.nt_depth, W_std=1.5, b_std=0.1,
                              activation="erf") if cfg.kernel == "nt_erf" \
             else kernels.get(cfg.kernel, length_scale=self.ell)
         self.key = jax.random.PRNGKey(cfg.seed)
-        self._common(xte, yte)
-
-    def _common(self, xte, yte):
-        cfg = self.cfg
-        nt = np.flatnonzero(yte != cfg.target_class)
-        self.src_img = xte[nt]
-        self.x_trig = {t: flat(tr.apply(self.src_img)) for t, tr in cfg.trigger_objects()}
-        self.n_eval = cfg.n_eval
-        clean_nt = self.src_img.reshape(len(nt), -1)
-        self.x_cal = clean_nt[-cfg.n_cal:]
-        self.x_eval_clean = clean_nt[:cfg.n_eval]
-        self.x_rob, self.y_rob = self.xte[:cfg.n_robust], self.yte[:cfg.n_robust]
+        evaluation_inputs(self, cfg, xte, yte, flat)
 
     # ---------------------------------------------------------------- models
     def train_arrays(self, art):

@@ -18,6 +18,8 @@ import numpy as np
 from ntk_poison import attacks, monitor, nets, train
 from ntk_poison.artefact import Artefact
 
+from experiments.matrix.cells import evaluation_inputs
+
 
 class NetRegime:
     name = "net"
@@ -30,15 +32,7 @@ class NetRegime:
         self.X_img, self.y = X.astype(dt), y.astype(np.int32)
         self.C = 10
         self.eye = np.eye(self.C, dtype=dt)
-        self.xte, self.yte = xte.astype(dt), yte
-        nt = np.flatnonzero(yte != cfg.target_class)
-        self.src_img = self.xte[nt]
-        self.x_trig = {t: np.asarray(tr.apply(self.src_img), dt)
-                       for t, tr in cfg.trigger_objects()}
-        self.n_eval = cfg.n_eval
-        self.x_cal = self.src_img[-cfg.n_cal:]
-        self.x_eval_clean = self.src_img[:cfg.n_eval]
-        self.x_rob, self.y_rob = self.xte[:cfg.n_robust], self.yte[:cfg.n_robust]
+        evaluation_inputs(self, cfg, xte.astype(dt), yte, lambda a: np.asarray(a, dt))
         self.model0 = nets.cnn(jax.random.PRNGKey(cfg.seed), input_shape=X.shape[1:],
                                channels=cfg.channels, depth=2, pool=2, num_outputs=self.C,
                                parameterization="standard")
