@@ -125,10 +125,14 @@ def test_interval_mul_and_softmax_match_corner_enumeration():
         np.testing.assert_allclose(p_u, allc.max(0), rtol=1e-12)
 
 
-@pytest.mark.parametrize("k", [3, 70])   # k rounds of max extraction; top_k above 64
-def test_sum_of_k_extremes_matches_sorting(k):
-    d = np.random.default_rng(13).normal(size=(80, 2, 3))
-    d[:5, 0, 0] = d[5, 0, 0]   # ties count with their multiplicity
+# (80, 3): k rounds of max extraction; (80, 70): top_k above 64; (1000, k): the block
+# filter (1000 rows = 15 full blocks of 64 and 40 rows left over)
+@pytest.mark.parametrize("B,k", [(80, 3), (80, 70), (1000, 3), (1000, 10)])
+def test_sum_of_k_extremes_matches_sorting(B, k):
+    d = np.random.default_rng(13).normal(size=(B, 2, 3))
+    d[:5, 0, 0] = d[5, 0, 0]           # ties count with their multiplicity
+    d[70:78, 1, 1] += 10.0             # the top k of one entry crowded into one block
+    d[B - 3:, 1, 2] -= 10.0            # the bottom k of another in the rows left over
     s = np.sort(d, axis=0)
     np.testing.assert_allclose(agt._sum_extreme(jnp.asarray(d), k, True), s[-k:].sum(0),
                                rtol=1e-12)
