@@ -18,9 +18,10 @@ The sharded product (``D`` devices, rows padded from ``n`` to ``n_pad = D * m``)
 
     device j holds rows  R_j = {j m, ..., (j + 1) m - 1}  of X and of V
     V_all = all_gather_j(V[R_j])                        (n_pad, c)
-    (K V)[R_j] = sum over row blocks B of R_j:  k(X[B], X_all) @ (mask * V_all)
+    (K V)[R_j] = for each row block B of R_j:  k(X[B], X_all) @ V_all
 
-where ``mask`` zeroes the ``n_pad - n`` pad columns (and pad rows are dropped), so
+where V's ``n_pad - n`` pad rows are zero (so the pad columns of K drop out of the
+sum; the pad inputs copy row 0, so K stays finite there) and pad rows are dropped, so
 ``(K V)[:n]`` is exactly ``k(X, X) @ V``. Each device holds one ``(block_size, n_pad)``
 Gram block at a time, never ``n x n``. A dense Cholesky factorisation is *not*
 distributed (XLA does not shard it); CG on this product is.
@@ -299,10 +300,10 @@ def sharded_gram_matvec(k: Kernel, X: Array, mesh: Mesh, *,
 
     Returns:
       ``matvec(V)`` for ``V (n,)`` or ``(n, c)``, returning ``K V`` of the same shape,
-      traceable (jit, vmap: :func:`ntk_poison.linalg.cg` vmaps it over columns). The
-      result is row-sharded over the mesh. Padding: ``n`` rows become ``n_pad = D m``
-      (pad inputs copy row 0, so every kernel stays finite; pad columns are masked out
-      of the sum and pad rows dropped), so any ``n`` works on any ``D``.
+      traceable (jit, vmap: :func:`ntk_poison.linalg.cg` vmaps it over columns). It
+      carries ``matvec.mesh``, ``matvec.n_pad`` and ``matvec.block_rows`` (the plan). Padding: ``n`` rows become ``n_pad = D m``
+      (pad inputs copy row 0, so every kernel stays finite; V is zero-padded, so pad
+      columns add nothing, and pad rows are dropped), so any ``n`` works on any ``D``.
 
     The KRR system of THEORY.md section 2 is then ``(K + n lambda I) alpha = y``, solved
     by ``linalg.cg(lambda v: matvec(v) + n * lam * v, y)``.
@@ -350,6 +351,7 @@ def sharded_gram_matvec(k: Kernel, X: Array, mesh: Mesh, *,
             V = V.astype(jnp.result_type(float))
         return _apply(product, X_all, V, n, plan.n_pad)
 
+    matvec.mesh, matvec.n_pad, matvec.block_rows = mesh, plan.n_pad, plan.b
     return matvec
 
 
@@ -372,8 +374,6 @@ def _sharded_product(k: Kernel, mesh: Mesh, axes: tuple, plan: _Plan):
         j = jax.lax.axis_index(axes)
         X_loc = jax.lax.dynamic_slice_in_dim(X_all, j * plan.m, plan.m, axis=0)
         V_all = jax.lax.all_gather(V_loc, axes, axis=0, tiled=True)
-        valid = (jnp.arange(plan.n_pad) < plan.n)[:, None]
-        V_all = jnp.where(valid, V_all, 0)
         blocks = X_loc.reshape((plan.nb, plan.b) + X_loc.shape[1:])
 
         def one_block(xb):
