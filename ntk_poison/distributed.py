@@ -315,6 +315,9 @@ def sharded_gram_matvec(k: Kernel, X: Array, mesh: Mesh, *,
     if not isinstance(mesh, Mesh):
         raise ValueError(f"`mesh` must be a jax.sharding.Mesh (ntk_poison.distributed."
                          f"make_mesh()), got {type(mesh).__name__}.")
+    if not _validate.is_concrete(X):
+        raise ValueError("`X` is a traced value; build the sharded product outside jit "
+                         "(it places X on the mesh once) and call it inside.")
     _validate.array("X", X)
     Xh = np.asarray(X)
     k.check_inputs("X", Xh)
@@ -327,7 +330,7 @@ def sharded_gram_matvec(k: Kernel, X: Array, mesh: Mesh, *,
     elif not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"`dtype` must be a float dtype (jnp.float32 or jnp.float64), "
                          f"got {dtype!r}.")
-    dtype = jnp.dtype(dtype)
+    dtype = jnp.dtype(jax.dtypes.canonicalize_dtype(dtype))   # float32 without x64
     plan = _plan(n, mesh.size, block_size)
     d_in = int(np.prod(Xh.shape[1:]))
     _validate.fits_in_memory(

@@ -237,6 +237,8 @@ def test_sharded_gram_matvec_rejects_bad_input():
     for call, match in cases:
         with pytest.raises(ValueError, match=match):
             call()
+    with pytest.raises(ValueError, match="traced"):
+        jax.jit(lambda x: distributed.sharded_gram_matvec(k, x, mesh)(x[:, 0]))(X)
 
 
 # --------------------------------------------------------------------------- the CLI
@@ -254,3 +256,18 @@ def test_cli_distributed_flag_initializes_before_the_run(monkeypatch, capsys):
     assert "Unknown experiment" in capsys.readouterr().err
     assert cli.main(["run", "no_such_experiment"]) == 2
     assert len(calls) == 1
+
+
+# --------------------------------------------------------------------------- benchmark
+
+@pytest.mark.slow
+def test_scale_devices_benchmark_quick_agrees_across_device_counts():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import scale_devices
+    res = scale_devices.run(quick=True)
+    assert list(res["devices"]) == ["1", "2", "4", "8"]
+    for row in res["devices"].values():
+        assert row["cg_converged"] and row["cg_residual"] <= 1e-10
+        assert row["KV_rel_diff_vs_1_device"] <= RTOL
+        assert row["alpha_rel_diff_vs_1_device"] <= RTOL
+    assert res["summary"]["agrees_to_1e-10"]
