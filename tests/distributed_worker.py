@@ -4,6 +4,9 @@ subprocess (the device count and the distributed runtime are per process).
     python tests/distributed_worker.py forced N D C BLOCKS         (one process)
     python tests/distributed_worker.py multi ADDRESS NPROC PID N    (one of NPROC)
 
+ADDRESS "env" makes the worker call ``distributed.initialize()`` with no arguments,
+so that it reads the environment.
+
 Prints one JSON line: the sharded products and CG solves as lists, with timings.
 XLA_FLAGS (the forced device count) and JAX_ENABLE_X64 come from the caller.
 """
@@ -75,8 +78,13 @@ def forced(n: int, D: int, c: int, blocks: str) -> dict:
 
 def multi(address: str, nproc: int, pid: int, n: int) -> dict:
     from ntk_poison import distributed
-    info = distributed.initialize(address, nproc, pid)
-    again = distributed.initialize(address, nproc, pid)        # idempotent
+    if address == "env":          # from NTK_POISON_* / JAX_* variables set by the caller
+        info = distributed.initialize()
+        again = distributed.initialize()
+        address = "127.0.0.1:1"
+    else:
+        info = distributed.initialize(address, nproc, pid)
+        again = distributed.initialize(address, nproc, pid)    # idempotent
     try:
         distributed.initialize(address, nproc, (pid + 1) % nproc)
         clash = "no error"

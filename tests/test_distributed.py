@@ -103,11 +103,15 @@ def _free_port() -> int:
 def test_two_processes_two_devices_each_match_single_process():
     n = 37                                 # 4 devices, block 4: padded to 4 * 12
     address = f"127.0.0.1:{_free_port()}"
+    # process 0 passes arguments; process 1 reads them from the environment, with
+    # both spellings of the variables
+    env1 = dict(_env(2), NTK_POISON_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2",
+                NTK_POISON_PROCESS_ID="1")
     procs = [subprocess.Popen(
-        [sys.executable, os.path.join(HERE, "distributed_worker.py"), "multi", address,
-         "2", str(pid), str(n)],
-        env=_env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        cwd=ROOT) for pid in range(2)]
+        [sys.executable, os.path.join(HERE, "distributed_worker.py"), "multi",
+         address if pid == 0 else "env", "2", str(pid), str(n)],
+        env=_env(2) if pid == 0 else env1, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, cwd=ROOT) for pid in range(2)]
     outs = []
     try:
         for p in procs:
