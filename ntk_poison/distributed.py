@@ -30,7 +30,6 @@ distributed (XLA does not shard it); CG on this product is.
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 from typing import Any, Callable, NamedTuple, Optional, Sequence
