@@ -1,7 +1,7 @@
 """The ``ntk-poison`` console script: thin argument parsing over the experiments.
 
     ntk-poison demo [--out DIR] [--seed S] [--config FILE] [--set key=value ...]
-    ntk-poison run NAME [--out DIR] [--config FILE] [--set key=value ...]
+    ntk-poison run NAME [--out DIR] [--config FILE] [--set key=value ...] [--distributed]
     ntk-poison list
     ntk-poison config NAME [--save FILE]
 """
@@ -22,6 +22,10 @@ def _add_run_args(p: argparse.ArgumentParser, default_out: Optional[str]) -> Non
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config field (repeatable); VALUE is JSON or a string")
     p.add_argument("--seed", type=int, help="the random seed (same seed, same numbers)")
+    p.add_argument("--distributed", action="store_true",
+                   help="join a multi-process JAX job first (ntk_poison.distributed."
+                        "initialize() from NTK_POISON_/JAX_COORDINATOR_ADDRESS, "
+                        "_NUM_PROCESSES, _PROCESS_ID, or SLURM/Open MPI auto-detection)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,6 +54,11 @@ def _load_config(module, args):
 
 
 def _run(name: str, args) -> int:
+    if args.distributed:              # before any JAX computation, as JAX requires
+        from ntk_poison import distributed
+        info = distributed.initialize()
+        print(f"distributed: process {info.process_id} of {info.num_processes}, "
+              f"{info.local_devices} local / {info.global_devices} devices")
     import experiments
     module = experiments.get(name)
     cfg = _load_config(module, args)
