@@ -170,6 +170,11 @@ def test_clone_worst_case_matches_explicit_refits(multi):
         np.testing.assert_allclose(res.effects[q], eff, atol=1e-9)
     np.testing.assert_allclose(res.worst_effect, res.effects.max(0))
     np.testing.assert_array_equal(res.worst_candidate, res.effects.argmax(0))
+    # several budgets share one factorisation: the same answers as one call each
+    many = certify.clone_worst_case(k, X, y, RIDGE, xt, cand, [1, m], yt)
+    np.testing.assert_allclose(many[1].effects, res.effects, atol=1e-12)
+    one = certify.clone_worst_case(k, X, y, RIDGE, xt, cand, np.int64(1), yt)
+    np.testing.assert_allclose(many[0].effects, one.effects, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", [0, 7])
@@ -214,3 +219,5 @@ def test_bad_inputs_name_the_argument():
         certify.joint_flip_certificate(k, X, y, RIDGE, xt, 1, max_variables=10)
     with pytest.raises(ValueError, match="`m`"):
         certify.clone_worst_case(k, X, y, RIDGE, xt, X[:2], 0, 1.0)
+    with pytest.raises(ValueError, match="`m`"):
+        certify.clone_worst_case(k, X, y, RIDGE, xt, X[:2], [], 1.0)

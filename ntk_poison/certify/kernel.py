@@ -364,7 +364,7 @@ class CloneWorstCase:
 
 
 def clone_worst_case(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
-                     candidates: Array, m: int, y_target: Any) -> CloneWorstCase:
+                     candidates: Array, m: Any, y_target: Any) -> Any:
     """The exact worst case of adding ``m`` clones of ``(zeta, y_target)``, over every
     ``zeta`` in ``candidates`` ``(Q, *s)``, at every test point ``x_test (P, *s)``.
 
@@ -377,13 +377,21 @@ def clone_worst_case(k: Kernel, X: Array, y: Array, ridge: float, x_test: Array,
     location outside the set may do better.
 
     ``y`` is ``(N,)`` (``y_target`` a scalar) or ``(N, C)`` (``y_target`` a ``(C,)``
-    row); ``m`` an int >= 1; ``ridge > 0``.
+    row); ``m`` an int >= 1, or a sequence of them: then a list of results, one per
+    budget, sharing one factorisation of the clean Gram; ``ridge > 0``.
     """
     from ntk_poison.attacks import optimal
-    m = _check_count("m", m)
-    if m < 1:
-        raise ValueError("`m` must be >= 1 clones; m = 0 adds no poison.")
+    many = isinstance(m, (list, tuple)) or (isinstance(m, np.ndarray) and m.ndim > 0)
+    ms = [_check_count("m", v) for v in (m if many else [m])]
+    if not ms or min(ms) < 1:
+        raise ValueError("`m` must be >= 1 clones (or a non-empty sequence of such "
+                         "counts); m = 0 adds no poison.")
     solver = optimal.prepare(k, X, y, ridge)
+    out = [_worst_case(solver, x_test, candidates, v, y_target) for v in ms]
+    return out if many else out[0]
+
+
+def _worst_case(solver, x_test, candidates, m, y_target) -> CloneWorstCase:
     k, Xc = solver.kernel, solver.X
     cands = krr.as_inputs(k, "candidates", candidates)
     _validate.same_trailing("candidates", cands, "X (training inputs)", Xc, k.input_rank)
