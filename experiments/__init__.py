@@ -29,6 +29,9 @@ EXPERIMENTS: Dict[str, Tuple[str, str]] = {
                "model and in a CNN: ASR beside the trigger alone, accuracy, detection"),
     "certify": ("experiments.certify", "certified (exact kernel certificates, AGT), reached "
                 "and visible, against the poison budget"),
+    "full_mnist": ("experiments.full_mnist", "KRR on all 60,000 MNIST images by "
+                   "preconditioned CG (RBF, ReLU NTK), and the clone law at full scale "
+                   "checked by CG refits"),
 }
 
 
