@@ -32,7 +32,7 @@ from ntk_poison.kernels import Kernel
 Array = Any
 
 __all__ = ["KRRModel", "SolveInfo", "CHOLESKY_MAX_N", "solve_cg", "default_precond_rank",
-           "check_cg_options", "cg_preconditioner", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
+           "check_cg_options", "cg_preconditioner", "shifted_cg_solve", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
            "fit_clones", "fit_clean", "check_kernel", "as_inputs", "model_inputs",
            "gram_plus_ridge", "solve_psd", "check_training"]
 
@@ -244,7 +244,7 @@ def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, *, solver: str = "au
       preconditioner: ``"nystrom"`` (default), ``"pivoted_cholesky"``, ``"jacobi"``
         (the diagonal ``K_ii + n lam``) or ``"none"``/None.
       precond_rank: the rank r of the Nystrom / pivoted-Cholesky preconditioner
-        (default ``min(n, max(100, 4 sqrt(n)), 1000)``); memory n r.
+        (default ``min(n, max(100, 2 sqrt(n)), 1000)``); memory n r.
       gram_dtype: None (default, "auto"): store the Gram matrix in the solve's dtype
         when it fits the memory budget beside the CG working set, else compute
         blocks per product; ``"blockwise"``: never store it; a dtype
@@ -283,9 +283,9 @@ def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, *, solver: str = "au
 
 
 def default_precond_rank(n: int) -> int:
-    """``min(n, max(100, 4 sqrt(n)), 1000)``: Falkon's O(sqrt n) centres, at least
+    """``min(n, max(100, 2 sqrt(n)), 1000)``: Falkon's O(sqrt n) centres, at least
     100, capped where the O(n r^2) set-up starts to cost more than it saves."""
-    return int(min(n, max(100, int(4 * np.sqrt(n))), 1000))
+    return int(min(n, max(100, int(2 * np.sqrt(n))), 1000))
 
 
 def check_cg_options(n: int, dtype: Any, c: int, *, tol, maxiter, preconditioner,
@@ -454,7 +454,8 @@ def solve(k: Kernel, X: jax.Array, y: jax.Array, ridge: float) -> KRRModel:
     n = X.shape[0]
     _validate.fits_in_memory(
         f"The Gram matrix for n={n} training points", 3 * n * n, X.dtype.itemsize,
-        "Subsample the training set (ntk_poison.data.subset) or use a smaller n.")
+        "Pass solver=\"cg\" (never holds the n x n matrix), subsample the training set "
+        "(ntk_poison.data.subset) or use a smaller n.")
     A = gram_plus_ridge(k, X, jnp.asarray(n * ridge, X.dtype))
     alpha = linalg.cholesky_solve(A, y)
     return KRRModel(kernel=k, X=X, alpha=alpha, ridge=ridge)
@@ -521,3 +522,61 @@ def fit_clean(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,
     a = scipy.linalg.solve(Kb[:N, :N] + ridge_abs * np.eye(N), np.asarray(y, np.float64),
                            assume_a="pos")
     return clone_model(k, X, a, 0.0, zeta, ridge)
+
+
+def shifted_cg_solve(k: Kernel, X: jax.Array, rhs: jax.Array, shifts: Any, *,
+                     tol: Optional[float] = None, maxiter: Optional[int] = None,
+                     preconditioner: Optional[str] = "nystrom",
+                     precond_rank: Optional[int] = None, gram_dtype: Any = None,
+                     block_size: Optional[int] = None, strict: bool = False,
+                     key: Any = None) -> Tuple[jax.Array, SolveInfo]:
+    """``(K + mu I)^-1 rhs`` for every shift mu, ``K = k(X, X)``, by preconditioned CG
+    (the large-n replacement of :func:`ntk_poison.linalg.shifted_solve`, which needs
+    the dense matrix and its Cholesky factor).
+
+    The Gram products (stored or blockwise) and the low-rank factor ``B B^T ~ K`` are
+    built once; each shift gets its own Woodbury factor ``(mu I + B^T B)`` (O(r^3))
+    and one CG solve of all columns of ``rhs (n, c)``. Options as :func:`fit`.
+
+    Returns ``(sol (len(shifts), n, c), SolveInfo)`` with the largest iteration count
+    and residual over the shifts. Warns (or raises with ``strict``) as :func:`fit`.
+    """
+    shifts = np.atleast_1d(np.asarray(shifts, dtype=float))
+    _validate.nonneg("shifts", shifts)
+    n, dt = X.shape[0], X.dtype
+    rhs = jnp.asarray(rhs, dt)
+    tol, maxiter, pre, rank, store, block, key = check_cg_options(
+        n, dt, rhs.shape[1], tol=tol, maxiter=maxiter, preconditioner=preconditioner,
+        precond_rank=precond_rank, gram_dtype=gram_dtype, block_size=block_size, key=key)
+    from ntk_poison import gram
+    G = None if store is None else gram.stored_gram(k, X, block, store)
+    if pre in ("nystrom", "pivoted_cholesky"):
+        B = (gram.nystrom_factor(k, X, rank, key, block_size=block) if pre == "nystrom"
+             else gram.pivoted_cholesky_factor(k, X, rank))
+    diag = gram.gram_diag(k, X).astype(dt)
+    floor = float(np.sqrt(np.finfo(dt).eps) * max(float(jnp.mean(diag)), 1e-300))
+    out, its, ress = [], [], []
+    for mu in shifts:
+        p_shift = mu if mu > 0 else floor
+        if pre == "none":
+            P = jnp.ones((n,), dt)
+        elif pre == "jacobi":
+            P = diag + p_shift
+        else:
+            P = linalg.low_rank_preconditioner(B, p_shift)
+        x, it, res = _cg_fit(k, X, rhs, jnp.asarray(mu, dt), G, P, jnp.asarray(tol, dt),
+                             block=block, maxiter=maxiter)
+        out.append(x)
+        its.append(int(it))
+        ress.append(float(res))
+    it, res = max(its), max(ress)
+    if not np.isfinite(res):
+        raise ValueError(f"Conjugate gradients produced NaN/inf: K + mu I is not positive "
+                         f"definite in {dt}. Increase the ridge or enable float64.")
+    if res > 10 * tol:
+        msg = (f"Shifted CG stopped after {it} iterations at relative residual {res:.3g} "
+               f"(tol {tol:g}); raise `maxiter` or `precond_rank`.")
+        if strict:
+            raise linalg.ConvergenceError(msg)
+        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=3)
+    return jnp.stack(out), SolveInfo(jnp.asarray(it), jnp.asarray(res, dt))
