@@ -376,8 +376,8 @@ def cg_preconditioner(k: Kernel, X: jax.Array, shift: float, preconditioner: str
     return linalg.low_rank_preconditioner(B, p_shift)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "maxiter"))
-def _cg_fit(k: Kernel, X, Y, shift, G, P, tol, *, block: int, maxiter: int):
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _cg_fit(k: Kernel, X, Y, shift, G, P, tol, maxiter, *, block: int):
     from ntk_poison import gram
     if G is None:
         Kv = lambda V: gram._blockwise_matvec(k, X, V, block)  # noqa: E731
@@ -386,8 +386,8 @@ def _cg_fit(k: Kernel, X, Y, shift, G, P, tol, *, block: int, maxiter: int):
     return linalg.conjugate_gradients(lambda V: Kv(V) + shift * V, Y, P, tol, maxiter)
 
 
-@functools.partial(jax.jit, static_argnames=("Kv", "maxiter"))
-def _cg_fit_op(Kv, Y, shift, P, tol, *, maxiter: int):
+@functools.partial(jax.jit, static_argnames=("Kv",))
+def _cg_fit_op(Kv, Y, shift, P, tol, maxiter):
     return linalg.conjugate_gradients(lambda V: Kv(V) + shift * V, Y, P, tol, maxiter)
 
 
@@ -408,12 +408,13 @@ def solve_cg(k: Kernel, X: jax.Array, y: jax.Array, ridge: float, *, tol=None,
         from ntk_poison import distributed
         Kv = distributed.sharded_gram_matvec(k, X, mesh, block_size=block_size,
                                              dtype=None if store is None else store)
-        x, it, res = _cg_fit_op(Kv, Y, jnp.asarray(shift, dt), P, tol_a, maxiter=maxiter)
+        x, it, res = _cg_fit_op(Kv, Y, jnp.asarray(shift, dt), P, tol_a,
+                                jnp.asarray(maxiter))
     else:
         from ntk_poison import gram
         G = None if store is None else gram.stored_gram(k, X, block, store)
-        x, it, res = _cg_fit(k, X, Y, jnp.asarray(shift, dt), G, P, tol_a, block=block,
-                             maxiter=maxiter)
+        x, it, res = _cg_fit(k, X, Y, jnp.asarray(shift, dt), G, P, tol_a,
+                             jnp.asarray(maxiter), block=block)
         del G
     it, res = int(it), float(res)
     if not np.all(np.isfinite(np.asarray(x))) or not np.isfinite(res):
@@ -565,7 +566,7 @@ def shifted_cg_solve(k: Kernel, X: jax.Array, rhs: jax.Array, shifts: Any, *,
         else:
             P = linalg.low_rank_preconditioner(B, p_shift)
         x, it, res = _cg_fit(k, X, rhs, jnp.asarray(mu, dt), G, P, jnp.asarray(tol, dt),
-                             block=block, maxiter=maxiter)
+                             jnp.asarray(maxiter), block=block)
         out.append(x)
         its.append(int(it))
         ress.append(float(res))
