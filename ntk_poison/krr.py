@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Optional, Tuple
+import warnings
+from typing import Any, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,8 @@ from ntk_poison.kernels import Kernel
 
 Array = Any
 
-__all__ = ["KRRModel", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
+__all__ = ["KRRModel", "SolveInfo", "CHOLESKY_MAX_N", "solve_cg", "default_precond_rank",
+           "check_cg_options", "cg_preconditioner", "shifted_cg_solve", "KernelModel", "KernelFunction", "dual_predict", "fit", "solve", "clone_gram", "clone_model",
            "fit_clones", "fit_clean", "check_kernel", "as_inputs", "model_inputs",
            "gram_plus_ridge", "solve_psd", "check_training"]
 
@@ -158,8 +160,21 @@ class KernelModel(models.Model):
         return model_inputs(self.kernel, self.X, self.alpha.dtype, x)
 
 
+class SolveInfo(NamedTuple):
+    """How an iterative KRR fit ended (a pytree of scalars: a data field of the model).
+
+    Attributes:
+      iterations: CG iterations run.
+      residual: the true relative residual ``max_col |y - (K + n lam I) alpha| / |y|``
+        (K the operator used: the float32-rounded Gram matrix when it was stored so).
+    """
+
+    iterations: jax.Array
+    residual: jax.Array
+
+
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["X", "alpha"], meta_fields=["kernel", "ridge"])
+                   data_fields=["X", "alpha", "info"], meta_fields=["kernel", "ridge"])
 @dataclasses.dataclass(frozen=True)
 class KRRModel(KernelModel):
     """A fitted kernel ridge regression model (immutable pytree; the model protocol).
@@ -172,30 +187,249 @@ class KRRModel(KernelModel):
       X: training inputs ``(n, *input_shape)``.
       alpha: dual weights ``(n,)`` or ``(n, c)``.
       ridge: the relative ridge; the absolute one is ``n * ridge``.
+      info: a :class:`SolveInfo` for a CG fit (iterations, final relative residual);
+        None for a direct (Cholesky) fit.
     """
 
     kernel: Kernel
     X: jax.Array
     alpha: jax.Array
     ridge: float
+    info: Optional[SolveInfo] = None
 
 
-def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3) -> KRRModel:
+#: ``solver="auto"`` uses dense Cholesky up to this n (when its 3 n^2 numbers fit the
+#: memory budget), CG above it. Measured on the 2-core CPU (benchmarks/scale_bench.py,
+#: MNIST RBF, float64): at n = 4000 Cholesky fit+predict and CG on a stored Gram take
+#: about the same time (the Gram dominates), while Cholesky's O(n^3) grows past CG's
+#: O(n^2 d + iters n^2) from there on.
+CHOLESKY_MAX_N = 4096
+
+_SOLVERS = ("auto", "cholesky", "cg")
+_PRECONDITIONERS = ("nystrom", "pivoted_cholesky", "jacobi", "none")
+
+
+def fit(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, *, solver: str = "auto",
+        tol: Optional[float] = None, maxiter: Optional[int] = None,
+        preconditioner: Optional[str] = "nystrom", precond_rank: Optional[int] = None,
+        gram_dtype: Any = None, block_size: Optional[int] = None, strict: bool = False,
+        mesh: Any = None, key: Any = None) -> KRRModel:
     """Fit kernel ridge regression: ``alpha = (K + n*ridge*I)^-1 y``, ``n = len(X)``.
+
+    Two solvers of the same system:
+
+    * ``"cholesky"``: the dense Gram matrix and its Cholesky factor; O(n^3) time,
+      3 n^2 numbers of memory;
+    * ``"cg"``: preconditioned conjugate gradients on products ``(K + n lam I) V``,
+      all columns of a multi-output ``y`` in one solve (Falkon-style, Rudi et al.
+      2017). The products come from Gram row blocks (:mod:`ntk_poison.gram`), either
+      recomputed at each iteration (never holding the n x n matrix; O(n^2 d) per
+      iteration) or computed once and stored (n^2 numbers). The preconditioner is
+      ``(B B^T + n lam I)^-1`` applied by Woodbury, with ``B B^T ~ K`` of rank r:
+      Nystrom on r uniform random centres (``key``) or a partial pivoted Cholesky.
+      Iterations stop at relative residual ``tol``; the model records them in
+      ``model.info`` (:class:`SolveInfo`).
+    * ``"auto"`` (default): ``"cholesky"`` when ``n <= CHOLESKY_MAX_N`` and its 3 n^2
+      numbers fit :func:`ntk_poison._validate.memory_budget_bytes`, else ``"cg"``.
+      At small n it is the Cholesky fit, bit for bit.
 
     Args:
       k: a :class:`~ntk_poison.kernels.Kernel`.
       X: training inputs ``(n, d)`` (or ``(n, H, W, C)`` for image kernels).
       y: float targets ``(n,)`` or ``(n, c)``.
       ridge: the relative ridge lambda >= 0 (absolute ridge ``n * ridge``).
+      solver: ``"auto"``, ``"cholesky"`` or ``"cg"``.
+      tol: CG relative residual target, default 1e-10 in float64 and 1e-5 in float32.
+      maxiter: CG iteration cap (default ``min(n, 1000)``).
+      preconditioner: ``"nystrom"`` (default), ``"pivoted_cholesky"``, ``"jacobi"``
+        (the diagonal ``K_ii + n lam``) or ``"none"``/None.
+      precond_rank: the rank r of the Nystrom / pivoted-Cholesky preconditioner
+        (default ``min(n, max(100, 2 sqrt(n)), 1000)``); memory n r.
+      gram_dtype: None (default, "auto"): store the Gram matrix in the solve's dtype
+        when it fits the memory budget beside the CG working set, else compute
+        blocks per product; ``"blockwise"``: never store it; a dtype
+        (``jnp.float32``, ``jnp.float64``): store it in that dtype (float32 halves
+        the memory; the products still accumulate in the solve's dtype, and the
+        system solved is then the one with the float32-rounded Gram matrix).
+      block_size: Gram rows per block (default: about 128 MiB per block).
+      strict: raise :class:`~ntk_poison.linalg.ConvergenceError` instead of a
+        :class:`~ntk_poison.linalg.ConvergenceWarning` when CG misses ``tol``.
+      mesh: a ``jax.sharding.Mesh``: the Gram products come from
+        ``ntk_poison.distributed.sharded_gram_matvec`` (CG only).
+      key: PRNG key or int seed of the Nystrom centres (default 0).
 
     Returns:
       A :class:`KRRModel`. Raises ValueError on bad shapes, non-finite values,
-      integer targets, a negative ridge, a non-positive-definite system, or an
-      ``n x n`` Gram matrix that would not fit in memory.
+      integer targets, a negative ridge, a non-positive-definite system, a Cholesky
+      fit whose ``n x n`` Gram matrix would not fit in memory, or a CG fit whose
+      working set would not (the message names the fix).
     """
     k, X, y = check_training(k, X, y, ridge)
-    return solve(k, X, y, float(ridge))
+    solver = _validate.choice("solver", solver, _SOLVERS)
+    n = X.shape[0]
+    if solver == "auto":
+        dense_fits = 3 * n * n * X.dtype.itemsize <= _validate.memory_budget_bytes()
+        solver = "cholesky" if (dense_fits and n <= CHOLESKY_MAX_N and mesh is None) \
+            else "cg"
+    if solver == "cholesky":
+        if mesh is not None:
+            raise ValueError("`mesh` needs solver=\"cg\" (a dense Cholesky is not "
+                             "distributed); pass solver=\"cg\" or mesh=None.")
+        return solve(k, X, y, float(ridge))
+    return solve_cg(k, X, y, float(ridge), tol=tol, maxiter=maxiter,
+                    preconditioner=preconditioner, precond_rank=precond_rank,
+                    gram_dtype=gram_dtype, block_size=block_size, strict=strict,
+                    mesh=mesh, key=key)
+
+
+def default_precond_rank(n: int) -> int:
+    """``min(n, max(100, 2 sqrt(n)), 1000)``: Falkon's O(sqrt n) centres, at least
+    100, capped where the O(n r^2) set-up starts to cost more than it saves."""
+    return int(min(n, max(100, int(2 * np.sqrt(n))), 1000))
+
+
+def check_cg_options(n: int, dtype: Any, c: int, *, tol, maxiter, preconditioner,
+                     precond_rank, gram_dtype, block_size, key):
+    """Validate the CG options of :func:`fit` and plan the memory.
+
+    Returns ``(tol, maxiter, preconditioner, rank, store_dtype or None, block, key)``.
+    Raises ValueError if the working set (Gram blocks, preconditioner, vectors, and
+    the stored Gram matrix if asked for) would not fit the memory budget.
+    """
+    itemsize = np.dtype(dtype).itemsize
+    tol = (1e-10 if np.dtype(dtype) == np.float64 else 1e-5) if tol is None else tol
+    _validate.nonneg("tol", tol, positive=True)
+    maxiter = min(n, 1000) if maxiter is None else maxiter
+    _validate.positive_int("maxiter", maxiter)
+    preconditioner = "none" if preconditioner is None else preconditioner
+    preconditioner = _validate.choice("preconditioner", preconditioner, _PRECONDITIONERS)
+    if precond_rank is None:
+        rank = default_precond_rank(n) if preconditioner in ("nystrom", "pivoted_cholesky") \
+            else 0
+    else:
+        _validate.positive_int("precond_rank", precond_rank)
+        rank = int(precond_rank)
+        if rank > n:
+            raise ValueError(f"`precond_rank` = {rank} exceeds n = {n}; use at most n.")
+    if block_size is None:
+        from ntk_poison import gram
+        block = gram.default_block_size(n, itemsize)
+    else:
+        _validate.positive_int("block_size", block_size)
+        block = min(int(block_size), n)
+    # the working set: ~3 Gram blocks (kernel temporaries), the preconditioner's B and
+    # its K_nr (2 n r), its r x r matrices, 8 vectors of (n, c)
+    work = 3 * block * n + 2 * n * rank + 3 * rank * rank + 8 * n * c
+    budget = _validate.memory_budget_bytes()
+    if work * itemsize > budget:
+        raise ValueError(
+            f"The CG working set for n={n} (Gram blocks of {block} rows, a rank-{rank} "
+            f"preconditioner) needs {work * itemsize / 2**30:.1f} GiB, over the memory "
+            f"budget of {budget / 2**30:.1f} GiB (NTK_POISON_MEMORY_BUDGET). Pass a "
+            "smaller `block_size` or `precond_rank`, or subsample the training set "
+            "(ntk_poison.data.subset).")
+    if gram_dtype is None:
+        nb = -(-n // block)
+        store = np.dtype(dtype) if (work + nb * block * n) * itemsize <= budget else None
+    elif isinstance(gram_dtype, str) and gram_dtype == "blockwise":
+        store = None
+    else:
+        try:
+            store = np.dtype(gram_dtype)
+        except TypeError:
+            store = None
+        if store is None or store not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"`gram_dtype` must be None, 'blockwise', jnp.float32 or "
+                             f"jnp.float64, got {gram_dtype!r}.")
+        if store.itemsize > itemsize:
+            store = np.dtype(dtype)
+        nb = -(-n // block)
+        need = work * itemsize + nb * block * n * store.itemsize
+        if need > budget:
+            raise ValueError(
+                f"The stored {store.name} Gram matrix for n={n} and the CG working set "
+                f"need {need / 2**30:.1f} GiB, over the memory budget of "
+                f"{budget / 2**30:.1f} GiB. Pass gram_dtype='blockwise' (Gram blocks "
+                "recomputed per product), gram_dtype=jnp.float32, or subsample.")
+    return tol, int(maxiter), preconditioner, rank, store, block, _validate.as_key(key)
+
+
+def cg_preconditioner(k: Kernel, X: jax.Array, shift: float, preconditioner: str,
+                      rank: int, block: int, key: Any):
+    """The CG preconditioner of ``K + shift I`` (see :func:`fit`): a
+    :class:`~ntk_poison.linalg.LowRankPreconditioner` or a Jacobi diagonal ``(n,)``.
+    A zero ``shift`` (ridge 0) is replaced by ``sqrt(eps) mean K_ii`` in the
+    preconditioner only (the system keeps its own)."""
+    from ntk_poison import gram
+    n, dt = X.shape[0], X.dtype
+    if preconditioner == "none":
+        return jnp.ones((n,), dt)
+    diag = gram.gram_diag(k, X).astype(dt)
+    p_shift = shift if shift > 0 else float(np.sqrt(np.finfo(dt).eps)
+                                            * max(float(jnp.mean(diag)), 1e-300))
+    if preconditioner == "jacobi":
+        return diag + p_shift
+    if preconditioner == "nystrom":
+        B = gram.nystrom_factor(k, X, rank, key, block_size=block)
+    else:
+        B = gram.pivoted_cholesky_factor(k, X, rank)
+    return linalg.low_rank_preconditioner(B, p_shift)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "block"))
+def _cg_fit(k: Kernel, X, Y, shift, G, P, tol, maxiter, *, block: int):
+    from ntk_poison import gram
+    if G is None:
+        Kv = lambda V: gram._blockwise_matvec(k, X, V, block)  # noqa: E731
+    else:
+        Kv = lambda V: gram._stored_product(G, V)  # noqa: E731
+    return linalg.conjugate_gradients(lambda V: Kv(V) + shift * V, Y, P, tol, maxiter)
+
+
+@functools.partial(jax.jit, static_argnames=("Kv",))
+def _cg_fit_op(Kv, Y, shift, P, tol, maxiter):
+    return linalg.conjugate_gradients(lambda V: Kv(V) + shift * V, Y, P, tol, maxiter)
+
+
+def solve_cg(k: Kernel, X: jax.Array, y: jax.Array, ridge: float, *, tol=None,
+             maxiter=None, preconditioner="nystrom", precond_rank=None, gram_dtype=None,
+             block_size=None, strict=False, mesh=None, key=None) -> KRRModel:
+    """:func:`fit` with ``solver="cg"`` without its training-set checks (``X``, ``y``
+    validated arrays of one float dtype, ``ridge`` a float >= 0)."""
+    n, dt = X.shape[0], X.dtype
+    Y = y[:, None] if y.ndim == 1 else y
+    tol, maxiter, pre, rank, store, block, key = check_cg_options(
+        n, dt, Y.shape[1], tol=tol, maxiter=maxiter, preconditioner=preconditioner,
+        precond_rank=precond_rank, gram_dtype=gram_dtype, block_size=block_size, key=key)
+    shift = n * ridge
+    P = cg_preconditioner(k, X, shift, pre, rank, block, key)
+    tol_a = jnp.asarray(tol, dt)
+    if mesh is not None:
+        from ntk_poison import distributed
+        Kv = distributed.sharded_gram_matvec(k, X, mesh, block_size=block_size,
+                                             dtype=None if store is None else store)
+        x, it, res = _cg_fit_op(Kv, Y, jnp.asarray(shift, dt), P, tol_a,
+                                jnp.asarray(maxiter))
+    else:
+        from ntk_poison import gram
+        G = None if store is None else gram.stored_gram(k, X, block, store)
+        x, it, res = _cg_fit(k, X, Y, jnp.asarray(shift, dt), G, P, tol_a,
+                             jnp.asarray(maxiter), block=block)
+        del G
+    it, res = int(it), float(res)
+    if not np.all(np.isfinite(np.asarray(x))) or not np.isfinite(res):
+        raise ValueError("Conjugate gradients produced NaN/inf: K + n*ridge*I is not "
+                         "positive definite in {dt}. Increase `ridge`, check the kernel "
+                         "is positive definite, or enable float64.".format(dt=dt))
+    if res > 10 * tol:
+        msg = (f"KRR CG stopped after {it} iterations at relative residual {res:.3g} "
+               f"(tol {tol:g}); raise `maxiter` or `precond_rank`, or `ridge`.")
+        if strict:
+            raise linalg.ConvergenceError(msg)
+        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=3)
+    alpha = x[:, 0] if y.ndim == 1 else x
+    return KRRModel(kernel=k, X=X, alpha=alpha, ridge=ridge,
+                    info=SolveInfo(jnp.asarray(it), jnp.asarray(res, dt)))
 
 
 def check_training(k: Kernel, X: Array, y: Array, ridge: float
@@ -221,7 +455,8 @@ def solve(k: Kernel, X: jax.Array, y: jax.Array, ridge: float) -> KRRModel:
     n = X.shape[0]
     _validate.fits_in_memory(
         f"The Gram matrix for n={n} training points", 3 * n * n, X.dtype.itemsize,
-        "Subsample the training set (ntk_poison.data.subset) or use a smaller n.")
+        "Pass solver=\"cg\" (never holds the n x n matrix), subsample the training set "
+        "(ntk_poison.data.subset) or use a smaller n.")
     A = gram_plus_ridge(k, X, jnp.asarray(n * ridge, X.dtype))
     alpha = linalg.cholesky_solve(A, y)
     return KRRModel(kernel=k, X=X, alpha=alpha, ridge=ridge)
@@ -288,3 +523,61 @@ def fit_clean(k: Kernel, Kb: np.ndarray, X: Array, y: Array, zeta: Array,
     a = scipy.linalg.solve(Kb[:N, :N] + ridge_abs * np.eye(N), np.asarray(y, np.float64),
                            assume_a="pos")
     return clone_model(k, X, a, 0.0, zeta, ridge)
+
+
+def shifted_cg_solve(k: Kernel, X: jax.Array, rhs: jax.Array, shifts: Any, *,
+                     tol: Optional[float] = None, maxiter: Optional[int] = None,
+                     preconditioner: Optional[str] = "nystrom",
+                     precond_rank: Optional[int] = None, gram_dtype: Any = None,
+                     block_size: Optional[int] = None, strict: bool = False,
+                     key: Any = None) -> Tuple[jax.Array, SolveInfo]:
+    """``(K + mu I)^-1 rhs`` for every shift mu, ``K = k(X, X)``, by preconditioned CG
+    (the large-n replacement of :func:`ntk_poison.linalg.shifted_solve`, which needs
+    the dense matrix and its Cholesky factor).
+
+    The Gram products (stored or blockwise) and the low-rank factor ``B B^T ~ K`` are
+    built once; each shift gets its own Woodbury factor ``(mu I + B^T B)`` (O(r^3))
+    and one CG solve of all columns of ``rhs (n, c)``. Options as :func:`fit`.
+
+    Returns ``(sol (len(shifts), n, c), SolveInfo)`` with the largest iteration count
+    and residual over the shifts. Warns (or raises with ``strict``) as :func:`fit`.
+    """
+    shifts = np.atleast_1d(np.asarray(shifts, dtype=float))
+    _validate.nonneg("shifts", shifts)
+    n, dt = X.shape[0], X.dtype
+    rhs = jnp.asarray(rhs, dt)
+    tol, maxiter, pre, rank, store, block, key = check_cg_options(
+        n, dt, rhs.shape[1], tol=tol, maxiter=maxiter, preconditioner=preconditioner,
+        precond_rank=precond_rank, gram_dtype=gram_dtype, block_size=block_size, key=key)
+    from ntk_poison import gram
+    G = None if store is None else gram.stored_gram(k, X, block, store)
+    if pre in ("nystrom", "pivoted_cholesky"):
+        B = (gram.nystrom_factor(k, X, rank, key, block_size=block) if pre == "nystrom"
+             else gram.pivoted_cholesky_factor(k, X, rank))
+    diag = gram.gram_diag(k, X).astype(dt)
+    floor = float(np.sqrt(np.finfo(dt).eps) * max(float(jnp.mean(diag)), 1e-300))
+    out, its, ress = [], [], []
+    for mu in shifts:
+        p_shift = mu if mu > 0 else floor
+        if pre == "none":
+            P = jnp.ones((n,), dt)
+        elif pre == "jacobi":
+            P = diag + p_shift
+        else:
+            P = linalg.low_rank_preconditioner(B, p_shift)
+        x, it, res = _cg_fit(k, X, rhs, jnp.asarray(mu, dt), G, P, jnp.asarray(tol, dt),
+                             jnp.asarray(maxiter), block=block)
+        out.append(x)
+        its.append(int(it))
+        ress.append(float(res))
+    it, res = max(its), max(ress)
+    if not np.isfinite(res):
+        raise ValueError(f"Conjugate gradients produced NaN/inf: K + mu I is not positive "
+                         f"definite in {dt}. Increase the ridge or enable float64.")
+    if res > 10 * tol:
+        msg = (f"Shifted CG stopped after {it} iterations at relative residual {res:.3g} "
+               f"(tol {tol:g}); raise `maxiter` or `precond_rank`.")
+        if strict:
+            raise linalg.ConvergenceError(msg)
+        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=3)
+    return jnp.stack(out), SolveInfo(jnp.asarray(it), jnp.asarray(res, dt))

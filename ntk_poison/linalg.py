@@ -48,7 +48,7 @@ __all__ = [
     "ConvergenceWarning", "ConvergenceError", "SpectrumInfo", "eigsh", "block_lanczos",
     "cg", "conjugate_gradients", "newton_lm", "shifted_solve", "cholesky_solve",
     "cholesky", "sign_fix", "select_sorted", "lanczos_plan", "start_block",
-    "matrix_of",
+    "matrix_of", "LowRankPreconditioner", "low_rank_preconditioner",
 ]
 
 _WHICH = ("LA", "LM")
@@ -512,13 +512,19 @@ def conjugate_gradients(matvec: MatVec, b: Array, precond: Array, tol: Array,
     """Preconditioned CG on ``A x = b`` for every column of ``b (N, r)`` at once.
 
     Traceable core (no checks). ``matvec`` maps ``(N, r) -> (N, r)`` (A symmetric
-    positive definite); ``precond`` is the diagonal of a Jacobi preconditioner
-    ``(N,)`` (entries > 0). Stops when every column's residual is below
+    positive definite); ``precond`` is either the diagonal of a Jacobi preconditioner
+    ``(N,)`` (entries > 0) or a function ``R (N, r) -> M^-1 R`` applying the inverse of
+    a symmetric positive-definite preconditioner M (e.g.
+    :func:`low_rank_preconditioner`). Stops when every column's residual is below
     ``tol * |b_col|`` or after ``maxiter`` iterations.
 
     Returns ``(x, iterations, true relative residual max_col |b - A x| / |b|)``.
     """
-    minv = 1.0 / precond[:, None]
+    if callable(precond):
+        minv = precond
+    else:
+        dinv = 1.0 / precond[:, None]
+        minv = lambda R: dinv * R  # noqa: E731
     bnorm = jnp.linalg.norm(b, axis=0)
 
     def safe_div(a, c):
@@ -534,12 +540,12 @@ def conjugate_gradients(matvec: MatVec, b: Array, precond: Array, tol: Array,
         a = safe_div(rz, jnp.sum(p * Ap, axis=0))
         x = x + a * p
         r = r - a * Ap
-        z = minv * r
+        z = minv(r)
         rz_new = jnp.sum(r * z, axis=0)
         p = z + safe_div(rz_new, rz) * p
         return x, r, p, rz_new, it + 1
 
-    z0 = minv * b
+    z0 = minv(b)
     st0 = (jnp.zeros_like(b), b, z0, jnp.sum(b * z0, axis=0), 0)
     x, r, p, rz, it = jax.lax.while_loop(cond, body, st0)
     true_res = jnp.max(safe_div(jnp.linalg.norm(b - matvec(x), axis=0), bnorm))
@@ -554,7 +560,8 @@ def cg(matvec: MatVec, b: Array, *, precond: Optional[Array] = None,
     Args:
       matvec: ``v (N,) -> A v (N,)`` built from jax ops (vmap'd over the columns).
       b: the right-hand side ``(N,)`` or ``(N, r)``.
-      precond: the diagonal of a Jacobi preconditioner ``(N,)`` (default: none).
+      precond: the diagonal of a Jacobi preconditioner ``(N,)``, or a
+        :class:`LowRankPreconditioner` (default: none).
       tol: relative residual tolerance (default :func:`_validate.default_tol`).
       maxiter: iteration cap (default ``min(10 N, 10000)``).
       strict: raise :class:`ConvergenceError` instead of warning.
@@ -576,12 +583,23 @@ def cg(matvec: MatVec, b: Array, *, precond: Optional[Array] = None,
     _validate.positive_int("maxiter", maxiter)
     if precond is None:
         precond = jnp.ones((N,), B.dtype)
+    elif isinstance(precond, LowRankPreconditioner):
+        if precond.B.shape[0] != N:
+            raise ValueError(f"`precond` acts on R^{precond.B.shape[0]}, but b has {N} "
+                             "rows; build it from the same points.")
+        x, it, res = _cg_lowrank_jit(matvec, B, precond, jnp.asarray(tol, B.dtype),
+                                     int(maxiter))
+        return _cg_report(x, it, res, tol, vector, strict)
     else:
         precond = _validate.float_array("precond", precond, ndim=1)
         if precond.shape != (N,) or not bool(jnp.all(precond > 0)):
             raise ValueError(f"`precond` must be a positive diagonal of shape ({N},).")
     x, it, res = _cg_jit(matvec, B, precond.astype(B.dtype), jnp.asarray(tol, B.dtype),
                          int(maxiter))
+    return _cg_report(x, it, res, tol, vector, strict)
+
+
+def _cg_report(x, it, res, tol, vector, strict):
     it, res = int(it), float(res)
     conv = res <= 10 * tol
     if not conv:
@@ -589,13 +607,54 @@ def cg(matvec: MatVec, b: Array, *, precond: Optional[Array] = None,
                f"(tol {tol:g}); raise `maxiter`, or precondition the system.")
         if strict:
             raise ConvergenceError(msg)
-        warnings.warn(msg, ConvergenceWarning, stacklevel=2)
+        warnings.warn(msg, ConvergenceWarning, stacklevel=3)
     return (x[:, 0] if vector else x), {"iterations": it, "residual": res,
                                          "converged": conv}
 
 
+class LowRankPreconditioner(NamedTuple):
+    """``M = B B^T + shift I`` and its inverse by the Woodbury identity::
+
+        M^-1 R = (R - B (shift I + B^T B)^-1 B^T R) / shift
+
+    with ``L`` the Cholesky factor of the ``(r, r)`` matrix ``shift I + B^T B``
+    (O(n r) per application). A pytree: pass it through ``jit``; call it on
+    ``R (n,) or (n, c)``. With ``B B^T`` a Nystrom or partial-Cholesky approximation of
+    K, ``M^-1 (K + shift I)`` has its top r eigenvalues brought near 1 (Falkon).
+    """
+
+    B: jax.Array
+    L: jax.Array
+    shift: jax.Array
+
+    def __call__(self, R):
+        t = jax.scipy.linalg.cho_solve((self.L, True), self.B.T @ R)
+        return (R - self.B @ t) / self.shift
+
+
+@jax.jit
+def _low_rank_factor(B, shift):
+    r = B.shape[1]
+    return jnp.linalg.cholesky(B.T @ B + shift * jnp.eye(r, dtype=B.dtype))
+
+
+def low_rank_preconditioner(B: Array, shift: float) -> LowRankPreconditioner:
+    """The preconditioner ``(B B^T + shift I)^-1`` for CG on ``K + shift I`` with
+    ``K ~ B B^T`` (``B (n, r)``, ``shift > 0``). See :class:`LowRankPreconditioner`."""
+    B = jnp.asarray(B)
+    _validate.nonneg("shift", shift, positive=True)
+    shift = jnp.asarray(shift, B.dtype)
+    return LowRankPreconditioner(B, _low_rank_factor(B, shift), shift)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _cg_jit(matvec, B, precond, tol, maxiter):
+    return conjugate_gradients(jax.vmap(matvec, in_axes=1, out_axes=1), B, precond, tol,
+                               maxiter)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _cg_lowrank_jit(matvec, B, precond, tol, maxiter):
     return conjugate_gradients(jax.vmap(matvec, in_axes=1, out_axes=1), B, precond, tol,
                                maxiter)
 

@@ -239,8 +239,18 @@ def _cross_grads(k: Kernel, Xc, zeta, x0):
     return J, gz
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _cross_terms_no_gram(k: Kernel, Xc, zeta, x0):
+    """:func:`_cross_terms` without the clean Gram matrix (the CG path)."""
+    return k.fn(Xc, zeta), k.fn(x0, Xc), k.fn(zeta, x0), k.diag(zeta)
+
+
 def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target: float,
-              ms: Sequence[int], x0: Array, *, with_grad: bool = False) -> CloneLaw:
+              ms: Sequence[int], x0: Array, *, with_grad: bool = False,
+              solver: str = "auto", tol: Optional[float] = None,
+              precond_rank: Optional[int] = None, gram_dtype: Any = None,
+              block_size: Optional[int] = None, key: Any = None,
+              strict: bool = False) -> CloneLaw:
     """The exact effect of ``m`` clones of ``(zeta, y_target)`` for every m in ``ms``.
 
     No refit: the poison block is eliminated in closed form (a rank-one update), and
@@ -259,9 +269,19 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
       ms: clone counts, integers >= 0.
       x0: one trigger point ``s`` or a batch ``(P, *s)``.
       with_grad: also return the input gradients at x0 (the spike).
+      solver: how the shifted solves ``(K_c + (N+m) lam I)^-1 [k(X_c, zeta), y]`` are
+        done: ``"cholesky"`` (``linalg.shifted_solve``: one factorisation per group of
+        shifts), ``"cg"`` (:func:`ntk_poison.krr.shifted_cg_solve`: one
+        Nystrom-preconditioned CG solve per m, the Gram matrix never factorised, as
+        ``krr.fit(solver="cg")``), or ``"auto"`` (the rule of
+        :func:`ntk_poison.krr.fit`: Cholesky while N <= ``krr.CHOLESKY_MAX_N`` and
+        3 N^2 numbers fit the memory budget).
+      tol, precond_rank, gram_dtype, block_size, key, strict: the CG options, as
+        :func:`ntk_poison.krr.fit` (ignored by the Cholesky solver).
 
     Returns:
-      A :class:`CloneLaw`; cost O(N^3) once plus O((Q + P) N) per m.
+      A :class:`CloneLaw`; cost O(N^3) once plus O((Q + P) N) per m (Cholesky), or
+      per m one CG solve of O(iterations N^2) (CG).
     """
     k = check_kernel(k)
     Xc = as_inputs(k, "X", X)
@@ -288,8 +308,15 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     _validate.nonneg("ms", ms, integer=True)
     ms = ms.astype(np.int64)
     N = Xc.shape[0]
-    _validate.fits_in_memory(f"The clean Gram matrix for N={N}", 3 * N * N,
-                             Xc.dtype.itemsize, "Subsample the clean training set.")
+    solver = _validate.choice("solver", solver, ("auto", "cholesky", "cg"))
+    if solver == "auto":
+        from ntk_poison import krr as krr_mod
+        dense_fits = 3 * N * N * Xc.dtype.itemsize <= _validate.memory_budget_bytes()
+        solver = "cholesky" if dense_fits and N <= krr_mod.CHOLESKY_MAX_N else "cg"
+    if solver == "cholesky":
+        _validate.fits_in_memory(f"The clean Gram matrix for N={N}", 3 * N * N,
+                                 Xc.dtype.itemsize, "Subsample the clean training set, "
+                                 "or pass solver=\"cg\".")
     if with_grad:
         d = int(np.prod(Xc.shape[1:]))
         _validate.fits_in_memory(
@@ -299,12 +326,20 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     dtype = jnp.result_type(Xc.dtype, jnp.asarray(y).dtype)
     Xc, zeta, x0 = Xc.astype(dtype), zeta.astype(dtype), x0.astype(dtype)
     yc = jnp.asarray(y, dtype)
-    Kc, kz, kx, k0, kzz = _cross_terms(k, Xc, zeta, x0)
-    Q = kz.shape[1]
     n = N + ms
     shifts = n * float(ridge)
     Y = yc if multi else yc[:, None]
-    sol = linalg.shifted_solve(Kc, jnp.concatenate([kz, Y], axis=1), shifts)
+    if solver == "cholesky":
+        Kc, kz, kx, k0, kzz = _cross_terms(k, Xc, zeta, x0)
+        sol = linalg.shifted_solve(Kc, jnp.concatenate([kz, Y], axis=1), shifts)
+    else:
+        from ntk_poison import krr as krr_mod
+        kz, kx, k0, kzz = _cross_terms_no_gram(k, Xc, zeta, x0)
+        sol, _ = krr_mod.shifted_cg_solve(
+            k, Xc, jnp.concatenate([kz, Y], axis=1), shifts, tol=tol,
+            precond_rank=precond_rank, gram_dtype=gram_dtype, block_size=block_size,
+            strict=strict, key=key)
+    Q = kz.shape[1]
     vz = sol[..., :Q]                               # (M, N, Q)
     s2 = kzz[None] - jnp.einsum("mnq,nq->mq", vz, kz)
     kt = k0[None] - jnp.einsum("mnq,pn->mqp", vz, kx)
@@ -448,6 +483,11 @@ def posterior_covariance(k: Kernel, X: Array, shift: float, zeta: Array, x0: Arr
     _validate.nonneg("shift", shift, positive=True)
     zeta = as_inputs(k, "zeta", zeta, single_ok=True)[0]
     x0 = as_inputs(k, "x0", x0, single_ok=True)[0]
+    N = Xc.shape[0]
+    _validate.fits_in_memory(
+        f"posterior_covariance's dense Cholesky oracle for N={N}", 3 * N * N, 8,
+        "It needs the factorisation of K + shift I; at this size use "
+        "clone_law(..., solver=\"cg\") (its kt is the same quantity) or subsample.")
     K = np.asarray(k.fn(Xc, Xc), dtype=float)
     kz = np.asarray(k.fn(Xc, zeta[None]), dtype=float)[:, 0]
     import scipy.linalg
