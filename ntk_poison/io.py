@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-__all__ = ["to_jsonable", "write_json", "write_text", "write_atomic", "write_npz",
+__all__ = ["to_jsonable", "as_arrays", "write_json", "write_text", "write_atomic", "write_npz",
            "config_hash", "Sweep"]
 
 
@@ -48,6 +48,29 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+def as_arrays(obj: Any) -> Any:
+    """The inverse of :func:`to_jsonable` for numbers: JSON lists of numbers (nested,
+    rectangular) become numpy arrays (int64 if every entry is an int, bool if every
+    entry is a bool, else float64 with None read as NaN); dicts and other lists are
+    walked. ``to_jsonable(as_arrays(j))`` reads back as ``j`` (up to ints written as
+    floats in a list that mixes the two)."""
+    if isinstance(obj, dict):
+        return {k: as_arrays(v) for k, v in obj.items()}
+    if not isinstance(obj, list):
+        return obj
+    if obj and all(isinstance(v, (int, float)) or v is None for v in obj):
+        if all(isinstance(v, bool) for v in obj):
+            return np.asarray(obj, bool)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in obj):
+            return np.asarray(obj, np.int64)
+        return np.asarray([np.nan if v is None else v for v in obj], np.float64)
+    items = [as_arrays(v) for v in obj]
+    if items and all(isinstance(v, np.ndarray) for v in items) and \
+            len({(v.shape, v.dtype) for v in items}) == 1:
+        return np.stack(items)
+    return items
 
 
 def write_atomic(path: str | Path, writer: Callable[[str], None]) -> Path:
