@@ -27,24 +27,25 @@ __all__ = ["to_jsonable", "as_arrays", "write_json", "write_text", "write_atomic
            "config_hash", "Sweep"]
 
 
-def to_jsonable(obj: Any) -> Any:
+def to_jsonable(obj: Any, nan_as_none: bool = True) -> Any:
     """Convert numpy/jax arrays and scalars (nested in dicts/lists) to plain JSON types.
 
-    Non-finite floats become None (JSON has no NaN).
+    Non-finite floats become None (JSON has no NaN), unless ``nan_as_none`` is False
+    (a sweep's cells keep them: Python's json writes and reads NaN and Infinity).
     """
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
+        return {str(k): to_jsonable(v, nan_as_none) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
+        return [to_jsonable(v, nan_as_none) for v in obj]
     if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
         arr = np.asarray(obj)
         if arr.ndim == 0:
-            return to_jsonable(arr.item())
-        return to_jsonable(arr.tolist())
+            return to_jsonable(arr.item(), nan_as_none)
+        return to_jsonable(arr.tolist(), nan_as_none)
     if isinstance(obj, (np.generic,)):
-        return to_jsonable(obj.item())
+        return to_jsonable(obj.item(), nan_as_none)
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
+        return obj if math.isfinite(obj) or not nan_as_none else None
     if isinstance(obj, Path):
         return str(obj)
     return obj
@@ -128,8 +129,8 @@ class Sweep:
     back on a rerun instead of being recomputed.
 
     ``sweep.cell(key, compute)`` returns ``compute()``'s result as it reads back from
-    JSON (through :func:`to_jsonable`: arrays become lists, tuples lists, non-finite
-    floats None, dict keys strings), whether computed now or read from disk, so a run
+    JSON (through :func:`to_jsonable`: arrays become lists, tuples lists, dict keys
+    strings; NaN and infinities are kept), whether computed now or read from disk, so a run
     resumed after a crash builds exactly the same results as an uninterrupted one.
     ``sweep.seconds(keys)`` is the summed compute time of those cells, as stored, so
     timings in results.json also come from the cells.
@@ -206,7 +207,7 @@ class Sweep:
             self._seconds[key] = d["seconds"]
             return d["result"]
         t = time.perf_counter()
-        result = to_jsonable(compute())
+        result = to_jsonable(compute(), nan_as_none=False)
         secs = time.perf_counter() - t
         text = json.dumps({"key": key, "config_hash": self.config_hash, "seconds": secs,
                            "result": result}, indent=2) + "\n"
