@@ -394,10 +394,10 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     x0 = sc.x0
     ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, cfg.m_max, cfg.n_m))])
                    ).astype(np.int64)
-    fl = io.as_arrays(sweep.cell("ntk_floor", lambda: floor.floor_at_points(
+    fl = sweep.cell("ntk_floor", lambda: floor.floor_at_points(
         {f"{st:g}": _at_strength(sc.trigger, st * ell).apply(sc.x0_clean[None])[0]
          for st in cfg.near_clone_strengths}, X, np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r),
-        ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={})))
+        ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={}))
 
     def kernel_cell(name):
         tk = time.time()
@@ -422,7 +422,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
 
     res = {}
     for name in progress(cfg.kernels, "kernels"):
-        res[name] = r = io.as_arrays(sweep.cell(f"kernel_{name}", lambda: kernel_cell(name)))
+        res[name] = r = sweep.cell(f"kernel_{name}", lambda: kernel_cell(name))
         _claims(rep, name, r["efficacy"], r["near_clone"], r["asr"], cfg, fl["points"])
     _figures(rep, res)
     for st, sw in fl["points"].items():

@@ -287,7 +287,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     for name in progress(cfg.kernels, "kernels"):
         sc, splits = scenario.for_kernel(built, cfg, name)    # data: cached, deterministic
         key = f"kernel_{name}"
-        res[name] = io.as_arrays(sweep.cell(key, lambda: kernel_cell(name, sc, splits)))
+        res[name] = sweep.cell(key, lambda: kernel_cell(name, sc, splits))
         res[name]["seconds"] = sweep.seconds([key])
         s = res[name]["sweep"]
         for key, where, fig in (("smoothness", "x0p", "spike.png"),
@@ -302,8 +302,8 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     fl = None
     if False in built:                  # the NTK floor at x0p (flat inputs; floor.py)
         sc = built[False][0]
-        fl = io.as_arrays(sweep.cell("ntk_floor", lambda: floor.floor_at_points(
-            {"x0p": sc.zeta}, sc.X, rs, sc.length_scale, cfg.seed, cfg.nt_depth)))
+        fl = sweep.cell("ntk_floor", lambda: floor.floor_at_points(
+            {"x0p": sc.zeta}, sc.X, rs, sc.length_scale, cfg.seed, cfg.nt_depth))
         floor.floor_claims(rep, fl["points"]["x0p"], "x0p", "ntk_floor.png")
         floor.floor_figure(rep, fl["points"], "ntk_floor")
     total = sweep.seconds()                       # the cells' stored times

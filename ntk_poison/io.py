@@ -23,55 +23,71 @@ from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 
-__all__ = ["to_jsonable", "as_arrays", "write_json", "write_text", "write_atomic", "write_npz",
+__all__ = ["to_jsonable", "encode_cell", "decode_cell", "write_json", "write_text", "write_atomic", "write_npz",
            "config_hash", "Sweep"]
 
 
-def to_jsonable(obj: Any, nan_as_none: bool = True) -> Any:
+def to_jsonable(obj: Any) -> Any:
     """Convert numpy/jax arrays and scalars (nested in dicts/lists) to plain JSON types.
 
-    Non-finite floats become None (JSON has no NaN), unless ``nan_as_none`` is False
-    (a sweep's cells keep them: Python's json writes and reads NaN and Infinity).
+    Non-finite floats become None (JSON has no NaN).
     """
     if isinstance(obj, dict):
-        return {str(k): to_jsonable(v, nan_as_none) for k, v in obj.items()}
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, nan_as_none) for v in obj]
+        return [to_jsonable(v) for v in obj]
     if hasattr(obj, "__array__") and not isinstance(obj, (str, bytes)):
         arr = np.asarray(obj)
         if arr.ndim == 0:
-            return to_jsonable(arr.item(), nan_as_none)
-        return to_jsonable(arr.tolist(), nan_as_none)
+            return to_jsonable(arr.item())
+        return to_jsonable(arr.tolist())
     if isinstance(obj, (np.generic,)):
-        return to_jsonable(obj.item(), nan_as_none)
+        return to_jsonable(obj.item())
     if isinstance(obj, float):
-        return obj if math.isfinite(obj) or not nan_as_none else None
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, Path):
         return str(obj)
     return obj
 
 
-def as_arrays(obj: Any) -> Any:
-    """The inverse of :func:`to_jsonable` for numbers: JSON lists of numbers (nested,
-    rectangular) become numpy arrays (int64 if every entry is an int, bool if every
-    entry is a bool, else float64 with None read as NaN); dicts and other lists are
-    walked. ``to_jsonable(as_arrays(j))`` reads back as ``j`` (up to ints written as
-    floats in a list that mixes the two)."""
+def encode_cell(obj: Any) -> Any:
+    """A result as JSON that :func:`decode_cell` turns back into the same structure: numpy
+    and jax arrays and numpy scalars keep their dtype and shape (``{"__ndarray__": list,
+    "dtype", "shape"}``), dicts with non-string keys keep their keys (``{"__items__":
+    [[key, value], ...]}``); tuples become lists; NaN and infinities are kept (Python's
+    json writes and reads them)."""
     if isinstance(obj, dict):
-        return {k: as_arrays(v) for k, v in obj.items()}
-    if not isinstance(obj, list):
-        return obj
-    if obj and all(isinstance(v, (int, float)) or v is None for v in obj):
-        if all(isinstance(v, bool) for v in obj):
-            return np.asarray(obj, bool)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in obj):
-            return np.asarray(obj, np.int64)
-        return np.asarray([np.nan if v is None else v for v in obj], np.float64)
-    items = [as_arrays(v) for v in obj]
-    if items and all(isinstance(v, np.ndarray) for v in items) and \
-            len({(v.shape, v.dtype) for v in items}) == 1:
-        return np.stack(items)
-    return items
+        if all(isinstance(k, str) for k in obj):
+            return {k: encode_cell(v) for k, v in obj.items()}
+        return {"__items__": [[encode_cell(k), encode_cell(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return [encode_cell(v) for v in obj]
+    if isinstance(obj, np.generic) or (hasattr(obj, "__array__")
+                                       and not isinstance(obj, (str, bytes))):
+        arr = np.asarray(obj)
+        return {"__ndarray__": arr.tolist(), "dtype": arr.dtype.str, "shape": list(arr.shape)}
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def decode_cell(obj: Any) -> Any:
+    """The inverse of :func:`encode_cell` (0-d arrays come back as numpy scalars)."""
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            arr = np.asarray(obj["__ndarray__"], dtype=np.dtype(obj["dtype"]))
+            return arr.reshape(obj["shape"])[()] if not obj["shape"] else \
+                arr.reshape(obj["shape"])
+        if "__items__" in obj:
+            return {_hashable(decode_cell(k)): decode_cell(v) for k, v in obj["__items__"]}
+        return {k: decode_cell(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [decode_cell(v) for v in obj]
+    return obj
+
+
+def _hashable(k: Any) -> Any:
+    return tuple(k) if isinstance(k, list) else k
 
 
 def write_atomic(path: str | Path, writer: Callable[[str], None]) -> Path:
@@ -129,9 +145,10 @@ class Sweep:
     back on a rerun instead of being recomputed.
 
     ``sweep.cell(key, compute)`` returns ``compute()``'s result as it reads back from
-    JSON (through :func:`to_jsonable`: arrays become lists, tuples lists, dict keys
-    strings; NaN and infinities are kept), whether computed now or read from disk, so a run
-    resumed after a crash builds exactly the same results as an uninterrupted one.
+    the cell's JSON (:func:`encode_cell`, :func:`decode_cell`: arrays keep dtype and
+    shape, dict keys their type, tuples become lists), whether computed now or read from
+    disk, so a run resumed after a crash builds exactly the same results as an
+    uninterrupted one.
     ``sweep.seconds(keys)`` is the summed compute time of those cells, as stored, so
     timings in results.json also come from the cells.
 
@@ -205,9 +222,9 @@ class Sweep:
                 raise ValueError(self._mismatch(d.get("config_hash")) + f" (cell {key!r})")
             self.reused.append(key)
             self._seconds[key] = d["seconds"]
-            return d["result"]
+            return decode_cell(d["result"])
         t = time.perf_counter()
-        result = to_jsonable(compute(), nan_as_none=False)
+        result = encode_cell(compute())
         secs = time.perf_counter() - t
         text = json.dumps({"key": key, "config_hash": self.config_hash, "seconds": secs,
                            "result": result}, indent=2) + "\n"
@@ -216,7 +233,7 @@ class Sweep:
         self._seconds[key] = secs
         if self.log:
             print(f"[sweep] computed cell {key} in {secs:.2f} s", file=sys.stderr, flush=True)
-        return json.loads(text)["result"]
+        return decode_cell(json.loads(text)["result"])
 
     def seconds(self, keys: Optional[Iterable[str]] = None) -> float:
         """Summed stored compute time of the cells ``keys`` (default: every cell this

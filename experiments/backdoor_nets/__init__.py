@@ -288,7 +288,6 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
                 def final(params, t=t, Xp=Xp, art=art):
                     leaves = jax.tree_util.tree_leaves(nnx.state(params))
                     return dict(weights=[np.asarray(v) for v in leaves],
-                                dtypes=[str(np.asarray(v).dtype) for v in leaves],
                                 collapse=monitor.feature_collapse(
                                     np.asarray(feats(params, xte)), yte,
                                     np.asarray(feats(params, Xp[art.poison_idx])),
@@ -298,9 +297,9 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
                            initial_for(t), final if last else None)
                 runs[t][str(epochs)][arm] = cell["hist"]
                 if last:
-                    for i, (v, dt) in enumerate(zip(cell["weights"], cell["dtypes"])):
-                        weights[f"{t}_none_{i}"] = np.asarray(v, dt)
-                    collapse[t] = io.as_arrays(cell["collapse"])
+                    for i, v in enumerate(cell["weights"]):
+                        weights[f"{t}_none_{i}"] = v
+                    collapse[t] = cell["collapse"]
         poison_idx[t] = np.asarray(art.poison_idx)
 
     io.write_npz(rep.out_dir / "weights.npz", weights)

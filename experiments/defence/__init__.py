@@ -452,12 +452,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
           cfg.distance_over_l, "near clean": cfg.near_clean, "nets": cfg.widths}
     for step in progress([s for s in STEPS if on.get(s, True)], "defence"):
         key = step.replace(" ", "_")
-        cell = sweep.cell(key, lambda: step_cell(step))
-        res.update(io.as_arrays(cell))
-        if step == "nets":               # per-seed rows of per-kappa lists, int widths
-            res["nets"]["runs"] = {int(w): [io.as_arrays(r) | {f: r[f] for f in r if f !=
-                                            "contraction"} for r in rows]
-                                   for w, rows in cell["nets"]["runs"].items()}
+        res.update(sweep.cell(key, lambda: step_cell(step)))
         secs[step] = sweep.seconds([key])
     res["seconds"] = dict(secs, total=sweep.seconds())      # the cells' stored times
     claims(rep, res, cfg)

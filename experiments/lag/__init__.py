@@ -319,8 +319,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     built, res = {}, {}
     for name in progress(cfg.kernels, "kernels"):
         sc, splits = scenario.for_kernel(built, cfg, name)    # data: cached, deterministic
-        res[name] = r = io.as_arrays(sweep.cell(f"kernel_{name}",
-                                                lambda: kernel_cell(name, sc, splits)))
+        res[name] = r = sweep.cell(f"kernel_{name}", lambda: kernel_cell(name, sc, splits))
         sm, st, cm, ct, vm, vt, smooth = (r[k] for k in (
             "m_sweep", "t_sweep", "cross_m", "cross_t", "visibility_m", "visibility_t",
             "smoothness"))

@@ -205,10 +205,8 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
         runs, secs = {}, {}
         for m in progress([0] + counts, f"{kind}: poison counts"):
             cell = sweep.cell(f"{kind}_m{m}", lambda: point(kind, m, opt))
-            weights[f"{kind}_m{m}_W"] = np.asarray(cell.pop("W"), X.dtype)
-            weights[f"{kind}_m{m}_b"] = np.asarray(cell.pop("b"), X.dtype)
-            runs[m] = {k: np.asarray(v, int if k == "poison_idx" else np.float64)
-                       for k, v in cell.items()}
+            weights[f"{kind}_m{m}_W"], weights[f"{kind}_m{m}_b"] = cell.pop("W"), cell.pop("b")
+            runs[m] = cell
             secs[m] = sweep.seconds([f"{kind}_m{m}"])
         clean = runs[0]
         for m in counts:
