@@ -208,13 +208,9 @@ class Sweep:
                              f"'._+-@='; not starting with '.', not 'sweep'), got {key!r}.")
         return self.root / f"{key}.json"
 
-    def done(self, key: str) -> bool:
-        """Whether the cell ``key`` is on disk (finished under this config)."""
-        return self.path(key).exists()
-
     def cell(self, key: str, compute: Callable[[], Any]) -> Any:
         """The cell ``key``: read from disk if finished, else ``compute()``, timed and
-        written atomically (the result as :func:`to_jsonable` makes it)."""
+        written atomically (through :func:`encode_cell`) and returned as it reads back."""
         p = self.path(key)
         if p.exists():
             d = json.loads(p.read_text())
@@ -227,7 +223,7 @@ class Sweep:
         result = encode_cell(compute())
         secs = time.perf_counter() - t
         text = json.dumps({"key": key, "config_hash": self.config_hash, "seconds": secs,
-                           "result": result}, indent=2) + "\n"
+                           "result": result}) + "\n"
         write_text(p, text)
         self.computed.append(key)
         self._seconds[key] = secs
