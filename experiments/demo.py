@@ -31,7 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, floor, krr, metrics, scenario, theory
+from ntk_poison import attacks, floor, io, krr, metrics, scenario, theory
 from ntk_poison.report import Report, new_figure, progress, x64_run
 
 NAME = "demo"
@@ -376,14 +376,17 @@ def _at_strength(trigger, strength):
 
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     """Run the demo and write results.json, figures and report.md into ``out_dir``.
 
+    Each kernel, and the NTK floor, is a cell of an :class:`io.Sweep`
+    (``out_dir/cells``): a rerun of the same config resumes; ``fresh`` starts over.
     JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report("ntk-poison demo: the clone-poison laws on " + cfg.dataset.upper(), out_dir,
                  cfg)
+    rep.started = sweep.started
     sc = scenario.build(cfg, pool=cfg.pool, trigger=cfg.trigger, patch_size=cfg.patch_size)
     art = sc.clone_attack(cfg.m_max, cfg.y_target, cfg.seed)     # the attack, at m_max
     (X, y), zeta = art.clean(), art.poisons()[0][0]
@@ -391,12 +394,12 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     x0 = sc.x0
     ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, cfg.m_max, cfg.n_m))])
                    ).astype(np.int64)
-    fl = floor.floor_at_points(       # the NTK floor at the near-clone sweep's x0s
+    fl = sweep.cell("ntk_floor", lambda: floor.floor_at_points(
         {f"{st:g}": _at_strength(sc.trigger, st * ell).apply(sc.x0_clean[None])[0]
          for st in cfg.near_clone_strengths}, X, np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r),
-        ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={})
-    res = {}
-    for name in progress(cfg.kernels, "kernels"):
+        ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={}))
+
+    def kernel_cell(name):
         tk = time.time()
         k = scenario.kernel_for(name, cfg, ell)
         mean_diag = float(np.mean(np.asarray(k.diag(jax.numpy.asarray(X[:200])))))
@@ -412,20 +415,25 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         t2 = time.time()
         a = _asr(k, X, y, lam, zeta, sc, cfg, ms)
         t3 = time.time()
-        res[name] = dict(kernel=repr(k), lam=lam, mean_diag=mean_diag, k_zz=k_zz, efficacy=e,
-                         near_clone=nc, asr=a, seconds=dict(
-                             efficacy_and_spike=t1 - tk, near_clone=t2 - t1, asr=t3 - t2,
-                             total=t3 - tk))
-        _claims(rep, name, e, nc, a, cfg, fl["points"])
+        return dict(kernel=repr(k), lam=lam, mean_diag=mean_diag, k_zz=k_zz, efficacy=e,
+                    near_clone=nc, asr=a, seconds=dict(
+                        efficacy_and_spike=t1 - tk, near_clone=t2 - t1, asr=t3 - t2,
+                        total=t3 - tk))
+
+    res = {}
+    for name in progress(cfg.kernels, "kernels"):
+        res[name] = r = sweep.cell(f"kernel_{name}", lambda: kernel_cell(name))
+        _claims(rep, name, r["efficacy"], r["near_clone"], r["asr"], cfg, fl["points"])
     _figures(rep, res)
     for st, sw in fl["points"].items():
         floor.floor_claims(rep, sw, f"x0 at {st} l", "ntk_floor.png")
     if fl["points"]:
         floor.floor_figure(rep, {f"x0 at {st} l": sw for st, sw in fl["points"].items()},
                            "ntk_floor")
+    total = sweep.seconds()                       # the cells' stored times
     rep.results = dict(length_scale=ell, x0_index="first triggered non-target test point",
                        r_unit="the RBF length scale l (median pairwise distance)",
-                       kernels=res, ntk_floor=fl, seconds=time.time() - t0)
+                       kernels=res, ntk_floor=fl, seconds=total)
     if cfg.trigger == "cross":
         trigger_text = (f"The trigger is the paper's rank-one additive cross, x + s p with a "
                         f"unit plus-sign pattern p and s = {cfg.trigger_strength:g} l: it "
@@ -445,6 +453,6 @@ that the saturation scale N lam / k_zz = {cfg.n_train * cfg.ridge:g} clones is t
 every kernel; each
 fit with m clones uses absolute ridge (N + m) x ridge, the clean comparison too
 (THEORY.md section 2). Efficacy, spike, near-clone and ASR numbers come from the exact
-rank-one law; refits check it at m in {list(cfg.refit_ms)}. Total time {time.time() - t0:.1f} s.""")
+rank-one law; refits check it at m in {list(cfg.refit_ms)}. Total time {total:.1f} s.""")
     rep.write()
     return rep

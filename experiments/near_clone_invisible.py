@@ -34,13 +34,12 @@ Run: ``ntk-poison run near_clone_invisible --out results/near_clone_invisible``.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, floor, krr, metrics, scenario, spectra
+from ntk_poison import attacks, floor, io, krr, metrics, scenario, spectra
 from ntk_poison.defences import SpectralSignatures, evaluate_artefact, kernel_pca_features
 from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
 from ntk_poison.report import Report, new_figure, progress, x64_run
@@ -262,27 +261,35 @@ def _fmt(x) -> str:
 
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the near-clone experiment; write results.json, figures and report.md.
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run the near-clone experiment; write results.json, figures and report.md. Each
+    kernel, and the NTK floor, is a cell of an :class:`io.Sweep` (``out_dir/cells``): a
+    rerun of the same config resumes; ``fresh`` starts over.
 
     JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report(f"ntk-poison near_clone_invisible: near clones vs two detectors "
                  f"({cfg.dataset.upper()})", out_dir, cfg)
+    rep.started = sweep.started
     rs = np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r)
-    built, res = {}, {}
-    for name in progress(cfg.kernels, "kernels"):
-        tk = time.time()
-        sc, splits = scenario.for_kernel(built, cfg, name)
+
+    def kernel_cell(name, sc, splits):
         x0p, ell = sc.zeta, sc.length_scale
         det = scenario.detector_for(cfg, sc.trigger_direction)
         k = scenario.kernel_for(name, cfg, ell)
         k_pp = float(k.diag(jax.numpy.asarray(x0p[None]))[0])
         lam = cfg.ridge * k_pp
         s = _sweep(k, name, sc, splits, cfg, lam, rs, det)
-        res[name] = dict(kernel=repr(k), lam=lam, k_x0p=k_pp, sweep=s,
-                         data=sc.info(), seconds=time.time() - tk)
+        return dict(kernel=repr(k), lam=lam, k_x0p=k_pp, sweep=s, data=sc.info())
+
+    built, res = {}, {}
+    for name in progress(cfg.kernels, "kernels"):
+        sc, splits = scenario.for_kernel(built, cfg, name)    # data: cached, deterministic
+        key = f"kernel_{name}"
+        res[name] = sweep.cell(key, lambda: kernel_cell(name, sc, splits))
+        res[name]["seconds"] = sweep.seconds([key])
+        s = res[name]["sweep"]
         for key, where, fig in (("smoothness", "x0p", "spike.png"),
                                 ("smoothness_x0", "x0", "near_clone.png")):
             sm = s[key]
@@ -295,14 +302,15 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     fl = None
     if False in built:                  # the NTK floor at x0p (flat inputs; floor.py)
         sc = built[False][0]
-        fl = floor.floor_at_points({"x0p": sc.zeta}, sc.X, rs, sc.length_scale, cfg.seed,
-                                   cfg.nt_depth)
+        fl = sweep.cell("ntk_floor", lambda: floor.floor_at_points(
+            {"x0p": sc.zeta}, sc.X, rs, sc.length_scale, cfg.seed, cfg.nt_depth))
         floor.floor_claims(rep, fl["points"]["x0p"], "x0p", "ntk_floor.png")
         floor.floor_figure(rep, fl["points"], "ntk_floor")
-    rep.results = dict(length_scale=ell, kernels=res, ntk_floor=fl, seconds=time.time() - t0,
+    total = sweep.seconds()                       # the cells' stored times
+    rep.results = dict(length_scale=ell, kernels=res, ntk_floor=fl, seconds=total,
                        x0p="the triggered prototype (mean non-target training image + "
                            "trigger)", r_unit="the RBF length scale l")
-    rep.text(_discussion(res, cfg, ell, time.time() - t0))
+    rep.text(_discussion(res, cfg, ell, total))
     rep.text(_agreement(res, cfg))
     rep.write()
     return rep

@@ -1,7 +1,8 @@
 """The ``ntk-poison`` console script: thin argument parsing over the experiments.
 
-    ntk-poison demo [--out DIR] [--seed S] [--config FILE] [--set key=value ...]
-    ntk-poison run NAME [--out DIR] [--config FILE] [--set key=value ...] [--distributed]
+    ntk-poison demo [--out DIR] [--seed S] [--config FILE] [--set key=value ...] [--fresh]
+    ntk-poison run NAME [--out DIR] [--config FILE] [--set key=value ...] [--fresh]
+                        [--distributed]
     ntk-poison list
     ntk-poison config NAME [--save FILE]
 """
@@ -26,6 +27,9 @@ def _add_run_args(p: argparse.ArgumentParser, default_out: Optional[str]) -> Non
                    help="join a multi-process JAX job first (ntk_poison.distributed."
                         "initialize() from NTK_POISON_/JAX_COORDINATOR_ADDRESS, "
                         "_NUM_PROCESSES, _PROCESS_ID, or SLURM/Open MPI auto-detection)")
+    p.add_argument("--fresh", action="store_true",
+                   help="delete the finished grid points in OUT/cells and start over (by "
+                        "default a rerun with the same config resumes, skipping them)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +68,7 @@ def _run(name: str, args) -> int:
     cfg = _load_config(module, args)
     out = args.out or f"results/{name}"
     t = time.time()
-    rep = module.run(cfg, out)
+    rep = module.run(cfg, out, fresh=True) if args.fresh else module.run(cfg, out)
     print(f"{name}: wrote {out}/results.json, {out}/report.md and {len(rep.figures)} "
           f"figures in {time.time() - t:.1f} s")
     for c in rep.claims:

@@ -42,14 +42,15 @@ def versions() -> Dict[str, str]:
 
 
 def x64_run(run: Callable[[Any, Any], "Report"]) -> Callable[[Any, Any], "Report"]:
-    """Decorator of an experiment's ``run(cfg, out_dir)``: it runs with JAX's x64 switch
-    at ``cfg.x64`` and leaves the global config as it found it (``x64_scope``)."""
+    """Decorator of an experiment's ``run(cfg, out_dir, **options)`` (e.g. ``fresh``): it
+    runs with JAX's x64 switch at ``cfg.x64`` and leaves the global config as it found it
+    (``x64_scope``)."""
     from ntk_poison import x64_scope
 
     @functools.wraps(run)
-    def wrapped(cfg, out_dir):
+    def wrapped(cfg, out_dir, **options):
         with x64_scope(cfg.x64):
-            return run(cfg, out_dir)
+            return run(cfg, out_dir, **options)
 
     return wrapped
 

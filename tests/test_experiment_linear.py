@@ -169,3 +169,17 @@ def test_lag_rule_on_hand_made_curves(t_asr, t_ov, times, want, a, o, h):
 def test_bad_evaluation_grid_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         exp.Config(**{**CFG, field: value})
+
+
+def test_rerun_resumes_from_the_cells(run, capfd):
+    """A rerun into the same folder computes nothing and rewrites results.json byte for
+    byte (timings and start time come from the cells); another config is refused. (A
+    killed run resumed: the slow test in tests/test_sweeps.py.)"""
+    out, res, _ = run
+    before = (out / "results.json").read_bytes()
+    capfd.readouterr()
+    exp.run(exp.Config(**CFG), out)
+    assert "[sweep] computed" not in capfd.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    with pytest.raises(ValueError, match="--fresh"):
+        exp.run(exp.Config(**{**CFG, "epochs": 3}), out)

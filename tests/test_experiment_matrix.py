@@ -9,21 +9,23 @@ defences) in float64. Checks:
 * the trigger-alone ASR is the clean cell's ASR for the attack's trigger;
 * a rerun computes no cell and gives the same table; deleting one cell file recomputes
   exactly that cell, to the same numbers (same config and seed, same numbers);
-* a changed config recomputes (the cell tag); bad configs are ValueErrors.
+* a rerun rewrites results.json byte for byte; a changed config is refused (the
+  config hash), while the lists of cells to run may change; bad configs are ValueErrors.
 
 The two end-to-end checks take about 35 s (mostly compilation), so they run in
-``make test-slow``; the cell store itself is tested fast in ``tests/test_io.py``.
+``make test-slow``; the sweep itself is tested fast in ``tests/test_sweeps.py``.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
 
 from experiments import matrix as exp
-from ntk_poison import data, kernels, scenario, x64_scope
+from ntk_poison import data, io, kernels, scenario, x64_scope
 from ntk_poison.artefact import Artefact
 from ntk_poison.defences import SpectralSignatures, kernel_pca_features
 
@@ -85,22 +87,27 @@ def test_cells_against_numpy(tiny):
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_recomputes_one_cell(tiny, tmp_path):
+def test_rerun_resumes_and_recomputes_one_cell(tiny, tmp_path, capfd):
     out, res = tiny
+    before = (out / "results.json").read_bytes()
+    capfd.readouterr()
     rep = exp.run(CFG, out)
-    assert rep.results["cells_computed"] == []
-    assert rep.results["table"] == res["results"]["table"]
+    assert "[sweep] computed" not in capfd.readouterr().err
+    assert (out / "results.json").read_bytes() == before     # every number from the cells
     victim = out / "cells" / "kernel__patch__spectral.json"
     old = res["results"]["table"]["kernel"]["patch"]["spectral"]
     victim.unlink()
     rep = exp.run(CFG, out)
-    assert rep.results["cells_computed"] == ["kernel__patch__spectral"]
+    assert re.findall(r"computed cell (\S+) in", capfd.readouterr().err) == [
+        "kernel__patch__spectral"]
     new = rep.results["table"]["kernel"]["patch"]["spectral"]
     assert {k: v for k, v in new.items() if k != "seconds"} == \
         {k: v for k, v in old.items() if k != "seconds"}
     changed = CFG.replace(ridge=2e-3, defences=("none",), attacks=("patch",))
-    assert changed.tag() != CFG.tag()
-    assert CFG.replace(defences=("none",)).tag() == CFG.tag()
+    with pytest.raises(ValueError, match="--fresh"):
+        exp.run(changed, out)
+    assert io.config_hash(CFG.replace(defences=("none",)), exp.SWEEP_IGNORE) == \
+        io.config_hash(CFG, exp.SWEEP_IGNORE)
 
 
 @pytest.mark.parametrize("bad", [dict(attacks=("clone", "bogus")), dict(defences=()),

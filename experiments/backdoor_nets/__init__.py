@@ -36,7 +36,6 @@ sized for a 2-core CPU (see ``README``); ``configs/paper_cifar10.json`` and
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Tuple
 
@@ -211,13 +210,17 @@ def batched(apply, batch: int = 500):
 # --------------------------------------------------------------------------- entry point
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the experiment; write results.json, figures and report.md into out_dir."""
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run the experiment; write results.json, figures and report.md into out_dir. Each
+    training run is a cell of an :class:`io.Sweep` (``out_dir/cells``; the long
+    undefended runs keep their final weights and feature collapse in it): a rerun of the
+    same config resumes; ``fresh`` starts over."""
     import jax
     from flax import nnx
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report(f"ntk-poison backdoor_nets: backdoors in {cfg.model.upper()}s on "
                  f"{cfg.dataset} (all-to-one, target {cfg.target_class})", Path(out_dir), cfg)
+    rep.started = sweep.started
     X, y, xte, yte, c = load_task(cfg)
     shape = X.shape[1:]
     eye = np.eye(c, dtype=X.dtype)
@@ -242,16 +245,21 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                                        prefix=f"{t}_" if prefixed else "")
                 for t in names]
 
-    def fit(arm, Xa, ya, epochs, hooks, tag, initial):
-        """Train one run; its history starts with the initial model's measures (epoch 0:
-        the same initial model for every run, measured once). Runs with probes are
-        measured ``evals_per_epoch`` times an epoch."""
-        ts = time.time()
-        params, hist = train.train(model0, apply, Xa, ya, train_config(cfg, arm, epochs),
-                                   hooks=[thook] + hooks, progress=True, desc=tag,
-                                   evals_per_epoch=cfg.evals_per_epoch if hooks else 1)
-        secs[tag] = time.time() - ts
-        return params, {k: [initial.get(k)] + v for k, v in hist.items()}
+    def fit(arm, Xa, ya, epochs, hooks, tag, initial, final=None):
+        """Train one run (a sweep cell); its history starts with the initial model's
+        measures (epoch 0: the same initial model for every run, measured once). Runs
+        with probes are measured ``evals_per_epoch`` times an epoch. ``final(params)``:
+        more of the cell, from the trained model."""
+        def compute():
+            params, hist = train.train(model0, apply, Xa, ya, train_config(cfg, arm, epochs),
+                                       hooks=[thook] + hooks, progress=True, desc=tag,
+                                       evals_per_epoch=cfg.evals_per_epoch if hooks else 1)
+            hist = {k: [initial.get(k)] + v for k, v in hist.items()}
+            return dict(hist=hist, **(final(params) if final else {}))
+        key = tag.replace(" ", "_")
+        cell = sweep.cell(key, compute)
+        secs[tag] = sweep.seconds([key])
+        return cell
 
     all_probes = probes(cfg.triggers, True)
     init_all = dict(epoch=0, loss=None, accuracy=None, **thook(model0, 0))
@@ -264,7 +272,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
 
     for arm in progress(cfg.arms, "clean runs"):
         clean[arm] = fit(arm, X, y, long_, all_probes if arm == "none" else [],
-                         f"clean {arm}", init_all)[1]
+                         f"clean {arm}", init_all)["hist"]
     for t in cfg.triggers:
         art = attacks.backdoor_attack(X, eye[y], trigs[t], eye[cfg.target_class],
                                       rate=cfg.poison_rate, seed=cfg.seed, mode="replace")
@@ -275,16 +283,23 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             runs[t][str(epochs)] = {}
             for arm in cfg.arms:
                 hooks = probes([t], False) if arm in cfg.probe_arms else []
-                params, hist = fit(arm, Xp, yp, epochs, hooks, f"{t} {arm} {epochs}ep",
-                                   initial_for(t))
-                runs[t][str(epochs)][arm] = hist
-                if arm == "none" and epochs == long_:
-                    for i, v in enumerate(jax.tree_util.tree_leaves(nnx.state(params))):
-                        weights[f"{t}_none_{i}"] = np.asarray(v)
-                    collapse[t] = monitor.feature_collapse(
-                        np.asarray(feats(params, xte)), yte,
-                        np.asarray(feats(params, Xp[art.poison_idx])),
-                        np.asarray(feats(params, trig_sets[t][0])), cfg.target_class)
+                last = arm == "none" and epochs == long_
+
+                def final(params, t=t, Xp=Xp, art=art):
+                    leaves = jax.tree_util.tree_leaves(nnx.state(params))
+                    return dict(weights=[np.asarray(v) for v in leaves],
+                                collapse=monitor.feature_collapse(
+                                    np.asarray(feats(params, xte)), yte,
+                                    np.asarray(feats(params, Xp[art.poison_idx])),
+                                    np.asarray(feats(params, trig_sets[t][0])),
+                                    cfg.target_class))
+                cell = fit(arm, Xp, yp, epochs, hooks, f"{t} {arm} {epochs}ep",
+                           initial_for(t), final if last else None)
+                runs[t][str(epochs)][arm] = cell["hist"]
+                if last:
+                    for i, v in enumerate(cell["weights"]):
+                        weights[f"{t}_none_{i}"] = v
+                    collapse[t] = cell["collapse"]
         poison_idx[t] = np.asarray(art.poison_idx)
 
     io.write_npz(rep.out_dir / "weights.npz", weights)
@@ -304,7 +319,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     figures.frontier_figure(rep, cfg)
     figures.overlap_figure(rep, cfg)
     figures.feature_figure(rep, cfg)
-    rep.results["seconds_total"] = time.time() - t0
+    rep.results["seconds_total"] = sweep.seconds()     # the cells' stored times
     rep.text(claims.discussion(rep.results, cfg))
     rep.write()
     return rep

@@ -28,13 +28,12 @@ spectrally visible (the lag, seen from the certification side). Run:
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, krr, scenario
+from ntk_poison import attacks, io, krr, scenario
 from ntk_poison.defences import auroc
 from ntk_poison.report import Report, new_figure, progress, x64_run
 
@@ -115,24 +114,29 @@ def first_m(ms, values, level):
 
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run the experiment; write results.json, the figure and report.md. The clean model's
+    certificates, and each budget m, are cells of an :class:`io.Sweep` (``out_dir/cells``):
+    a rerun of the same config resumes; ``fresh`` starts over."""
     from ntk_poison import certify, kernels
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report("ntk-poison certify: certified, reached and visible, against the poison "
                  "budget", out_dir, cfg)
+    rep.started = sweep.started
     sc, splits = scenario.build_for_detection(cfg)
     k = kernels.rbf(length_scale=sc.length_scale)
     x_trig = sc.X_trig
-    clean = krr.fit(k, sc.X, sc.y, cfg.ridge)
-    f0 = np.asarray(clean.predict(x_trig))
-    radius = np.asarray(certify.certified_radius(k, sc.X, sc.y, cfg.ridge, x_trig))
+    base = sweep.cell("clean", lambda: dict(
+        f0=krr.fit(k, sc.X, sc.y, cfg.ridge).predict(x_trig),
+        radius=certify.certified_radius(k, sc.X, sc.y, cfg.ridge, x_trig)))
+    f0, radius = np.asarray(base["f0"]), np.asarray(base["radius"])
     rng = np.random.default_rng(cfg.seed)
     neg = np.flatnonzero(sc.y < 0)
     cand_src = sc.X[rng.choice(neg, size=min(cfg.n_candidates, len(neg)), replace=False)]
     candidates = np.concatenate([sc.zeta[None], np.asarray(sc.trigger.apply(cand_src))])
-    rows = []
     agt_bound = agt_part(cfg, sc)
-    for m in progress(cfg.ms, "budgets"):
+
+    def budget(m):
         row = dict(m=int(m), flips_possible=float(np.mean((f0 > 0) | (radius < m))))
         row.update(agt_bound(m))
         if m:
@@ -151,7 +155,9 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
             row[f"{name}_asr"] = float(sc.attack_success_rate(np.asarray(model.predict(x_trig))))
             row.update({f"{name}_{kk}": v for kk, v in
                         visibility(cfg, splits, model).items()})
-        rows.append(row)
+        return row
+
+    rows = [sweep.cell(f"m{int(m)}", lambda: budget(m)) for m in progress(cfg.ms, "budgets")]
     res = dict(rows=rows, radius=radius.tolist(), trigger_alone=float(np.mean(f0 > 0)),
                length_scale=sc.length_scale, n_train=len(sc.X))
     ms = [r["m"] for r in rows]
@@ -199,7 +205,7 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     ax.set_ylabel("fraction of triggered inputs / AUROC")
     ax.legend(fontsize=7)
     rep.figure(fig, "certified_vs_visible")
-    rep.results["seconds_total"] = time.time() - t0
+    rep.results["seconds_total"] = sweep.seconds()     # the cells' stored times
     rep.write()
     return rep
 

@@ -63,14 +63,15 @@ Run: ``ntk-poison run defence --out results/defence``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import time
 from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
 
-from ntk_poison import data, flow, kernels, metrics, models, nets, penalized, scenario
+from ntk_poison import (data, flow, io, kernels, metrics, models, nets, penalized,
+                        scenario)
 from ntk_poison.artefact import Artefact
 from ntk_poison.report import Report, progress, x64_run
 
@@ -385,65 +386,75 @@ def nets_vs_kernel(prep, cfg) -> dict:
 
 # --------------------------------------------------------------------------- entry point
 
+STEPS = ("sweeps", "capacity", "filter", "contraction", "loss penalty", "weak attack",
+         "augmented", "crop flip", "distance", "near clean", "nets")
+
+
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the defence experiment (x64 = ``cfg.x64``, restored after); write
-    results.json, figures and report.md."""
-    t0 = time.time()
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run the defence experiment (x64 = ``cfg.x64``, restored after); write results.json,
+    figures and report.md. Each step is an :class:`io.Sweep` cell: a rerun resumes (the
+    shared penalized sweeps refitted only if a step left needs them); ``fresh`` restarts."""
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     prep = prepare(cfg)
     rep = Report(f"ntk-poison defence: the input-gradient penalty ({cfg.dataset.upper()})",
                  out_dir, cfg)
-    ell, lam = prep.ell, cfg.ridge
+    rep.started = sweep.started
+    ell, lam, secs = prep.ell, cfg.ridge, {}
     kappas = np.r_[0.0, cfg.kappas] * ell ** 2
     k = kernels.rbf(ell)
-    secs = {}
     res = dict(length_scale=ell, pixel_length_scale=prep.pixel_ell, dim=cfg.dim,
                n_poisoned=len(prep.Xp), kappa_over_l2=kappas / ell ** 2,
                r_x0_zeta_over_l=float(np.linalg.norm(prep.x0 - prep.zeta) / ell),
                train_mean_label=[float(np.mean(prep.yp)), float(np.mean(prep.y))],
                r_zeta_data_over_l=float(np.sqrt(((prep.X - prep.zeta) ** 2).sum(1)).min()
                                         / ell))
-    steps = ["sweeps", "capacity", "filter", "contraction", "loss penalty", "weak attack",
-             "augmented", "crop flip", "distance", "near clean", "nets"]
-    bar = progress(steps, "defence")
-    for step in bar:
-        ts = time.time()
+    # the poisoned and clean penalized sweeps, fitted once, on first use
+    base = functools.cache(lambda: _sweeps(k, prep.Xp, prep.yp, prep.X, prep.y, lam, kappas))
+
+    def step_cell(step):
         if step == "sweeps":
-            sp, sc = _sweeps(k, prep.Xp, prep.yp, prep.X, prep.y, lam, kappas)
-            res["frontier"] = frontier(sp, sc, prep, cfg)
-            res["near_clones"] = near_clones(sp, sc, prep, cfg, kappas)
-        elif step == "capacity":
-            res["capacity"] = capacity(k, sp, prep.Xp, prep.yp, lam, kappas)
-        elif step == "filter":
-            res["high_pass"] = high_pass(sp, sc, prep, cfg, kappas)
-            res["filter_1d"] = gap_study(cfg)             # c against density and gap
-        elif step == "contraction":
-            res["contraction"] = rbf_contraction(k, sp.at(0), prep, cfg)
-        elif step == "loss penalty" and cfg.loss_kappas:
-            res["frontier_loss"] = loss_penalty_frontier(k, prep, cfg)
-        elif step == "weak attack" and cfg.weak_m:
+            sp, sc = base()
+            return dict(frontier=frontier(sp, sc, prep, cfg),
+                        near_clones=near_clones(sp, sc, prep, cfg, kappas))
+        if step == "capacity":
+            return dict(capacity=capacity(k, base()[0], prep.Xp, prep.yp, lam, kappas))
+        if step == "filter":
+            sp, sc = base()
+            return dict(high_pass=high_pass(sp, sc, prep, cfg, kappas),
+                        filter_1d=gap_study(cfg))             # c against density and gap
+        if step == "contraction":
+            return dict(contraction=rbf_contraction(k, base()[0].at(0), prep, cfg))
+        if step == "loss penalty":
+            return dict(frontier_loss=loss_penalty_frontier(k, prep, cfg))
+        if step == "weak attack":
             n = len(prep.X) + cfg.weak_m
             spw, scw = _sweeps(k, prep.Xp[:n], prep.yp[:n], prep.X, prep.y, lam, kappas)
-            res["frontier_weak"] = frontier(spw, scw, prep, cfg)
-        elif step == "augmented" and cfg.augment_copies:
-            spa, sca = _sweeps(k, *prep.aug, lam, kappas)
-            res["frontier_augmented"] = dict(frontier(spa, sca, prep, cfg),
-                                             arm="jitter (Gaussian input noise; not crop + flip)")
-        elif step == "crop flip" and cfg.crop_flip_copies:
-            spa, sca = _sweeps(k, *prep.crop_flip, lam, kappas)
-            res["frontier_crop_flip"] = dict(frontier(spa, sca, prep, cfg),
-                                             arm="crop + flip in pixel space, before the PCA")
-        elif step == "distance" and cfg.distance_over_l:
-            res["distance_sweep"] = distance_sweep(k, sc, prep, cfg, kappas)
-        elif step == "near clean" and cfg.near_clean:
+            return dict(frontier_weak=frontier(spw, scw, prep, cfg))
+        if step in ("augmented", "crop flip"):
+            aug = step == "augmented"
+            spa, sca = _sweeps(k, *(prep.aug if aug else prep.crop_flip), lam, kappas)
+            arm = ("jitter (Gaussian input noise; not crop + flip)" if aug
+                   else "crop + flip in pixel space, before the PCA")
+            return {"frontier_" + step.replace(" ", "_"): dict(frontier(spa, sca, prep, cfg),
+                                                                arm=arm)}
+        if step == "distance":
+            return dict(distance_sweep=distance_sweep(k, base()[1], prep, cfg, kappas))
+        if step == "near clean":
             Xn, yn, info = near_clean_poisons(prep, cfg)     # same n: the clean sweep is sc
-            res["frontier_near_clean"] = dict(
-                frontier(penalized.fit_penalized_sweep(k, Xn, yn, lam, kappas), sc, prep, cfg),
-                **info)
-        elif step == "nets" and cfg.widths:
-            res["nets"] = nets_vs_kernel(prep, cfg)
-        secs[step] = time.time() - ts
-    res["seconds"] = dict(secs, total=time.time() - t0)
+            return dict(frontier_near_clean=dict(frontier(
+                penalized.fit_penalized_sweep(k, Xn, yn, lam, kappas), base()[1], prep, cfg),
+                **info))
+        return dict(nets=nets_vs_kernel(prep, cfg))
+
+    on = {"loss penalty": cfg.loss_kappas, "weak attack": cfg.weak_m, "augmented":
+          cfg.augment_copies, "crop flip": cfg.crop_flip_copies, "distance":
+          cfg.distance_over_l, "near clean": cfg.near_clean, "nets": cfg.widths}
+    for step in progress([s for s in STEPS if on.get(s, True)], "defence"):
+        key = step.replace(" ", "_")
+        res.update(sweep.cell(key, lambda: step_cell(step)))
+        secs[step] = sweep.seconds([key])
+    res["seconds"] = dict(secs, total=sweep.seconds())      # the cells' stored times
     claims(rep, res, cfg)
     figures(rep, res, cfg)
     rep.results = res

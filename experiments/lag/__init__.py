@@ -71,7 +71,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import flow, krr, metrics, scenario, spectra, theory
+from ntk_poison import flow, io, krr, metrics, scenario, spectra, theory
 from ntk_poison.defences.curvature import smoothness_statement, smoothness_text
 from ntk_poison.report import Report, progress, x64_run
 
@@ -276,19 +276,21 @@ def _visibility(xs, s, R_k) -> dict:
 # --------------------------------------------------------------------------- entry point
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     """Run the lag experiment; write results.json, figures and report.md into out_dir.
+    Each kernel is a cell of an :class:`io.Sweep` (``out_dir/cells``): a rerun of the
+    same config resumes; ``fresh`` starts over.
 
     JAX's x64 switch is ``cfg.x64`` for the run and restored afterwards."""
     import jax
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report(f"ntk-poison lag: attack success before visibility ({cfg.dataset.upper()})",
                  out_dir, cfg)
+    rep.started = sweep.started
     times = np.geomspace(cfg.t_min, cfg.t_max, cfg.n_t)
-    built, res = {}, {}
-    for name in progress(cfg.kernels, "kernels"):
+
+    def kernel_cell(name, sc, splits):
         tk = time.time()
-        sc, splits = scenario.for_kernel(built, cfg, name)
         art = sc.clone_attack(scenario.clone_count(cfg, cfg.m_max, sc.images), sc.y_target,
                               cfg.seed)
         m_max = art.n_poison
@@ -308,11 +310,19 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         t2 = time.time()
         cm, ct = _crossings(ms, sm), _crossings(times, st)
         vm, vt = _visibility(ms, sm, sm["R_k"]), _visibility(times, st, st["R_k"])
-        res[name] = dict(kernel=repr(k), lam=lam, k_zz=k_zz, m_sweep=sm, t_sweep=st,
-                         cross_m=cm, cross_t=ct, visibility_m=vm, visibility_t=vt,
-                         r_x0_zeta_over_l=float(np.linalg.norm(sc.x0 - zeta) / ell),
-                         data=sc.info(), smoothness=smooth,
-                         seconds=dict(m_sweep=t1 - tk, t_sweep=t2 - t1))
+        return dict(kernel=repr(k), lam=lam, k_zz=k_zz, m_sweep=sm, t_sweep=st,
+                    cross_m=cm, cross_t=ct, visibility_m=vm, visibility_t=vt,
+                    r_x0_zeta_over_l=float(np.linalg.norm(sc.x0 - zeta) / ell),
+                    data=sc.info(), smoothness=smooth,
+                    seconds=dict(m_sweep=t1 - tk, t_sweep=t2 - t1))
+
+    built, res = {}, {}
+    for name in progress(cfg.kernels, "kernels"):
+        sc, splits = scenario.for_kernel(built, cfg, name)    # data: cached, deterministic
+        res[name] = r = sweep.cell(f"kernel_{name}", lambda: kernel_cell(name, sc, splits))
+        sm, st, cm, ct, vm, vt, smooth = (r[k] for k in (
+            "m_sweep", "t_sweep", "cross_m", "cross_t", "visibility_m", "visibility_t",
+            "smoothness"))
         rep.claim(f"{name}: input Hessian defined at x0", smoothness_statement(
             "x0", smooth["deltas"]), smooth["smooth"], smoothness_text(name, smooth, "x0"),
                   ["lag_m.png"])
@@ -322,10 +332,11 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     figures.lag_figure(rep, res, "t", "lag_t")
     figures.threshold_figure(rep, res, "t", "threshold_t")
     ell = scenario.flat_length_scale(built)
-    rep.results = dict(length_scale=ell, kernels=res, seconds=time.time() - t0,
+    total = sweep.seconds()                       # the cells' stored times
+    rep.results = dict(length_scale=ell, kernels=res, seconds=total,
                        x0="the first triggered non-target test point",
                        flow="flow.kernel_flow at kappa = 0 (closed form; module docstring)")
-    rep.text(discussion(res, cfg, ell, time.time() - t0))
+    rep.text(discussion(res, cfg, ell, total))
     rep.text(agreement(res, cfg))
     rep.write()
     return rep

@@ -47,7 +47,6 @@ Run: ``ntk-poison run linear --out results/linear``.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Tuple
 
@@ -161,13 +160,15 @@ def measure(traj, kind, X_trig, X_hess_t, X_hess_c, X_test, y_test, P, target) -
 # --------------------------------------------------------------------------- entry point
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     """Run the linear experiment; write results.json, weights.npz (every run's final
-    model), figures and report.md into out_dir."""
+    model), figures and report.md into out_dir. Each (model, poison count) run is a cell
+    of an :class:`io.Sweep` (``out_dir/cells``): a rerun of the same config resumes;
+    ``fresh`` starts over."""
     import jax
     import optax
-    t0 = time.time()
     out_dir = Path(out_dir)
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report(f"ntk-poison linear: backdoors in linear models ({cfg.dataset.upper()}, "
                  "all-to-one, cross trigger)", out_dir, cfg)
     X, y, xte, yte, trig, ell = load_task(cfg)
@@ -185,26 +186,28 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
     params0 = linear.init(d, c, cfg.seed, cfg.init_scale, X.dtype)
     bs = None if cfg.batch_size == 0 else cfg.batch_size
     times = linear.eval_times(cfg.epochs, n, bs, cfg.evals_per_epoch, cfg.fine_epochs or None)
+
+    def point(kind, m, opt):
+        art = attacks.backdoor_attack(X, Y, trig, target, n_poison=m, seed=cfg.seed,
+                                      mode="replace")
+        traj, losses = linear.train(
+            params0, art.x.astype(X.dtype), art.y.astype(X.dtype), kind, opt, cfg.epochs,
+            batch_size=bs, key=cfg.seed, evals_per_epoch=cfg.evals_per_epoch,
+            fine_epochs=cfg.fine_epochs or None,
+            progress=lambda it: progress(it, f"{kind} m={m}: epochs"))
+        s = measure(traj, kind, X_trig, X_hess_t, X_hess_c, xte, yte, P, target)
+        return dict(s, loss=losses, poison_idx=np.asarray(art.poison_idx),
+                    W=np.asarray(traj.W[-1]), b=np.asarray(traj.b[-1]))
+
     res, weights = {}, {}
     for kind in cfg.models:
         opt = optax.sgd(cfg.lr_softmax if kind == "softmax" else cfg.lr_squares)
         runs, secs = {}, {}
         for m in progress([0] + counts, f"{kind}: poison counts"):
-            ts = time.time()
-            art = attacks.backdoor_attack(X, Y, trig, target, n_poison=m, seed=cfg.seed,
-                                          mode="replace")
-            traj, losses = linear.train(
-                params0, art.x.astype(X.dtype), art.y.astype(X.dtype), kind, opt, cfg.epochs,
-                batch_size=bs, key=cfg.seed, evals_per_epoch=cfg.evals_per_epoch,
-                fine_epochs=cfg.fine_epochs or None,
-                progress=lambda it: progress(it, f"{kind} m={m}: epochs"))
-            s = measure(traj, kind, X_trig, X_hess_t, X_hess_c, xte, yte, P, target)
-            s["loss"] = losses
-            s["poison_idx"] = np.asarray(art.poison_idx)
-            runs[m] = s
-            weights[f"{kind}_m{m}_W"] = np.asarray(traj.W[-1])
-            weights[f"{kind}_m{m}_b"] = np.asarray(traj.b[-1])
-            secs[m] = time.time() - ts
+            cell = sweep.cell(f"{kind}_m{m}", lambda: point(kind, m, opt))
+            weights[f"{kind}_m{m}_W"], weights[f"{kind}_m{m}_b"] = cell.pop("W"), cell.pop("b")
+            runs[m] = cell
+            secs[m] = sweep.seconds([f"{kind}_m{m}"])
         clean = runs[0]
         for m in counts:
             runs[m]["trigger_alone_asr"] = clean["asr"]
@@ -214,6 +217,8 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                                     for m in counts},
                          seconds={str(m): v for m, v in secs.items()})
     io.write_npz(out_dir / "weights.npz", weights)
+    total = sweep.seconds()
+    rep.started = sweep.started
     rep.results = dict(
         models=res, length_scale=ell, trigger=trig.to_dict(), d=d, n_train=n, classes=c,
         n_triggered=int(nt.sum()), n_test=int(len(xte)), hessian_idx=hidx,
@@ -221,10 +226,10 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
         dtype=str(np.dtype(X.dtype)), backend=jax.default_backend(),
         epochs=times, steps_per_epoch=linear.steps_per_epoch(n, bs), random_overlap=1.0 / d,
         weights="weights.npz: the final W, b of every run, keys '{model}_m{count}_W/_b'",
-        seconds=time.time() - t0)
+        seconds=total)
     claims(rep, res, counts, d, cfg)
     figures.lag_figure(rep, res, counts, cfg)
     figures.eigen_figure(rep, res, counts, cfg)
-    rep.text(discussion(rep.results, cfg, time.time() - t0))
+    rep.text(discussion(rep.results, cfg, total))
     rep.write()
     return rep

@@ -26,7 +26,7 @@ augmentation. Each cell: ASR beside the trigger-alone ASR (the same defence on t
 clean set), clean accuracy, and the detection AUROC and TPR at 5% FPR where the
 defence detects. The run is resumable: each cell is written atomically to
 ``cells/{regime}__{attack}__{defence}.json`` when it finishes, and a rerun of the same
-config skips the cells already there.
+config skips the cells already there (``io.Sweep``; ``--fresh`` starts over).
 
 Run: ``ntk-poison run matrix --out results/matrix``.
 """
@@ -34,9 +34,7 @@ Run: ``ntk-poison run matrix --out results/matrix``.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import time
+import shutil
 from pathlib import Path
 from typing import Tuple
 
@@ -156,12 +154,9 @@ class Config(BaseConfig):
                 "warp": lambda: image_triggers.WarpTrigger(k=4, strength=0.5, seed=self.seed)}
         return [(t, make[t]()) for t in self.triggers]
 
-    def tag(self) -> str:
-        """Cells computed under another config are recomputed: the hash of every field
-        but the lists of regimes, attacks and defences (which only choose cells)."""
-        d = {k: v for k, v in self.to_dict().items()
-             if k not in ("regimes", "attacks", "defences")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+#: Config fields that only choose which cells run: a rerun may change them.
+SWEEP_IGNORE = ("regimes", "attacks", "defences")
 
 
 def load_task(cfg: Config, n: int, dtype):
@@ -185,14 +180,16 @@ def _regime(cfg, name):
     return NetRegime(cfg, load_task(cfg, cfg.n_train, np.float32))
 
 
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run (or resume) the matrix; write cells, results.json, figures and report.md."""
-    t0 = time.time()
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run (or resume) the matrix; write cells, results.json, figures and report.md.
+    ``fresh``: delete the finished cells and start over."""
     out = Path(out_dir)
+    sweep = io.Sweep(out, cfg, fresh=fresh, ignore=SWEEP_IGNORE)
+    if fresh and (out / "artefacts").exists():
+        shutil.rmtree(out / "artefacts")
     rep = Report("ntk-poison matrix: every attack against every defence, kernel and net",
                  out, cfg)
-    store = io.CellStore(out / "cells", tag=cfg.tag())
-    table, computed = {}, []
+    table = {}
     kernel_zeta, optimal_meta = None, None
     for rname in cfg.regimes:
         with x64_scope(rname == "kernel"):
@@ -201,11 +198,8 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                 R.kernel_zeta = kernel_zeta
             clean = {}
             for d in progress(cfg.defences, f"{rname}: clean cells"):
-                key = f"{rname}__clean__{d}"
-                clean[d] = store.get(key)
-                if clean[d] is None:
-                    clean[d] = store.put(key, evaluate_cell(R, cfg, "clean", d, None))
-                    computed.append(key)
+                clean[d] = sweep.cell(f"{rname}__clean__{d}",
+                                      lambda: evaluate_cell(R, cfg, "clean", d, None))
             table[rname] = {"clean": clean}
             for a in progress(cfg.attacks, f"{rname}: attacks"):
                 art_path = out / "artefacts" / f"{rname}_{a}.npz"
@@ -228,22 +222,19 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                     optimal_meta = dict(A.meta)
                 row = {}
                 for d in cfg.defences:
-                    key = f"{rname}__{a}__{d}"
-                    cell = store.get(key)
-                    if cell is None:
+                    def compute():
                         cell = evaluate_cell(R, cfg, a, d, artefact(), ref=clean[d])
-                        cell["alone"] = alone_asr(clean[d], a)
-                        store.put(key, cell)
-                        computed.append(key)
-                    row[d] = cell
+                        return dict(cell, alone=alone_asr(clean[d], a))
+
+                    row[d] = sweep.cell(f"{rname}__{a}__{d}", compute)
                 table[rname][a] = row
-    rep.results = dict(table=table, cells_computed=computed, optimal=optimal_meta,
-                       cells_reused=len(store.keys()) - len(computed),
+    rep.started = sweep.started
+    rep.results = dict(table=table, optimal=io.to_jsonable(optimal_meta),
                        artefacts=sorted(p.name for p in (out / "artefacts").glob("*.npz")))
     claims.claims(rep, cfg)
     figures.heatmap(rep, cfg)
     figures.frontier(rep, cfg)
     rep.text(claims.table_markdown(rep.results["table"], cfg))
-    rep.results["seconds_total"] = time.time() - t0
+    rep.results["seconds_total"] = sweep.seconds()      # the cells' stored times
     rep.write()
     return rep

@@ -56,13 +56,13 @@ Run: ``ntk-poison run predict_asr --out results/predict_asr``.
 from __future__ import annotations
 
 import dataclasses
-import time
+import functools
 from pathlib import Path
 from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, data, flow, metrics, nets, scenario, train, triggers
+from ntk_poison import attacks, data, flow, io, metrics, nets, scenario, train, triggers
 from ntk_poison.config import Config as BaseConfig
 from ntk_poison.report import Report, progress, x64_run
 
@@ -210,13 +210,17 @@ def rel_error(f, f_ref) -> float:
 
 
 @x64_run
-def run(cfg: Config, out_dir: str | Path) -> Report:
-    """Run the experiment; write results.json, figures and report.md into out_dir."""
+def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
+    """Run the experiment; write results.json, figures and report.md into out_dir. Each
+    kernel flow (per m; with its predictions, which the nets' errors use) and each net
+    (per width, seed and m) is a cell of an :class:`io.Sweep` (``out_dir/cells``): a
+    rerun of the same config resumes; ``fresh`` starts over."""
     import jax
     import jax.numpy as jnp
-    t0 = time.time()
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
     rep = Report(f"ntk-poison predict_asr: a CNN's ASR from its analytic NTK "
                  f"({cfg.dataset.upper()}, all-to-one, patch trigger)", out_dir, cfg)
+    rep.started = sweep.started
     X, labels, X_test, y_test, X_trig, trig = load_task(cfg)
     n, shape, C = len(X), X.shape[1:], 10
     Y = scenario.centred_one_hot(labels, C)
@@ -233,28 +237,36 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                                                           multiclass=True)),
                     clean_acc=float(metrics.clean_accuracy(f[:nt], y_test, multiclass=True)))
 
-    kern, nets_out, f_k, arts = {}, {str(w): {} for w in cfg.widths}, {}, {}
-    tk = time.time()
+    @functools.cache
+    def art(m):                                   # the poisoned set: deterministic
+        return attacks.backdoor_attack(X, Y, trig, target, n_poison=m, seed=cfg.seed,
+                                       mode="replace")
+
+    def kernel_cell(m):
+        f = kernel_prediction(k, art(m).x, art(m).y, X_eval, cfg.time)
+        return measures(f) | dict(
+            poison_idx=np.asarray(art(m).poison_idx), f_eval=f,
+            gd_gap=kernel_gd_gap(k, art(m).x, art(m).y, X_eval, cfg.lr, cfg.steps, f))
+
+    kern, nets_out, f_k = {}, {str(w): {} for w in cfg.widths}, {}
     for m in progress(ms, "kernel flow: poison counts"):
-        art = attacks.backdoor_attack(X, Y, trig, target, n_poison=m, seed=cfg.seed,
-                                      mode="replace")
-        arts[m] = art
-        f_k[m] = kernel_prediction(k, art.x, art.y, X_eval, cfg.time)
-        kern[str(m)] = measures(f_k[m]) | dict(
-            poison_idx=np.asarray(art.poison_idx),
-            gd_gap=kernel_gd_gap(k, art.x, art.y, X_eval, cfg.lr, cfg.steps, f_k[m]))
-    secs = dict(kernel=time.time() - tk)
+        kern[str(m)] = sweep.cell(f"kernel_m{m}", lambda: kernel_cell(m))
+        f_k[m] = np.asarray(kern[str(m)].pop("f_eval"))
+    secs = dict(kernel=sweep.seconds([f"kernel_m{m}" for m in ms]))
     for w, n_seeds in zip(cfg.widths, cfg.net_seeds):
-        tw = time.time()
         for s in range(n_seeds):
             model = nets.cnn(jax.random.key(1000 * cfg.seed + s), channels=w,
                              dtype=jnp.float32, **arch)
-            rows = {}
-            for m in progress(ms, f"width {w} seed {s}: poison counts"):
-                f = train_centred(model, arts[m].x, arts[m].y, X_eval, cfg)
-                rows[str(m)] = measures(f) | dict(rel_error=rel_error(f, f_k[m]))
-            nets_out[str(w)][str(s)] = rows
-        secs[f"width_{w}"] = time.time() - tw
+
+            def net_cell(m):
+                f = train_centred(model, art(m).x, art(m).y, X_eval, cfg)
+                return measures(f) | dict(rel_error=rel_error(f, f_k[m]))
+
+            nets_out[str(w)][str(s)] = {
+                str(m): sweep.cell(f"net_w{w}_s{s}_m{m}", lambda: net_cell(m))
+                for m in progress(ms, f"width {w} seed {s}: poison counts")}
+        secs[f"width_{w}"] = sweep.seconds([f"net_w{w}_s{s}_m{m}" for s in range(n_seeds)
+                                            for m in ms])
     for m in ms:                                  # the clean run's ASR beside every ASR
         kern[str(m)]["trigger_alone_asr"] = kern["0"]["asr"]
         for w in nets_out.values():
@@ -266,11 +278,11 @@ def run(cfg: Config, out_dir: str | Path) -> Report:
                        kernel_runs=kern, net_runs=nets_out, summary=summary,
                        trigger=trig.to_dict(), n_test=nt, n_triggered=len(X_trig),
                        backend=jax.default_backend(), seconds=secs | dict(
-                           total=time.time() - t0))
+                           total=sweep.seconds()))           # the cells' stored times
     claims(rep, summary, ms, cfg)
     figures.asr_figure(rep, summary, ms, cfg)
     figures.error_figure(rep, summary, ms, cfg)
-    rep.text(discussion(rep.results, cfg, time.time() - t0))
+    rep.text(discussion(rep.results, cfg, sweep.seconds()))
     rep.write()
     return rep
 
