@@ -129,7 +129,7 @@ def _input_jacobian(fn, x, leading):
 def _input_hessian(fn, x, leading):
     shape = x.shape[1:]
     flat = jax.vmap(jax.hessian(lambda v: fn(v.reshape(shape))))
-    return _lead(flat(x.reshape(x.shape[0], -1)), leading)
+    return _lead(flat(x.reshape(x.shape[0], int(np.prod(shape)))), leading)
 
 
 # --------------------------------------------------------------------------- the protocol
