@@ -99,6 +99,9 @@ class Kernel:
         self.check_inputs("x1", x1)
         self.check_inputs("x2", x2)
         _validate.same_trailing("x1", x1, "x2", x2, self.input_rank)
+        dtype = jnp.result_type(x1, x2)   # one dtype: a float32 x1 must not set the
+        if jnp.issubdtype(dtype, jnp.floating):   # precision of a float64 result
+            x1, x2 = jnp.asarray(x1, dtype), jnp.asarray(x2, dtype)
         K = self.fn(x1, x2)
         if _validate.is_concrete(K) and not bool(jnp.all(jnp.isfinite(K))):
             raise ValueError(

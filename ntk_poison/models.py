@@ -237,7 +237,7 @@ class Model:
         For vector outputs use :meth:`input_jacobian`.
         """
         if not self.scalar_output:
-            raise ValueError("input_grad is for scalar outputs (y of shape (n,)); this "
+            raise ValueError("input_grad is for scalar outputs (`y` of shape (n,)); this "
                              "model has vector outputs: use input_jacobian.")
         x = self.check_inputs(x)
         per = 8 * self._members() * (self.size_hint + self._d(x))
@@ -259,7 +259,8 @@ class Model:
         ``4 d (n + d)`` floats per input) by the memory budget.
         """
         if not self.scalar_output:
-            raise ValueError("input_hessian is for scalar outputs (y of shape (n,)).")
+            raise ValueError("input_hessian is for scalar outputs (`y` of shape (n,)); "
+                             "for vector outputs use input_jacobian.")
         x = self.check_inputs(x)
         d = self._d(x)
         _validate.fits_in_memory(

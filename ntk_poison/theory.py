@@ -271,6 +271,8 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     Xc = as_inputs(k, "X", X)
     _validate.array("y", y, ndim=(1, 2), floating=True)
     _validate.same_rows("X", Xc, "y", y)
+    if Xc.shape[0] == 0:
+        raise ValueError("`X` is empty; pass at least one clean training point.")
     multi = np.ndim(y) == 2
     _validate.scalar("ridge", ridge)
     single_zeta = np.ndim(zeta) == k.input_rank
