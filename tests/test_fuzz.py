@@ -169,7 +169,7 @@ def test_every_registered_kernel_is_fuzzed():
 
 
 @pytest.mark.parametrize("name", FLAT_KERNELS)
-@fuzz(12)
+@fuzz(10)
 @given(data=st.data())
 def test_kernel_gram(name, data):
     stax = name in ("nt_fc", "normalized", "on_sphere")   # slow to compile: few shapes
@@ -239,7 +239,7 @@ def _oracle_fit(X, y, ridge, ls):
     return alpha, cond
 
 
-@fuzz(40)
+@fuzz(30)
 @given(data=st.data())
 def test_krr_fit_predict_derivatives(data):
     n = data.draw(st.sampled_from((0, 1, 2, 4)), "n")
@@ -311,10 +311,10 @@ def test_krr_fit_predict_derivatives(data):
 
 # --------------------------------------------------------------------------- spectra
 
-@fuzz(25)
+@fuzz(14)
 @given(data=st.data())
 def test_top_eigenpairs(data):
-    d = data.draw(st.sampled_from((1, 2, 3)), "d")
+    d = data.draw(st.sampled_from((1, 3)), "d")
     rng = np.random.default_rng(d)
     X, y = rng.normal(size=(4, d)), rng.normal(size=4)
     model = krr.fit(kernels.get("rbf"), X, y, ridge=1e-2)
@@ -388,7 +388,7 @@ def _refit_delta(X, y, ridge, zeta, y_t, m, x0, ls):
     return float(fp[0] - fc[0]), np.linalg.cond(Ap), np.linalg.cond(Ac)
 
 
-@fuzz(30)
+@fuzz(20)
 @given(data=st.data())
 def test_clone_law(data):
     N = data.draw(st.sampled_from((0, 1, 3)), "N")
