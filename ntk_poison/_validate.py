@@ -44,6 +44,10 @@ def array(name: str, x: Any, *, ndim: Optional[int | Sequence[int]] = None,
             raise ValueError(
                 f"`{name}` must have {' or '.join(map(str, allowed))} dimensions, got "
                 f"shape {tuple(x.shape)}.")
+    if getattr(x.dtype, "kind", None) in ("c", "O", "U", "S", "V"):
+        raise ValueError(
+            f"`{name}` has dtype {x.dtype}; pass real numbers (float, int or bool), e.g. "
+            f"`{name}.real` for a complex array.")
     if floating and not np.issubdtype(np.dtype(x.dtype), np.floating):
         raise ValueError(
             f"`{name}` has dtype {x.dtype}, but real-valued (float) targets are needed; "

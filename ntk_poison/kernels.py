@@ -31,10 +31,12 @@ Python", ICLR): :func:`nt_fc` and :func:`nt_cnn` wrap ``stax`` kernel functions.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntk_poison import _compat
 from ntk_poison import _validate
@@ -92,10 +94,21 @@ class Kernel:
 
     def __call__(self, x1: Array, x2: Array) -> Array:
         """The Gram matrix ``k(x1, x2)`` of shape ``(n1, n2)``."""
+        x1 = _validate.array("x1", x1)
+        x2 = _validate.array("x2", x2)
         self.check_inputs("x1", x1)
         self.check_inputs("x2", x2)
         _validate.same_trailing("x1", x1, "x2", x2, self.input_rank)
-        return self.fn(x1, x2)
+        dtype = jnp.result_type(x1, x2)   # one dtype: a float32 x1 must not set the
+        if jnp.issubdtype(dtype, jnp.floating):   # precision of a float64 result
+            x1, x2 = jnp.asarray(x1, dtype), jnp.asarray(x2, dtype)
+        K = self.fn(x1, x2)
+        if _validate.is_concrete(K) and not bool(jnp.all(jnp.isfinite(K))):
+            raise ValueError(
+                f"Kernel {self!r} is not finite at these `x1`, `x2` (finite inputs): check "
+                "its parameters and its domain (e.g. on_sphere and normalized need "
+                "k(x, x) > 0 and non-zero inputs).")
+        return K
 
     def check_inputs(self, name: str, x: Array) -> None:
         """Raise a ValueError unless ``x`` is a batch of this kernel's inputs."""
@@ -157,6 +170,11 @@ def get(name: str, **params: Any) -> Kernel:
 
 # --------------------------------------------------------------------------- helpers
 
+def flat_rows(x: Array) -> Array:
+    """``x (n, *s) -> (n, prod(s))``; unlike ``reshape(n, -1)`` also for ``n = 0``."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def sq_dists(x1: Array, x2: Array) -> Array:
     """Squared Euclidean distances ``||x1_i - x2_j||^2``, shape ``(n1, n2)``.
 
@@ -166,8 +184,7 @@ def sq_dists(x1: Array, x2: Array) -> Array:
     at ``x1 = x2``, which the input Hessians need; the round-off it leaves is a few
     ulp of ``|x|^2``.
     """
-    x1 = x1.reshape(x1.shape[0], -1)
-    x2 = x2.reshape(x2.shape[0], -1)
+    x1, x2 = flat_rows(x1), flat_rows(x2)
     n1 = jnp.sum(x1 * x1, axis=-1, keepdims=True)
     n2 = jnp.sum(x2 * x2, axis=-1, keepdims=True)
     a = jnp.concatenate([x1, n1, jnp.ones_like(n1)], axis=1)
@@ -178,6 +195,25 @@ def sq_dists(x1: Array, x2: Array) -> Array:
 def _positive(name: str, value: float) -> float:
     _validate.nonneg(name, value, positive=True)
     return float(value)
+
+
+def _length_scale(value: float) -> float:
+    """A length scale > 0 representable in every float dtype (float32's normal range)."""
+    ls = _positive("length_scale", value)
+    f32 = np.finfo(np.float32)
+    if not float(f32.tiny) <= ls <= float(f32.max):
+        raise ValueError(f"`length_scale` must be in [{f32.tiny:.2g}, {f32.max:.2g}] "
+                         f"(float32's normal range), got {ls!r}; rescale the inputs.")
+    return ls
+
+
+def _scaled_sq_dists(x1: Array, x2: Array, ls: float) -> Array:
+    """``max(|x1 - x2|^2, 0) / ls^2`` without under/overflowing ``ls^2``. The clip at 0
+    acts on the value only (the derivatives are those of :func:`sq_dists`), so the
+    round-off of a coincident pair never makes ``exp(-r^2/2l^2)`` exceed 1."""
+    sq = sq_dists(x1, x2)
+    sq = sq + jax.lax.stop_gradient(jnp.maximum(sq, 0.0) - sq)
+    return (sq / ls) / ls
 
 
 # --------------------------------------------------------------------------- kernels
@@ -191,11 +227,11 @@ def rbf(length_scale: float = 1.0, variance: float = 1.0) -> Kernel:
     Its input gradient is ``grad_x k(x, x') = -(x - x') / l^2 k(x, x')``, so the spike
     factor of a clone at distance r is ``R_k = r^2 / l^4``.
     """
-    ls = _positive("length_scale", length_scale)
+    ls = _length_scale(length_scale)
     var = _positive("variance", variance)
 
     def fn(x1, x2):
-        return var * jnp.exp(-sq_dists(x1, x2) / (2.0 * ls * ls))
+        return var * jnp.exp(-0.5 * _scaled_sq_dists(x1, x2, ls))
 
     return Kernel(fn, "rbf", (("length_scale", ls), ("variance", var)))
 
@@ -207,7 +243,7 @@ def linear(bias: float = 0.0, scale: float = 1.0) -> Kernel:
     s = _positive("scale", scale)
 
     def fn(x1, x2):
-        return s * (x1.reshape(x1.shape[0], -1) @ x2.reshape(x2.shape[0], -1).T) + b
+        return s * (flat_rows(x1) @ flat_rows(x2).T) + b
 
     return Kernel(fn, "linear", (("bias", b), ("scale", s)))
 
@@ -225,11 +261,11 @@ def matern52(length_scale: float = 1.0, variance: float = 1.0) -> Kernel:
     (Hessian ``-5/(3 l^2) I`` at ``x = x'``). The two branches are combined with the
     "double where" idiom so that neither branch's derivative produces NaN.
     """
-    ls = _positive("length_scale", length_scale)
+    ls = _length_scale(length_scale)
     var = _positive("variance", variance)
 
     def fn(x1, x2):
-        a2 = 5.0 * sq_dists(x1, x2) / (ls * ls)
+        a2 = 5.0 * _scaled_sq_dists(x1, x2, ls)
         small = a2 < 1e-6
         a = jnp.sqrt(jnp.where(small, 1.0, a2))
         exact = (1.0 + a + a * a / 3.0) * jnp.exp(-a)
@@ -410,7 +446,7 @@ def _base_kernel(base: Any, base_params: Dict[str, Any]) -> Kernel:
 
 
 def _flat_norms(x: Array) -> Array:
-    return jnp.sqrt(jnp.sum(x.reshape(x.shape[0], -1) ** 2, axis=1))
+    return jnp.sqrt(jnp.sum(flat_rows(x) ** 2, axis=1))
 
 
 @register("normalized")

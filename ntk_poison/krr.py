@@ -442,7 +442,7 @@ def check_training(k: Kernel, X: Array, y: Array, ridge: float
     X = as_inputs(k, "X", X)
     _validate.array("y", y, ndim=(1, 2), floating=True)
     _validate.same_rows("X", X, "y", y)
-    _validate.nonneg("ridge", ridge)
+    _validate.scalar("ridge", ridge)
     if X.shape[0] == 0:
         raise ValueError("`X` is empty; pass at least one training point.")
     dtype = jnp.result_type(X.dtype, jnp.asarray(y).dtype)

@@ -129,7 +129,7 @@ def _input_jacobian(fn, x, leading):
 def _input_hessian(fn, x, leading):
     shape = x.shape[1:]
     flat = jax.vmap(jax.hessian(lambda v: fn(v.reshape(shape))))
-    return _lead(flat(x.reshape(x.shape[0], -1)), leading)
+    return _lead(flat(x.reshape(x.shape[0], int(np.prod(shape)))), leading)
 
 
 # --------------------------------------------------------------------------- the protocol
@@ -237,7 +237,7 @@ class Model:
         For vector outputs use :meth:`input_jacobian`.
         """
         if not self.scalar_output:
-            raise ValueError("input_grad is for scalar outputs (y of shape (n,)); this "
+            raise ValueError("input_grad is for scalar outputs (`y` of shape (n,)); this "
                              "model has vector outputs: use input_jacobian.")
         x = self.check_inputs(x)
         per = 8 * self._members() * (self.size_hint + self._d(x))
@@ -259,7 +259,8 @@ class Model:
         ``4 d (n + d)`` floats per input) by the memory budget.
         """
         if not self.scalar_output:
-            raise ValueError("input_hessian is for scalar outputs (y of shape (n,)).")
+            raise ValueError("input_hessian is for scalar outputs (`y` of shape (n,)); "
+                             "for vector outputs use input_jacobian.")
         x = self.check_inputs(x)
         d = self._d(x)
         _validate.fits_in_memory(

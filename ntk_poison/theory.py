@@ -77,11 +77,15 @@ def poison_gain(m: Any, n: Any, ridge: float, k_zz: Any) -> Any:
     _validate.nonneg("k_zz", k_zz, positive=True)
     m = np.asarray(m, dtype=float) if _validate.is_concrete(m) else m
     denom = n * ridge + m * k_zz
-    return m / denom
+    # denom = 0 only at m = 0 and ridge = 0: no clones, no gain (not 0/0).
+    where = np.where if _validate.is_concrete(denom) else jnp.where
+    return m / where(denom == 0, 1.0, denom)
 
 
 def efficacy_law(m: Any, n: Any, ridge: float, k0: Any, k_zz: Any, y_target: float) -> Any:
     """The paper's approximate efficacy ``Delta f(x0) ~ y_t k0 S(m; lam)``."""
+    _validate.array("k0", k0)
+    _validate.array("y_target", y_target)
     return y_target * k0 * poison_gain(m, n, ridge, k_zz)
 
 
@@ -287,8 +291,10 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
     Xc = as_inputs(k, "X", X)
     _validate.array("y", y, ndim=(1, 2), floating=True)
     _validate.same_rows("X", Xc, "y", y)
+    if Xc.shape[0] == 0:
+        raise ValueError("`X` is empty; pass at least one clean training point.")
     multi = np.ndim(y) == 2
-    _validate.nonneg("ridge", ridge)
+    _validate.scalar("ridge", ridge)
     single_zeta = np.ndim(zeta) == k.input_rank
     zeta = as_inputs(k, "zeta", zeta, single_ok=True)
     _validate.same_trailing("zeta", zeta, "X", Xc, k.input_rank)
@@ -375,6 +381,11 @@ def clone_law(k: Kernel, X: Array, y: Array, ridge: float, zeta: Array, y_target
             grad_clean = jnp.einsum("mn,pn...->mp...", vy, J)
             scale = weight.reshape(weight.shape + (1,) * (grad_kt.ndim - 2))
         grad_delta = scale * grad_kt
+    if not bool(jnp.all(jnp.isfinite(delta))):
+        raise ValueError(
+            f"The poisoned system K + (N+m)*ridge*I is singular at ridge={ridge} (a clone "
+            "at ridge 0 that duplicates a training point, or a non-positive-definite "
+            "kernel): increase `ridge`.")
     law = CloneLaw(ms=ms, n=np.asarray(n), delta_f=delta, f_clean=f_clean, alpha_p=alpha_p,
                    s2=s2, kt=kt, fc_zeta=fcz, k0=k0, k_zz=kzz, grad_clean=grad_clean,
                    grad_delta=grad_delta, grad_k0=gz, single_zeta=single_zeta,

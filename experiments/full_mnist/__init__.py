@@ -176,7 +176,8 @@ def kernel_cell(cfg: Config, name: str, X, y, Xte, yte, zeta, Xtrig) -> dict:
                                residual=float(refit.info.residual)))
     return dict(kernel=name, test_accuracy=acc, iterations=int(info.iterations),
                 residual=float(info.residual), fit_seconds=t_fit, predict_seconds=t_pred,
-                peak_rss_gb=peak_rss_gb(), sigma2_zeta=s, rows=rows, refits=checks,
+                peak_rss_gb=peak_rss_gb(), sigma2_zeta=s, mu=mu, m_half=mu / s,
+                rows=rows, refits=checks,
                 n_train=N, n_test=len(Zte))
 
 
@@ -205,7 +206,11 @@ def run(cfg: Config, out_dir: str | Path, *, fresh: bool = False) -> Report:
                         f"{r['n_train']} MNIST images", f"{r['test_accuracy']:.4f} "
                         f"({r['iterations']} CG iterations, relative residual "
                         f"{r['residual']:.1e}, fit {r['fit_seconds']:.0f} s)")
-    lines += ["", "Clone attack (the exact law; m = 0 is the trigger alone):", "",
+    lines += ["", "Clone attack (the exact law; m = 0 is the trigger alone). The change at "
+              "zeta is (y_t - f_0(zeta)) m s / (mu + m s): linear in m while m << m_half = "
+              "mu / s, saturated beyond (" + ", ".join(
+                  f"{n}: s = {r['sigma2_zeta']:.3g}, mu = {r['mu']:.3g}, m_half = "
+                  f"{r['m_half']:.3g}" for n, r in res.items()) + ").", "",
               "| m | " + " | ".join(f"{n} efficacy | {n} ASR" for n in res) + " |",
               "|---|" + "---|---|" * len(res)]
     for i, m in enumerate([0, *cfg.ms]):

@@ -61,6 +61,9 @@ def class_ids(labels: Array) -> np.ndarray:
     """
     _validate.array("labels", labels, ndim=(1, 2))
     lab = np.asarray(labels)
+    if lab.ndim == 2 and lab.shape[1] == 0:
+        raise ValueError("`labels` of shape (n, 0) has no classes; pass (n,) class ids or "
+                         "(n, c) one-hot rows with c >= 1.")
     if lab.ndim == 2:
         return np.argmax(lab, axis=1).astype(np.int64)
     if np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool:
@@ -74,6 +77,8 @@ def feature_classes(features: Array, labels: Array) -> np.ndarray:
     ``(n, p)`` (or ``(n, ...)``) with one row per label; returns the class ids
     (:func:`class_ids`)."""
     _validate.array("features", features, ndim=(2, 3, 4))
+    if np.shape(features)[0] == 0:
+        raise ValueError("`features` is empty; pass at least one training point.")
     classes = class_ids(labels)
     _validate.same_rows("features", np.asarray(features), "labels", classes)
     return classes
