@@ -475,8 +475,8 @@ def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
     """``k(X, X)``, ``(n, n)``, by symmetry: X is cut into B <= 8 row blocks of about
     1024 rows, only the B (B + 1) / 2 blocks on and above the diagonal are computed
     (their GEMM and recursion), and the others are their transposes: about
-    ``(B + 1) / (2 B)`` of the work of the full matrix. The diagonal entries use the
-    exact angle ``t = 0``."""
+    ``(B + 1) / (2 B)`` of the work of the full matrix. The result is exactly
+    symmetric, and its diagonal entries use the exact angle ``t = 0``."""
     dtype = _nt_dtype(x, x)
     x = _flat_as(x, dtype)
     n, d = x.shape
@@ -488,12 +488,15 @@ def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
     for i, (a0, a1) in enumerate(edges):
         for j in range(i, len(edges)):
             b0, b1 = edges[j]
-            same = None
-            if i == j:
-                idx = jnp.arange(a1 - a0)
-                same = idx[:, None] == idx[None, :]
-            blocks[i, j] = recursion((x[a0:a1] @ x[b0:b1].T) / d, q[a0:a1], q[b0:b1],
-                                     d, same)
+            if i != j:
+                blocks[i, j] = recursion((x[a0:a1] @ x[b0:b1].T) / d, q[a0:a1],
+                                         q[b0:b1], d)
+                continue
+            idx = jnp.arange(a1 - a0)
+            block = recursion((x[a0:a1] @ x[a0:a1].T) / d, q[a0:a1], q[a0:a1], d,
+                              idx[:, None] == idx[None, :])
+            # the GEMM's rounding need not be symmetric: keep the upper triangle
+            blocks[i, j] = jnp.where(idx[:, None] <= idx[None, :], block, block.T)
     if len(edges) == 1:
         return blocks[0, 0]
     return jnp.concatenate([
