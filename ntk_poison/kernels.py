@@ -25,7 +25,9 @@ Adding a kernel::
 
 The infinite-width kernels of neural networks come from neural-tangents
 (Novak et al. 2020, "Neural Tangents: Fast and Easy Infinite Neural Networks in
-Python", ICLR): :func:`nt_fc` and :func:`nt_cnn` wrap ``stax`` kernel functions.
+Python", ICLR): :func:`nt_cnn` and the erf :func:`nt_fc` wrap ``stax`` kernel
+functions; the ReLU :func:`nt_fc` computes the same recursion itself (equal to
+neural-tangents' to ~1e-16), fused and, for ``k(X, X)``, by symmetry.
 """
 
 from __future__ import annotations
@@ -277,6 +279,20 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     with ``kappa_1 = sqrt(s s') (sin t + (pi - t) cos t) / (2 pi)`` and
     ``kappa_0 = (pi - t) / (2 pi)`` for angle t; see ``tests/oracles`` for a numpy
     version. ``kind`` picks ``"ntk"`` (Theta) or ``"nngp"`` (Sigma).
+
+    ReLU implementation (issue 15; ``benchmarks/ntk_gram_floor.py``): the recursion is
+    computed here, not by ``stax``, in one jitted function per call shape: one GEMM
+    ``x1 x2^T`` and, per layer and entry, neural-tangents' own angle form
+    ``t = atan2(sqrt(S11 S22 - S12^2), S12)`` with one ``sqrt`` and a vectorised
+    rational atan2 (no libm call), the derivative rules of neural-tangents' ``_sqrt``
+    and ``_arctan2`` (so input gradients and Hessians are unchanged). It equals
+    neural-tangents' kernel to ~1e-16 relative wherever the angle is well-conditioned
+    (``tests/test_ntk_gram.py``: 1e-12). ``k(X, X)`` with the same array (or tracer)
+    passed twice computes only the row blocks on and above the diagonal (exactly
+    symmetric) and uses the exact ``t = 0`` on the diagonal, where neural-tangents'
+    angle of rounded covariances has an O(sqrt eps) ~ 1e-9 relative error. Pairs of
+    (anti)parallel distinct inputs keep that O(sqrt eps) error in both. Like
+    neural-tangents, it computes in float64 when x64 is on, whatever the input dtype.
 
     Note: with ``b_std = 0`` the ReLU NTK is positively homogeneous of degree 1 in each
     argument, ``k(a x, x') = a k(x, x')`` (a > 0), so ``x . grad_x k(x, x') = k(x, x')``
