@@ -324,11 +324,8 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     if activation == "relu":
         if kind not in ("ntk", "nngp"):
             raise ValueError(f"`kind` must be 'ntk' or 'nngp', got {kind!r}.")
-        rec = functools.partial(_relu_fc_recursion, depth=depth, W_std=W_std, b_std=b_std,
-                                kind=kind, parameterization=parameterization)
-        fn = _SymmetricGram(functools.partial(_relu_fc_cross, recursion=rec),
-                            functools.partial(_relu_fc_gram, recursion=rec))
-        return Kernel(fn, "nt_fc", params + (("kind", kind),))
+        return Kernel(_relu_fc_fn(depth, W_std, b_std, kind, parameterization), "nt_fc",
+                      params + (("kind", kind),))
     layers = []
     for _ in range(depth):
         layers += [stax.Dense(512, W_std=W_std, b_std=b_std,
@@ -372,6 +369,17 @@ class _SymmetricGram:
         if x1 is x2:
             return self.gram(x1)
         return self.cross(x1, x2)
+
+
+@functools.lru_cache(maxsize=64)
+def _relu_fc_fn(depth: int, W_std: float, b_std: float, kind: str,
+                parameterization: str) -> _SymmetricGram:
+    """The jitted ``fn`` of the ReLU :func:`nt_fc`, one per parameter set, so that a
+    rebuilt kernel reuses the compiled programs."""
+    rec = functools.partial(_relu_fc_recursion, depth=depth, W_std=W_std, b_std=b_std,
+                            kind=kind, parameterization=parameterization)
+    return _SymmetricGram(functools.partial(_relu_fc_cross, recursion=rec),
+                          functools.partial(_relu_fc_gram, recursion=rec))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
