@@ -289,9 +289,9 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     neural-tangents' kernel to ~1e-16 relative wherever the angle is well-conditioned
     (``tests/test_ntk_gram.py``: 1e-12). ``k(X, X)`` with the same array (or tracer)
     passed twice computes only the row blocks on and above the diagonal (exactly
-    symmetric) and uses the exact ``t = 0`` on the diagonal, where neural-tangents'
-    angle of rounded covariances has an O(sqrt eps) ~ 1e-9 relative error. Pairs of
-    (anti)parallel distinct inputs keep that O(sqrt eps) error in both. Like
+    symmetric). Identical and (anti)parallel pairs, the diagonal included, keep the
+    O(sqrt eps) ~ 1e-9 relative error of an angle from rounded covariances, in both
+    implementations (the same for every copy of a point, which the clone law needs). Like
     neural-tangents, it computes in float64 when x64 is on, whatever the input dtype.
 
     Note: with ``b_std = 0`` the ReLU NTK is positively homogeneous of degree 1 in each
@@ -442,20 +442,15 @@ def _nt_dtype(x1: Array, x2: Array):
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
-def _relu_fc_recursion(q12: Array, q1: Array, q2: Array, d: int, same: Any = None, *,
+def _relu_fc_recursion(q12: Array, q1: Array, q2: Array, d: int, *,
                        depth: int, W_std: float, b_std: float, kind: str,
                        parameterization: str) -> Array:
     """The ReLU FC NNGP / NTK from the input covariances (one fused elementwise pass
     per layer; the maths is in :func:`nt_fc`).
 
     ``q12 = x1 x2^T / d`` ``(n1, n2)``, ``q1 = |x1|^2 / d`` ``(n1,)``, ``q2`` likewise.
-    ``same`` (bool ``(n1, n2)`` or None) marks pairs of identical inputs: there the
-    angle is set to its exact value ``t = 0`` instead of the ill-conditioned
-    ``atan2(sqrt(q1 q2 - q12^2), q12)`` of rounded covariances.
     """
     w2, b2 = W_std ** 2, b_std ** 2
-    if same is not None:
-        q12 = jnp.where(same, q1[:, None], q12)
     theta = None
     for layer in range(depth + 1):                     # Dense, then ReLU unless last
         if parameterization == "ntk":
@@ -470,8 +465,6 @@ def _relu_fc_recursion(q12: Array, q1: Array, q2: Array, d: int, same: Any = Non
         if layer == depth:
             break
         r = _safe_sqrt(q1[:, None] * q2[None, :] - q12 * q12)
-        if same is not None:
-            r = jnp.where(same, 0.0, r)
         t = _relu_angle(r, q12)
         step = 0.5 - t * (1.0 / (2.0 * math.pi))       # E[relu'(u) relu'(v)]
         q12 = r * (1.0 / (2.0 * math.pi)) + step * q12  # E[relu(u) relu(v)]
@@ -500,7 +493,10 @@ def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
     1024 rows, only the B (B + 1) / 2 blocks on and above the diagonal are computed
     (their GEMM and recursion), and the others are their transposes: about
     ``(B + 1) / (2 B)`` of the work of the full matrix. The result is exactly
-    symmetric, and its diagonal entries use the exact angle ``t = 0``."""
+    symmetric. Its diagonal keeps neural-tangents' angle of rounded covariances
+    (O(sqrt eps) off the exact t = 0), as every other pair of identical inputs does:
+    an exact diagonal beside noisy duplicates (clones) would make the clone block of
+    a Gram matrix inconsistent (tests/test_theory.py's clone law against refits)."""
     dtype = _nt_dtype(x, x)
     x = _flat_as(x, dtype)
     n, d = x.shape
@@ -517,8 +513,7 @@ def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
                                          q[b0:b1], d)
                 continue
             idx = jnp.arange(a1 - a0)
-            block = recursion((x[a0:a1] @ x[a0:a1].T) / d, q[a0:a1], q[a0:a1], d,
-                              idx[:, None] == idx[None, :])
+            block = recursion((x[a0:a1] @ x[a0:a1].T) / d, q[a0:a1], q[a0:a1], d)
             # the GEMM's rounding need not be symmetric: keep the upper triangle
             blocks[i, j] = jnp.where(idx[:, None] <= idx[None, :], block, block.T)
     if len(edges) == 1:
