@@ -180,7 +180,7 @@ def test_gradients_equal_neural_tangents(rng):
     derivative rules are neural-tangents'), to 1e-10; the Gram path's (upper blocks,
     mirrored) equal the full cross computation's off the diagonal (on it, the angle's
     derivative at t ~ 1e-8 is rounding noise, in neural-tangents as here)."""
-    depth, W, b = 2, 1.3, 0.2
+    depth, W, b = 1, 1.3, 0.2
     x, x2 = _inputs(rng)
     X, X2 = jnp.asarray(x), jnp.asarray(x2)
     k = kernels.nt_fc(depth=depth, W_std=W, b_std=b)
