@@ -25,12 +25,15 @@ Adding a kernel::
 
 The infinite-width kernels of neural networks come from neural-tangents
 (Novak et al. 2020, "Neural Tangents: Fast and Easy Infinite Neural Networks in
-Python", ICLR): :func:`nt_fc` and :func:`nt_cnn` wrap ``stax`` kernel functions.
+Python", ICLR): :func:`nt_cnn` and the erf :func:`nt_fc` wrap ``stax`` kernel
+functions; the ReLU :func:`nt_fc` computes the same recursion itself (equal to
+neural-tangents' to ~1e-16), fused and, for ``k(X, X)``, by symmetry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Dict, Tuple
 
@@ -312,6 +315,20 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     ``kappa_0 = (pi - t) / (2 pi)`` for angle t; see ``tests/oracles`` for a numpy
     version. ``kind`` picks ``"ntk"`` (Theta) or ``"nngp"`` (Sigma).
 
+    ReLU implementation (issue 15; ``benchmarks/ntk_gram_floor.py``): the recursion is
+    computed here, not by ``stax``, in one jitted function per call shape: one GEMM
+    ``x1 x2^T`` and, per layer and entry, neural-tangents' own angle form
+    ``t = atan2(sqrt(S11 S22 - S12^2), S12)`` with one ``sqrt`` and a vectorised
+    rational atan2 (no libm call), the derivative rules of neural-tangents' ``_sqrt``
+    and ``_arctan2`` (so input gradients and Hessians are unchanged). It equals
+    neural-tangents' kernel to ~1e-16 relative wherever the angle is well-conditioned
+    (``tests/test_ntk_gram.py``: 1e-12). ``k(X, X)`` with the same array (or tracer)
+    passed twice computes only the row blocks on and above the diagonal (exactly
+    symmetric). Identical and (anti)parallel pairs, the diagonal included, keep the
+    O(sqrt eps) ~ 1e-9 relative error of an angle from rounded covariances, in both
+    implementations (the same for every copy of a point, which the clone law needs). Like
+    neural-tangents, it computes in float64 when x64 is on, whatever the input dtype.
+
     Note: with ``b_std = 0`` the ReLU NTK is positively homogeneous of degree 1 in each
     argument, ``k(a x, x') = a k(x, x')`` (a > 0), so ``x . grad_x k(x, x') = k(x, x')``
     and its input gradient keeps a radial part ``k / |x|`` at ``x' -> x``: the spike
@@ -337,17 +354,209 @@ def nt_fc(depth: int = 2, W_std: float = 1.0, b_std: float = 0.0, kind: str = "n
     acts = {"relu": stax.Relu, "erf": stax.Erf}
     if activation not in acts:
         raise ValueError(f"`activation` must be one of {sorted(acts)}, got {activation!r}.")
+    params = (("depth", depth), ("W_std", W_std), ("b_std", b_std),
+              ("parameterization", parameterization))
+    if activation == "relu":
+        if kind not in ("ntk", "nngp"):
+            raise ValueError(f"`kind` must be 'ntk' or 'nngp', got {kind!r}.")
+        return Kernel(_relu_fc_fn(depth, W_std, b_std, kind, parameterization), "nt_fc",
+                      params + (("kind", kind),))
     layers = []
     for _ in range(depth):
         layers += [stax.Dense(512, W_std=W_std, b_std=b_std,
                               parameterization=parameterization), acts[activation]()]
     layers += [stax.Dense(1, W_std=W_std, b_std=b_std, parameterization=parameterization)]
     _, _, kernel_fn = stax.serial(*layers)
-    params = (("depth", depth), ("W_std", W_std), ("b_std", b_std),
-              ("parameterization", parameterization))
-    if activation != "relu":                     # the ReLU kernel keeps its old identity
-        params += (("activation", activation),)
+    params += (("activation", activation),)      # the ReLU kernel keeps its old identity
     return from_stax(kernel_fn, kind, name="nt_fc", params=params)
+
+
+# --------------------------------------------------------------------------- ReLU FC NTK
+
+#: Rows per block of the symmetric Gram k(X, X), and the most blocks per side (the
+#: blocks are unrolled into one XLA program, so their number bounds compile time).
+_GRAM_BLOCK_ROWS = 1024
+_GRAM_MAX_BLOCKS = 8
+
+#: Cephes' atan: atan(u) = u + u z P(z) / Q(z), z = u^2, |u| <= 0.66 (relative error
+#: ~1e-16 in float64); Q is monic, its leading 1 left out.
+_ATAN_P = (-8.750608600031904122785e-1, -1.615753718733365076637e1,
+           -7.500855792314704667340e1, -1.228866684490136173410e2,
+           -6.485021904942025371773e1)
+_ATAN_Q = (2.485846490142306297962e1, 1.650270098316988542046e2,
+           4.328810604912902668951e2, 4.853903996359136964868e2,
+           1.945506571482613964425e2)
+_TAN_PI_8 = 0.41421356237309504880
+
+
+class _SymmetricGram:
+    """``Kernel.fn`` of a kernel with a cheaper Gram matrix: ``fn(X, X)`` with the
+    same array (or tracer) passed twice is ``gram(X)``, any other call ``cross(x1, x2)``.
+    Both are jitted; ``lower`` is the cross path's (so :class:`Kernel` does not wrap
+    this in another ``jax.jit``, whose fresh tracers would hide the identity)."""
+
+    def __init__(self, cross: KernelFn, gram: Callable[[Array], Array]):
+        self.cross = jax.jit(cross)
+        self.gram = jax.jit(gram)
+        self.lower = self.cross.lower
+
+    def __call__(self, x1: Array, x2: Array) -> Array:
+        if x1 is x2:
+            return self.gram(x1)
+        return self.cross(x1, x2)
+
+
+@functools.lru_cache(maxsize=64)
+def _relu_fc_fn(depth: int, W_std: float, b_std: float, kind: str,
+                parameterization: str) -> _SymmetricGram:
+    """The jitted ``fn`` of the ReLU :func:`nt_fc`, one per parameter set, so that a
+    rebuilt kernel reuses the compiled programs."""
+    rec = functools.partial(_relu_fc_recursion, depth=depth, W_std=W_std, b_std=b_std,
+                            kind=kind, parameterization=parameterization)
+    return _SymmetricGram(functools.partial(_relu_fc_cross, recursion=rec),
+                          functools.partial(_relu_fc_gram, recursion=rec))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _safe_sqrt(x: Array, tol: float = 0.0) -> Array:
+    """``sqrt(max(x, tol))``, with neural-tangents' derivative rule (0 where x <= tol)."""
+    return jnp.sqrt(jnp.maximum(x, tol))
+
+
+@_safe_sqrt.defjvp
+def _safe_sqrt_jvp(tol, primals, tangents):
+    x, = primals
+    x_dot, = tangents
+    safe_tol = max(tol, 1e-30)
+    return (_safe_sqrt(x, tol),
+            jnp.where(x > safe_tol, x_dot / (2 * _safe_sqrt(x, safe_tol)), 0.0))
+
+
+@jax.custom_jvp
+def _relu_angle(r: Array, c: Array) -> Array:
+    """The angle ``t = atan2(r, c)`` in ``[0, pi]`` for ``r >= 0`` (``pi / 2`` at
+    ``r = c = 0``, as neural-tangents), by elementary operations that XLA vectorises
+    and fuses: one division reduces to ``|u| <= tan(pi/8)``,
+
+        u = min(r, |c|) / max(r, |c|)                   if that is <= tan(pi/8),
+        u = (min - max) / (min + max)   (atan(a) = pi/4 + atan((a - 1)/(a + 1))) else,
+
+    then Cephes' rational ``atan(u) = u + u z P(z)/Q(z)`` (``z = u^2``), and the
+    octant is restored by ``pi/2 - .`` (``r > |c|``) and ``pi - .`` (``c < 0``).
+    Absolute error ~1e-16 in float64, against ~40 cycles for a scalar libm atan2.
+    The derivative is neural-tangents' ``_arctan2`` rule."""
+    a = jnp.abs(c)
+    lo = jnp.minimum(r, a)
+    hi = jnp.maximum(r, a)
+    big = lo > _TAN_PI_8 * hi
+    num = jnp.where(big, lo - hi, lo)
+    den = jnp.where(big, lo + hi, jnp.where(hi > 0, hi, 1.0))
+    u = num / den
+    z = u * u
+    p = (((_ATAN_P[0] * z + _ATAN_P[1]) * z + _ATAN_P[2]) * z + _ATAN_P[3]) * z + _ATAN_P[4]
+    q = ((((z + _ATAN_Q[0]) * z + _ATAN_Q[1]) * z + _ATAN_Q[2]) * z + _ATAN_Q[3]) * z \
+        + _ATAN_Q[4]
+    t = u + u * z * (p / q) + jnp.where(big, math.pi / 4, 0.0)
+    t = jnp.where(r > a, math.pi / 2 - t, t)
+    t = jnp.where(c < 0, math.pi - t, t)
+    return jnp.where(hi > 0, t, math.pi / 2)
+
+
+@_relu_angle.defjvp
+def _relu_angle_jvp(primals, tangents):
+    r, c = primals
+    r_dot, c_dot = tangents
+    den = jnp.maximum(r * r + c * c, 1e-30)
+    return _relu_angle(r, c), r_dot * (c / den) - c_dot * (r / den)
+
+
+def _nt_dtype(x1: Array, x2: Array):
+    # neural-tangents computes in the canonical float64 (float32 without x64),
+    # whatever the input dtype; the fast path keeps that.
+    del x1, x2
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _relu_fc_recursion(q12: Array, q1: Array, q2: Array, d: int, *,
+                       depth: int, W_std: float, b_std: float, kind: str,
+                       parameterization: str) -> Array:
+    """The ReLU FC NNGP / NTK from the input covariances (one fused elementwise pass
+    per layer; the maths is in :func:`nt_fc`).
+
+    ``q12 = x1 x2^T / d`` ``(n1, n2)``, ``q1 = |x1|^2 / d`` ``(n1,)``, ``q2`` likewise.
+    """
+    w2, b2 = W_std ** 2, b_std ** 2
+    theta = None
+    for layer in range(depth + 1):                     # Dense, then ReLU unless last
+        if parameterization == "ntk":
+            q12, q1, q2 = w2 * q12 + b2, w2 * q1 + b2, w2 * q2 + b2
+            if kind == "ntk":
+                theta = q12 if theta is None else q12 + w2 * theta
+        else:                                          # "standard": fan-in d, then 512
+            if kind == "ntk":
+                width = d if layer == 0 else 512
+                theta = width * q12 + 1.0 + (0.0 if theta is None else w2 * theta)
+            q12, q1, q2 = w2 * q12 + b2, w2 * q1 + b2, w2 * q2 + b2
+        if layer == depth:
+            break
+        r = _safe_sqrt(q1[:, None] * q2[None, :] - q12 * q12)
+        t = _relu_angle(r, q12)
+        step = 0.5 - t * (1.0 / (2.0 * math.pi))       # E[relu'(u) relu'(v)]
+        q12 = r * (1.0 / (2.0 * math.pi)) + step * q12  # E[relu(u) relu(v)]
+        if kind == "ntk":
+            theta = step * theta
+        q1, q2 = 0.5 * q1, 0.5 * q2                    # E[relu(u)^2] = S / 2
+    return theta if kind == "ntk" else q12
+
+
+def _flat_as(x: Array, dtype) -> Array:
+    return x.reshape(x.shape[0], -1).astype(dtype)
+
+
+def _relu_fc_cross(x1: Array, x2: Array, *, recursion: Callable) -> Array:
+    """``k(x1, x2)``, ``(n1, n2)``: one GEMM and the fused recursion on every entry."""
+    dtype = _nt_dtype(x1, x2)
+    x1, x2 = _flat_as(x1, dtype), _flat_as(x2, dtype)
+    d = x1.shape[1]
+    q1 = jnp.sum(x1 * x1, axis=1) / d
+    q2 = jnp.sum(x2 * x2, axis=1) / d
+    return recursion((x1 @ x2.T) / d, q1, q2, d)
+
+
+def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
+    """``k(X, X)``, ``(n, n)``, by symmetry: X is cut into B <= 8 row blocks of about
+    1024 rows, only the B (B + 1) / 2 blocks on and above the diagonal are computed
+    (their GEMM and recursion), and the others are their transposes: about
+    ``(B + 1) / (2 B)`` of the work of the full matrix. The result is exactly
+    symmetric. Its diagonal keeps neural-tangents' angle of rounded covariances
+    (O(sqrt eps) off the exact t = 0), as every other pair of identical inputs does:
+    an exact diagonal beside noisy duplicates (clones) would make the clone block of
+    a Gram matrix inconsistent (tests/test_theory.py's clone law against refits)."""
+    dtype = _nt_dtype(x, x)
+    x = _flat_as(x, dtype)
+    n, d = x.shape
+    q = jnp.sum(x * x, axis=1) / d
+    nb = max(1, min(_GRAM_MAX_BLOCKS, -(-n // _GRAM_BLOCK_ROWS)))
+    rows = -(-n // nb)
+    edges = [(s, min(n, s + rows)) for s in range(0, n, rows)]
+    blocks = {}
+    for i, (a0, a1) in enumerate(edges):
+        for j in range(i, len(edges)):
+            b0, b1 = edges[j]
+            if i != j:
+                blocks[i, j] = recursion((x[a0:a1] @ x[b0:b1].T) / d, q[a0:a1],
+                                         q[b0:b1], d)
+                continue
+            idx = jnp.arange(a1 - a0)
+            block = recursion((x[a0:a1] @ x[a0:a1].T) / d, q[a0:a1], q[a0:a1], d)
+            # the GEMM's rounding need not be symmetric: keep the upper triangle
+            blocks[i, j] = jnp.where(idx[:, None] <= idx[None, :], block, block.T)
+    if len(edges) == 1:
+        return blocks[0, 0]
+    return jnp.concatenate([
+        jnp.concatenate([blocks[i, j] if j >= i else blocks[j, i].T
+                         for j in range(len(edges))], axis=1)
+        for i in range(len(edges))], axis=0)
 
 
 def _check_cnn(depth, channels, filter_size, pool, hidden, W_std, b_std):
