@@ -97,6 +97,7 @@ class Kernel:
 
     def __call__(self, x1: Array, x2: Array) -> Array:
         """The Gram matrix ``k(x1, x2)`` of shape ``(n1, n2)``."""
+        same = x1 is x2                  # k(X, X): kernels may use the symmetry
         x1 = _validate.array("x1", x1)
         x2 = _validate.array("x2", x2)
         self.check_inputs("x1", x1)
@@ -104,7 +105,8 @@ class Kernel:
         _validate.same_trailing("x1", x1, "x2", x2, self.input_rank)
         dtype = jnp.result_type(x1, x2)   # one dtype: a float32 x1 must not set the
         if jnp.issubdtype(dtype, jnp.floating):   # precision of a float64 result
-            x1, x2 = jnp.asarray(x1, dtype), jnp.asarray(x2, dtype)
+            x1 = jnp.asarray(x1, dtype)
+            x2 = x1 if same else jnp.asarray(x2, dtype)
         K = self.fn(x1, x2)
         if _validate.is_concrete(K) and not bool(jnp.all(jnp.isfinite(K))):
             raise ValueError(
