@@ -93,7 +93,7 @@ def stored_gram(k: Kernel, X: jax.Array, block: int, dtype: Any) -> jax.Array:
 def _stored_product(G, V):
     n = G.shape[2]
     if G.dtype == V.dtype:
-        out = jnp.einsum("ibn,nc->ibc", G, V)
+        out = G.reshape(-1, n) @ V
     else:       # upcast one block at a time: the products accumulate in V's dtype
         out = jax.lax.map(lambda g: g.astype(V.dtype) @ V, G)
     return out.reshape(-1, V.shape[1])[:n]

@@ -48,7 +48,7 @@ __all__ = [
     "ConvergenceWarning", "ConvergenceError", "SpectrumInfo", "eigsh", "block_lanczos",
     "cg", "conjugate_gradients", "newton_lm", "shifted_solve", "cholesky_solve",
     "cholesky", "sign_fix", "select_sorted", "lanczos_plan", "start_block",
-    "matrix_of", "LowRankPreconditioner", "low_rank_preconditioner",
+    "matrix_of", "LowRankPreconditioner", "low_rank_preconditioner", "column_nystrom",
 ]
 
 _WHICH = ("LA", "LM")
@@ -644,6 +644,35 @@ def low_rank_preconditioner(B: Array, shift: float) -> LowRankPreconditioner:
     B = jnp.asarray(B)
     _validate.nonneg("shift", shift, positive=True)
     shift = jnp.asarray(shift, B.dtype)
+    return LowRankPreconditioner(B, _low_rank_factor(B, shift), shift)
+
+
+def column_nystrom(matvec: MatVec, idx: Array, N: int, dtype: Any, shift: Array,
+                   chunk: int = 8) -> LowRankPreconditioner:
+    """The Nystrom preconditioner of an operator ``A + shift I`` from its columns.
+
+    Traceable core. ``matvec`` maps ``(N, c) -> (A + shift I) V``; ``idx`` are r
+    distinct column indices. Products of ``chunk`` columns at a time give ``C = A[:, idx]`` and
+    ``W = A[idx, idx] = U s U^T``; with eigenvalues below ``100 r eps max s`` dropped,
+    ``B = C U s^-1/2`` gives ``B B^T = C W^+ C^T ~ A`` (exact on the span of the
+    chosen columns), and :class:`LowRankPreconditioner` ``(B B^T + shift I)^-1``.
+    For A symmetric positive semi-definite.
+    """
+    r = idx.shape[0]
+    g = -(-r // chunk)
+    idx_p = jnp.concatenate([idx, jnp.broadcast_to(idx[:1], (g * chunk - r,))])
+
+    def columns(ids):       # ``chunk`` columns per product: the memory of a CG step
+        E = jnp.zeros((N, chunk), dtype).at[ids, jnp.arange(chunk)].set(1.0)
+        return matvec(E) - shift * E
+
+    C = jax.lax.map(columns, idx_p.reshape(g, chunk))          # (g, N, chunk)
+    C = jnp.moveaxis(C, 0, 1).reshape(N, g * chunk)[:, :r]
+    W = C[idx]
+    s, U = jnp.linalg.eigh(0.5 * (W + W.T))
+    keep = s > jnp.max(s) * jnp.finfo(dtype).eps * 100 * r
+    scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, s, 1.0)), 0.0)
+    B = C @ (U * scale[None, :])
     return LowRankPreconditioner(B, _low_rank_factor(B, shift), shift)
 
 

@@ -274,7 +274,8 @@ def _krr_as_penalized(k, X, y, ridge, kappa, penalty):
 def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: float = 0.0,
                   *, penalty: str = "output", solver: str = "direct",
                   tol: Optional[float] = None, maxiter: Optional[int] = None,
-                  block_size: Optional[int] = None) -> PenalizedModel:
+                  block_size: Optional[int] = None, preconditioner: str = "jacobi",
+                  precond_rank: Optional[int] = None, key: Any = None) -> PenalizedModel:
     """The exact minimiser over the RKHS of the penalised objective (THEORY.md section 3).
 
         J(f) = (1/2n) sum (f(x_i)-y_i)^2 + (lam/2)||f||_H^2 + (kappa/2n) sum P_i(f)
@@ -308,6 +309,11 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
         ``_validate.default_tol``: 1e-8 in float64, 1e-4 in float32.
       maxiter: iteration cap (default min(10 N, 10000) for CG, 100 for Newton).
       block_size: rows per block of the CG matrix-vector product.
+      preconditioner: CG's preconditioner: ``"jacobi"`` (the joint diagonal) or
+        ``"nystrom"`` (:func:`ntk_poison.linalg.column_nystrom` on ``precond_rank``
+        joint columns drawn uniformly by ``key``; default rank
+        ``min(N, max(100, 2 sqrt(N)))``, N = n (1 + d)).
+      precond_rank, key: the Nystrom rank and the PRNG key (or int seed) of its columns.
 
     Returns:
       A :class:`PenalizedModel` (model="exact"). At kappa = 0 it is
@@ -332,7 +338,8 @@ def fit_penalized(k: Kernel, X: Array, y: Array, ridge: float = 1e-3, kappa: flo
     shape, dt = X.shape[1:], X.dtype
     if solver == "cg":
         joint.warn_if_not_smooth(k, X)
-        return _fit_cg(k, X, Y, y, scalar, ridge, kappa, tol, maxiter, block_size)
+        return _fit_cg(k, X, Y, y, scalar, ridge, kappa, tol, maxiter, block_size,
+                       preconditioner, precond_rank, key)
     joint.warn_if_not_smooth(k, X)
     joint.check_joint_memory(X, "fit_penalized(solver=\"direct\")")
     Kfull, A, sw = joint.exact_system(k, X, jnp.asarray(ridge, dt), jnp.asarray(kappa, dt))
@@ -380,36 +387,55 @@ def _newton_loss(Kfull, Y, ridge, kappa, c0, tol, maxiter):
 # --------------------------------------------------------------------------- CG solver
 
 @functools.partial(jax.jit, static_argnums=(0, 6))
-def _cg_solve(k: Kernel, X, Y, ridge, kappa, tol, block: int, maxiter):
+def _cg_solve(k: Kernel, X, Y, ridge, kappa, tol, block: int, maxiter, idx=None):
     """Preconditioned CG (:func:`ntk_poison.linalg.conjugate_gradients`) on
     ``(S Kfull S + n lam I) z = [Y; 0]``, all columns at once, matrix-free.
 
-    Jacobi preconditioner: ``diag(S Kfull S) + n lam``. Returns ``c = S z``, the
+    Preconditioner: Jacobi ``diag(S Kfull S) + n lam`` when ``idx`` is None, else the
+    Nystrom preconditioner of :func:`ntk_poison.linalg.column_nystrom` on the joint
+    columns ``idx`` (one blocked product of r columns). Returns ``c = S z``, the
     iterations and the true relative residual ``max_col |b - A z| / |b|``.
     """
     n = X.shape[0]
     N = n * (1 + joint.flat_dim(X))
     sw = joint.sqrt_weights(n, N, kappa, X.dtype)
     shift = n * ridge
-    kd, md = joint.joint_diag(k, X)
-    precond = jnp.concatenate([kd, kappa * md]) + shift
-    precond = jnp.where(precond > 0, precond, 1.0)
     matvec = joint.joint_matvec(k, X, sw, shift, block)
+    if idx is None:
+        kd, md = joint.joint_diag(k, X)
+        precond = jnp.concatenate([kd, kappa * md]) + shift
+        precond = jnp.where(precond > 0, precond, 1.0)
+    else:
+        precond = linalg.column_nystrom(matvec, idx, N, X.dtype, shift)
     x, it, res = linalg.conjugate_gradients(matvec, joint.ybar(Y, N), precond, tol, maxiter)
     return sw[:, None] * x, it, res
 
 
-def _fit_cg(k, X, Y, y, scalar, ridge, kappa, tol, maxiter, block_size):
+def _fit_cg(k, X, Y, y, scalar, ridge, kappa, tol, maxiter, block_size,
+            preconditioner="jacobi", precond_rank=None, key=None):
     n, shape, dt = X.shape[0], X.shape[1:], X.dtype
     d = joint.flat_dim(X)
     N = n * (1 + d)
+    preconditioner = _validate.choice("preconditioner", preconditioner,
+                                      ("jacobi", "nystrom"))
+    idx = None
+    if preconditioner == "nystrom":
+        if precond_rank is None:
+            rank = int(min(N, max(100, int(2 * np.sqrt(N)))))
+        else:
+            _validate.positive_int("precond_rank", precond_rank)
+            rank = int(precond_rank)
+            if rank > N:
+                raise ValueError(f"`precond_rank` = {rank} exceeds the joint size N = "
+                                 f"n (1 + d) = {N}; use at most N.")
+        idx = jax.random.choice(_validate.as_key(key), N, (rank,), replace=False)
     tol = _validate.default_tol(dt) if tol is None else float(tol)
     maxiter = min(10 * N, 10000) if maxiter is None else int(maxiter)
     if block_size is not None:
         _validate.nonneg("block_size", block_size, integer=True, positive=True)
     block = joint.default_block(n, d, dt.itemsize) if block_size is None else int(block_size)
     c, it, res = _cg_solve(k, X, Y, jnp.asarray(ridge, dt), jnp.asarray(kappa, dt),
-                           jnp.asarray(tol, dt), block, maxiter)
+                           jnp.asarray(tol, dt), block, maxiter, idx)
     it, res = int(it), float(res)
     if not np.all(np.isfinite(np.asarray(c))):
         raise ValueError("Conjugate gradients produced NaN/inf: S Kfull S + n*ridge*I is "
