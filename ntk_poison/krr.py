@@ -349,8 +349,11 @@ def check_cg_options(n: int, dtype: Any, c: int, *, tol, maxiter, preconditioner
             raise ValueError(
                 f"The stored {store.name} Gram matrix for n={n} and the CG working set "
                 f"need {need / 2**30:.1f} GiB, over the memory budget of "
-                f"{budget / 2**30:.1f} GiB. Pass gram_dtype='blockwise' (Gram blocks "
-                "recomputed per product), gram_dtype=jnp.float32, or subsample.")
+                f"{budget / 2**30:.1f} GiB (NTK_POISON_MEMORY_BUDGET; raise it if the "
+                f"machine has the memory). Pass gram_dtype='blockwise' (Gram blocks "
+                "recomputed per product)"
+                + ("" if store.itemsize == 4 else ", gram_dtype=jnp.float32")
+                + ", or subsample.")
     return tol, int(maxiter), preconditioner, rank, store, block, _validate.as_key(key)
 
 

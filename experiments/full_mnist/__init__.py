@@ -22,8 +22,10 @@ the fully connected ReLU NTK on unit-norm inputs):
 * **the check**: at ``refit_ms`` the model is refitted by CG on the N + m points
   (relative ridge ``mu / (N + m)``, the same absolute ridge) and compared with the law.
 
-Run: ``ntk-poison run full_mnist --out results/full_mnist`` (about an hour on a 2-core
-CPU; ``--set n_train=4000`` for a quick look).
+Run: ``NTK_POISON_MEMORY_BUDGET=18e9 ntk-poison run full_mnist --out
+results/full_mnist`` (about an hour on a 2-core CPU; ``--set n_train=4000`` for a quick
+look). The float32 Gram matrix of 60,000 images and the CG working set take 15.8 GiB,
+over the default budget of half the RAM on a 24 GB machine, hence the variable.
 """
 
 from __future__ import annotations
