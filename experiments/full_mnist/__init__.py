@@ -176,7 +176,7 @@ def kernel_cell(cfg: Config, name: str, X, y, Xte, yte, zeta, Xtrig) -> dict:
                                scale=float(np.abs(law_t).max()),
                                iterations=int(refit.info.iterations),
                                residual=float(refit.info.residual)))
-    return dict(kernel=name, test_accuracy=acc, iterations=int(info.iterations),
+    return dict(kernel=name, kernel_params=dict(k.params), test_accuracy=acc, iterations=int(info.iterations),
                 residual=float(info.residual), fit_seconds=t_fit, predict_seconds=t_pred,
                 peak_rss_gb=peak_rss_gb(), sigma2_zeta=s, mu=mu, m_half=mu / s,
                 rows=rows, refits=checks,
