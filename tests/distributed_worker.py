@@ -73,7 +73,11 @@ def forced(n: int, D: int, c: int, blocks: str) -> dict:
                      "alpha": alpha.tolist(), "cg": info,
                      "matvec_cold_seconds": t_cold, "matvec_seconds": t_mv,
                      "cg_cold_seconds": t_cg_cold, "cg_seconds": t_cg})
-    return {"devices": jax.device_count(), "mesh": int(mesh.size), "runs": runs}
+    from ntk_poison import krr            # the library's CG fit on the same mesh
+    model = krr.fit(k, X, V, RIDGE, solver="cg", mesh=mesh, tol=TOL, precond_rank=20)
+    return {"devices": jax.device_count(), "mesh": int(mesh.size), "runs": runs,
+            "krr_fit_alpha": np.asarray(model.alpha).tolist(),
+            "krr_fit_iterations": int(model.info.iterations)}
 
 
 def multi(address: str, nproc: int, pid: int, n: int) -> dict:

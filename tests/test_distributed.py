@@ -90,6 +90,9 @@ def test_eight_forced_devices_match_single_device():
         _close(r["alpha"], alpha1, f"sharded CG (block {r['block']})")
         _close(r["alpha"], alpha, "sharded CG vs numpy solve")
         assert r["cg"]["converged"] and r["cg"]["residual"] <= 1e-12
+    # krr.fit(solver="cg", mesh=mesh): the preconditioned CG fit on the sharded product
+    _close(res["krr_fit_alpha"], alpha, "krr.fit(mesh=...) vs numpy solve")
+    assert res["krr_fit_iterations"] >= 1
 
 
 # --------------------------------------------------------------------------- 2 processes
