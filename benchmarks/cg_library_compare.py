@@ -21,7 +21,7 @@ ds = C.load_flat_dataset(n, 10)
 X = jnp.asarray(ds["x_train"]); Y = jnp.asarray(np.eye(10)[ds["labels_train"]])
 ls = float(metrics.median_distance(ds["x_train"]) / np.sqrt(2)); k = kernels.rbf(ls)
 shift = n * 1e-3; r = krr.default_precond_rank(n)
-G = gram.stored_gram(k, X, n, np.dtype(np.float64)); Kmat = G.reshape(-1, n)[:n]
+G = gram.stored_gram(k, X, n, np.dtype(np.float64)); Kmat = G.reshape(-1, G.shape[2])[:n, :n]
 B = gram.nystrom_factor(k, X, r, jax.random.PRNGKey(0)); P = linalg.low_rank_preconditioner(B, shift)
 def tm(f, reps=3):
     jax.block_until_ready(f()); ts = []

@@ -81,26 +81,53 @@ def gram_matvec(k: Kernel, X: jax.Array, *, block_size: Optional[int] = None
     return matvec
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
 def stored_gram(k: Kernel, X: jax.Array, block: int, dtype: Any) -> jax.Array:
-    """The Gram matrix as padded row blocks ``(ceil(n/b), b, n)`` in ``dtype``
-    (computed in the inputs' dtype, then cast, one block at a time)."""
-    Xb = padded_blocks(X, block)
-    return jax.lax.map(lambda xb: k.fn(xb, X).astype(dtype), Xb)
+    """The Gram matrix ``k(X, X)`` stored as row blocks ``(nb, t, nb * t)`` in ``dtype``
+    (``t`` rows per block, rows and columns padded with copies of ``X[0]`` up to
+    ``nb * t >= n``; :func:`stored_matvec` pads and drops them).
+
+    Symmetry halves the work: only the ``t x t`` tiles on and above the diagonal are
+    computed (in the inputs' dtype, then cast); each is written to its place and,
+    transposed, to the mirror place. ``t = min(block, max(256, ceil(n / 8)))``, so
+    that even a matrix of one row block is cut into enough tiles to gain.
+    """
+    n = X.shape[0]
+    tile = int(min(block, max(256, -(-n // 8)), n))
+    return _stored_gram(k, X, tile, np.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _stored_gram(k: Kernel, X: jax.Array, tile: int, dtype: Any) -> jax.Array:
+    Xb = padded_blocks(X, tile)
+    nb = Xb.shape[0]
+    pairs = np.array([(i, j) for i in range(nb) for j in range(i, nb)], np.int32)
+    I, J = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
+
+    def body(p, G):
+        i, j = I[p], J[p]
+        T = k.fn(Xb[i], Xb[j]).astype(dtype)
+        zero = jnp.zeros((), I.dtype)
+        G = jax.lax.dynamic_update_slice(G, T[None], (i, zero, j * tile))
+        return jax.lax.dynamic_update_slice(G, T.T[None], (j, zero, i * tile))
+
+    G = jnp.zeros((nb, tile, nb * tile), dtype)
+    return jax.lax.fori_loop(0, len(pairs), body, G)
 
 
 @jax.jit
 def _stored_product(G, V):
-    n = G.shape[2]
+    n, n_pad = V.shape[0], G.shape[2]
+    if n_pad > n:   # the pad columns of G meet zeros
+        V = jnp.concatenate([V, jnp.zeros((n_pad - n,) + V.shape[1:], V.dtype)])
     if G.dtype == V.dtype:
-        out = G.reshape(-1, n) @ V
+        out = G.reshape(-1, n_pad) @ V
     else:       # upcast one block at a time: the products accumulate in V's dtype
         out = jax.lax.map(lambda g: g.astype(V.dtype) @ V, G)
     return out.reshape(-1, V.shape[1])[:n]
 
 
 def stored_matvec(G: jax.Array) -> Callable[[Array], jax.Array]:
-    """``V -> K V`` from a :func:`stored_gram` ``G (nb, b, n)``. A float32 ``G`` with
+    """``V -> K V`` from a :func:`stored_gram` ``G (nb, t, nb * t)``. A float32 ``G`` with
     float64 ``V`` is upcast block by block (float64 accumulation; the operator is then
     the float32-rounded Gram matrix, relative error ~6e-8 per entry)."""
 

@@ -26,7 +26,8 @@ def test_tiny_run_matches_numpy(tmp_path):
     cfg = exp.Config(n_train=300, n_test=100, kernels=("rbf",), ms=(1, 10),
                      refit_ms=(10,), n_trigger=40, precond_rank=60, gram_dtype="float64")
     exp.run(cfg, tmp_path)
-    res = json.loads((tmp_path / "results.json").read_text())["results"]["kernels"]["rbf"]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    res = results["kernels"]["rbf"]
     X, y, Xte, yte = exp.load(cfg)
     ell = res["kernel_params"]["length_scale"]
     K = lambda A, B: np.exp(-((A * A).sum(1)[:, None] + (B * B).sum(1)[None]
@@ -48,5 +49,5 @@ def test_tiny_run_matches_numpy(tmp_path):
         f_t, f_z = K(Xt, Xp) @ a, (K(zeta[None], Xp) @ a)[0]
         assert row["asr"] == pytest.approx(np.mean(f_t.argmax(1) == t))
         assert row["efficacy"] == pytest.approx(f_z[t] - np.delete(f_z, t).max(), abs=1e-7)
-    (check,) = res["refits"]
+    (check,) = results["refits"]
     assert check["m"] == 10 and check["max_abs_diff_triggered"] < 1e-7

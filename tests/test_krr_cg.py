@@ -134,6 +134,12 @@ def test_gram_pieces_against_numpy(problem):
     np.testing.assert_allclose(np.asarray(gram.gram_matvec(p["k"], X, block_size=BS)(V)),
                                K @ V, atol=1e-12)
     G = gram.stored_gram(p["k"], X, BS, np.dtype(np.float64))
+    n = len(K)            # the stored tiles, mirrored, are the Gram matrix; pads dropped
+    np.testing.assert_allclose(np.asarray(G).reshape(-1, G.shape[2])[:n, :n], K, atol=1e-13)
+    G1 = gram.stored_gram(p["k"], X[:397], 10**6, np.dtype(np.float32))   # tiles of 256
+    assert G1.shape == (2, 256, 512) and G1.dtype == np.float32
+    np.testing.assert_allclose(np.asarray(G1).reshape(512, 512)[:397, :397], K[:397, :397],
+                               atol=1e-6)
     np.testing.assert_allclose(np.asarray(gram.stored_matvec(G)(V[:, 0])), K @ V[:, 0],
                                atol=1e-12)
     # full rank: both factors reproduce K
