@@ -30,8 +30,8 @@ from ntk_poison.kernels import Kernel
 
 Array = Any
 
-__all__ = ["default_block_size", "padded_blocks", "gram_matvec", "stored_gram",
-           "stored_matvec", "gram_diag", "nystrom_factor", "pivoted_cholesky_factor",
+__all__ = ["default_block_size", "padded_blocks", "gram_matvec", "blockwise_product",
+           "stored_gram", "stored_matvec", "stored_product", "gram_diag", "nystrom_factor", "pivoted_cholesky_factor",
            "BLOCK_BYTES"]
 
 #: the target size of one Gram row block, in bytes (the default ``block_size``)
@@ -55,7 +55,9 @@ def padded_blocks(X: jax.Array, block: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _blockwise_matvec(k: Kernel, X, V, block: int):
+def blockwise_product(k: Kernel, X, V, block: int):
+    """``k(X, X) V`` for ``V (n, c)``, one ``(block, n)`` row block at a time (jitted;
+    the kernel and ``block`` static); :func:`gram_matvec` is its checked wrapper."""
     n = X.shape[0]
     Xb = padded_blocks(X, block)
     out = jax.lax.map(lambda xb: k.fn(xb, X).astype(V.dtype) @ V, Xb)
@@ -75,8 +77,8 @@ def gram_matvec(k: Kernel, X: jax.Array, *, block_size: Optional[int] = None
 
     def matvec(V):
         if V.ndim == 1:
-            return _blockwise_matvec(k, X, V[:, None], block)[:, 0]
-        return _blockwise_matvec(k, X, V, block)
+            return blockwise_product(k, X, V[:, None], block)[:, 0]
+        return blockwise_product(k, X, V, block)
 
     return matvec
 
@@ -115,7 +117,8 @@ def _stored_gram(k: Kernel, X: jax.Array, tile: int, dtype: Any) -> jax.Array:
 
 
 @jax.jit
-def _stored_product(G, V):
+def stored_product(G, V):
+    """``K V`` for ``V (n, c)`` from a :func:`stored_gram` ``G`` (jitted)."""
     n, n_pad = V.shape[0], G.shape[2]
     if n_pad > n:   # the pad columns of G meet zeros
         V = jnp.concatenate([V, jnp.zeros((n_pad - n,) + V.shape[1:], V.dtype)])
@@ -133,8 +136,8 @@ def stored_matvec(G: jax.Array) -> Callable[[Array], jax.Array]:
 
     def matvec(V):
         if V.ndim == 1:
-            return _stored_product(G, V[:, None])[:, 0]
-        return _stored_product(G, V)
+            return stored_product(G, V[:, None])[:, 0]
+        return stored_product(G, V)
 
     return matvec
 

@@ -512,7 +512,7 @@ def _relu_fc_recursion(q12: Array, q1: Array, q2: Array, d: int, *,
 
 
 def _flat_as(x: Array, dtype) -> Array:
-    return x.reshape(x.shape[0], -1).astype(dtype)
+    return flat_rows(x).astype(dtype)
 
 
 def _relu_fc_cross(x1: Array, x2: Array, *, recursion: Callable) -> Array:
@@ -537,6 +537,8 @@ def _relu_fc_gram(x: Array, *, recursion: Callable) -> Array:
     dtype = _nt_dtype(x, x)
     x = _flat_as(x, dtype)
     n, d = x.shape
+    if n == 0:
+        return jnp.zeros((0, 0), dtype)
     q = jnp.sum(x * x, axis=1) / d
     nb = max(1, min(_GRAM_MAX_BLOCKS, -(-n // _GRAM_BLOCK_ROWS)))
     rows = -(-n // nb)

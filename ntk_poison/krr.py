@@ -383,9 +383,9 @@ def cg_preconditioner(k: Kernel, X: jax.Array, shift: float, preconditioner: str
 def _cg_fit(k: Kernel, X, Y, shift, G, P, tol, maxiter, *, block: int):
     from ntk_poison import gram
     if G is None:
-        Kv = lambda V: gram._blockwise_matvec(k, X, V, block)  # noqa: E731
+        Kv = lambda V: gram.blockwise_product(k, X, V, block)  # noqa: E731
     else:
-        Kv = lambda V: gram._stored_product(G, V)  # noqa: E731
+        Kv = lambda V: gram.stored_product(G, V)  # noqa: E731
     return linalg.conjugate_gradients(lambda V: Kv(V) + shift * V, Y, P, tol, maxiter)
 
 
