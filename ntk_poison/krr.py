@@ -424,15 +424,22 @@ def solve_cg(k: Kernel, X: jax.Array, y: jax.Array, ridge: float, *, tol=None,
         raise ValueError("Conjugate gradients produced NaN/inf: K + n*ridge*I is not "
                          "positive definite in {dt}. Increase `ridge`, check the kernel "
                          "is positive definite, or enable float64.".format(dt=dt))
-    if res > 10 * tol:
-        msg = (f"KRR CG stopped after {it} iterations at relative residual {res:.3g} "
-               f"(tol {tol:g}); raise `maxiter` or `precond_rank`, or `ridge`.")
-        if strict:
-            raise linalg.ConvergenceError(msg)
-        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=3)
+    _check_convergence("KRR CG", it, res, tol, strict, ", or `ridge`")
     alpha = x[:, 0] if y.ndim == 1 else x
     return KRRModel(kernel=k, X=X, alpha=alpha, ridge=ridge,
                     info=SolveInfo(jnp.asarray(it), jnp.asarray(res, dt)))
+
+
+def _check_convergence(what: str, it: int, res: float, tol: float, strict: bool,
+                       hint: str = "") -> None:
+    """A CG solve that stopped above 10 tol: a ConvergenceWarning, or with ``strict``
+    a ConvergenceError (the message names the options that help)."""
+    if res > 10 * tol:
+        msg = (f"{what} stopped after {it} iterations at relative residual {res:.3g} "
+               f"(tol {tol:g}); raise `maxiter` or `precond_rank`{hint}.")
+        if strict:
+            raise linalg.ConvergenceError(msg)
+        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=4)
 
 
 def check_training(k: Kernel, X: Array, y: Array, ridge: float
@@ -577,10 +584,5 @@ def shifted_cg_solve(k: Kernel, X: jax.Array, rhs: jax.Array, shifts: Any, *,
     if not np.isfinite(res):
         raise ValueError(f"Conjugate gradients produced NaN/inf: K + mu I is not positive "
                          f"definite in {dt}. Increase the ridge or enable float64.")
-    if res > 10 * tol:
-        msg = (f"Shifted CG stopped after {it} iterations at relative residual {res:.3g} "
-               f"(tol {tol:g}); raise `maxiter` or `precond_rank`.")
-        if strict:
-            raise linalg.ConvergenceError(msg)
-        warnings.warn(msg, linalg.ConvergenceWarning, stacklevel=3)
+    _check_convergence("Shifted CG", it, res, tol, strict)
     return jnp.stack(out), SolveInfo(jnp.asarray(it), jnp.asarray(res, dt))
