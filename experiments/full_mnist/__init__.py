@@ -64,7 +64,9 @@ class Config(_Config):
     ms: Tuple[int, ...] = (1, 3, 10, 30, 100, 300, 1000)
     refit_ms: Tuple[int, ...] = (10, 300)   # checked by a CG refit (first kernel only)
     n_trigger: int = 1000           # triggered non-target test images for the ASR
-    law_rtol: float = 1e-6          # the law "equals" a refit: max |diff| <= this x scale
+    law_rtol: Optional[float] = None   # the law "equals" a refit: max |diff| <= this x
+    # scale; None: 1e-8 with a float64 Gram, 1e-5 with a float32 one (each fit solves
+    # its own float32-rounded Gram matrix: entries differ by ~6e-8 relative)
     seed: int = 0
     x64: bool = True
 
@@ -72,7 +74,9 @@ class Config(_Config):
         super().validate()
         self.check_min(1, "n_train", "n_test", "n_trigger", "precond_rank", "maxiter",
                        "ntk_depth", "patch_size")
-        self.check_positive("ridge", "length_scale_factor", "law_rtol")
+        self.check_positive("ridge", "length_scale_factor")
+        if self.law_rtol is not None and not self.law_rtol > 0:
+            raise ValueError(f"`law_rtol` must be > 0 or None, got {self.law_rtol!r}.")
         if not self.kernels or any(k not in ("rbf", "nt_fc") for k in self.kernels):
             raise ValueError(f"`kernels` must be a non-empty subset of ('rbf', 'nt_fc'), "
                              f"got {list(self.kernels)}.")
@@ -196,7 +200,7 @@ def refit_cell(cfg: Config, name: str, law: dict, m: int, X, y, zeta, Xtrig) -> 
 def run(cfg: Config, out_dir: str | Path, *, fresh: bool = False) -> Report:
     rep = Report("ntk-poison full_mnist: KRR on all of MNIST by preconditioned CG, and "
                  "the clone attack at full scale", out_dir, cfg)
-    sweep = io.Sweep(out_dir, cfg, fresh=fresh)
+    sweep = io.Sweep(out_dir, cfg, fresh=fresh, ignore=("law_rtol",))   # verdicts only
     X, y, Xte, yte = load(cfg)
     mask, pattern = triggers.patch_mask((28, 28), cfg.patch_size)
     patch = lambda a: (a * (1 - mask.ravel()) + pattern.ravel() * mask.ravel())
@@ -236,9 +240,10 @@ def run(cfg: Config, out_dir: str | Path, *, fresh: bool = False) -> Report:
             for r in res.values()) + " |")
     rep.text("\n".join(lines))
     for c in refits:
-        ok = c["max_abs_diff_triggered"] <= cfg.law_rtol * max(1.0, c["scale"])
+        rtol = cfg.law_rtol or (1e-5 if cfg.gram_dtype == "float32" else 1e-8)
+        ok = c["max_abs_diff_triggered"] <= rtol * max(1.0, c["scale"])
         rep.claim(f"law_vs_refit_m{c['m']}", f"{cfg.kernels[0]}: the clone law equals a "
-                  f"CG refit on N + {c['m']} points", ok,
+                  f"CG refit on N + {c['m']} points (to {rtol:g} relative)", ok,
                   f"max |difference| {c['max_abs_diff_triggered']:.1e} at the triggered "
                   f"inputs and {c['max_abs_diff_zeta']:.1e} at zeta (outputs up to "
                   f"{c['scale']:.2f}; refit: {c['iterations']} iterations, residual "
