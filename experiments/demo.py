@@ -31,7 +31,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ntk_poison import attacks, floor, io, krr, metrics, scenario, theory
+from ntk_poison import attacks, floor, io, krr, metrics, scenario, theory, triggers
 from ntk_poison.report import Report, new_figure, progress, x64_run
 
 NAME = "demo"
@@ -368,13 +368,6 @@ def _figures(rep: Report, res):
 
 # --------------------------------------------------------------------------- entry point
 
-def _at_strength(trigger, strength):
-    """The cross trigger at another strength (a patch has none: itself)."""
-    if hasattr(trigger, "strength"):
-        return dataclasses.replace(trigger, strength=strength)
-    return trigger
-
-
 @x64_run
 def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     """Run the demo and write results.json, figures and report.md into ``out_dir``.
@@ -395,7 +388,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
     ms = np.unique(np.concatenate([[0], np.round(np.geomspace(1, cfg.m_max, cfg.n_m))])
                    ).astype(np.int64)
     fl = sweep.cell("ntk_floor", lambda: floor.floor_at_points(
-        {f"{st:g}": _at_strength(sc.trigger, st * ell).apply(sc.x0_clean[None])[0]
+        {f"{st:g}": triggers.with_strength(sc.trigger, st * ell).apply(sc.x0_clean[None])[0]
          for st in cfg.near_clone_strengths}, X, np.geomspace(cfg.r_min, cfg.r_max, cfg.n_r),
         ell, cfg.seed, cfg.nt_depth) if cfg.ntk_floor else dict(points={}))
 
@@ -409,7 +402,7 @@ def run(cfg: Config, out_dir: str | Path, fresh: bool = False) -> Report:
         e["lam"] = lam
         t1 = time.time()
         x0c = sc.x0_clean[None]
-        nc = {f"{st:g}": _near_clone(k, X, y, lam, _at_strength(sc.trigger, st * ell)
+        nc = {f"{st:g}": _near_clone(k, X, y, lam, triggers.with_strength(sc.trigger, st * ell)
                                      .apply(x0c)[0], ell, cfg)
               for st in cfg.near_clone_strengths}
         t2 = time.time()

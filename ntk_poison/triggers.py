@@ -50,7 +50,7 @@ Array = Any
 __all__ = ["CrossTrigger", "PatchTrigger", "register", "get", "available", "from_dict",
            "to_dict", "image_shape_of", "cross_pattern", "apply_additive", "patch_mask",
            "apply_patch", "badnets", "check_image_shape", "as_batch", "one_shape",
-           "fields_dict", "from_fields"]
+           "fields_dict", "from_fields", "with_strength"]
 
 _REGISTRY: Dict[str, type] = {}
 
@@ -88,6 +88,14 @@ def to_dict(trigger: Any) -> Dict[str, Any]:
         raise ValueError(f"`trigger` must be a trigger object (e.g. CrossTrigger), got "
                          f"{type(trigger).__name__}.")
     return trigger.to_dict()
+
+
+def with_strength(trigger: Any, strength: float):
+    """The trigger at another strength (an additive trigger such as the cross); a
+    trigger without one (a patch) is returned as it is."""
+    if hasattr(trigger, "strength"):
+        return dataclasses.replace(trigger, strength=strength)
+    return trigger
 
 
 def from_dict(d: Dict[str, Any]):

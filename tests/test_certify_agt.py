@@ -58,6 +58,14 @@ def plain_train(params, X, y, *, lr, n_steps, loss, batch_size=None, l2=0.0,
     return params
 
 
+def _assert_inside(box, p, Xt, f_l, f_u):
+    """The attacked parameters ``p`` lie in the box, and their outputs at ``Xt`` in the
+    box's output bounds ``[f_l, f_u]``."""
+    assert inside(box, p)
+    out = agt.apply(p, Xt)
+    assert np.all(out >= f_l - TOL) and np.all(out <= f_u + TOL)
+
+
 def inside(box, params, tol=TOL):
     """lower <= params <= upper up to tol (params may carry leading attack axes)."""
     viol = [max(np.max(np.asarray(lo) - np.asarray(p)), np.max(np.asarray(p) - np.asarray(up)))
@@ -283,9 +291,7 @@ def test_pgd_feature_and_paired_poisoning_land_inside_the_box():
                 for sgn in (1.0, -1.0):
                     obj = lambda p: sgn * jnp.sum(jax.tree.leaves(p)[leaf])
                     for p in _pgd_features(params, X, y, idx, eps, lr, T, obj, 2, 5, leaf):
-                        assert inside(box, p)
-                        out = agt.apply(p, Xt)
-                        assert np.all(out >= f_l - TOL) and np.all(out <= f_u + TOL)
+                        _assert_inside(box, p, Xt, f_l, f_u)
 
 
 @pytest.mark.slow
@@ -302,9 +308,7 @@ def test_pgd_features_inside_box_and_box_grows_with_k():
         f_l, _, f_u = agt.output_bounds(box1, Xt)
         obj = lambda p: agt.apply(p, Xt[:1])[0, 0]
         for p in _pgd_features(params, X, y, jnp.array([3]), eps, lr, T, obj, 2, 4, 0):
-            assert inside(box1, p)
-            out = agt.apply(p, Xt)
-            assert np.all(out >= f_l - TOL) and np.all(out <= f_u + TOL)
+            _assert_inside(box1, p, Xt, f_l, f_u)
 
 
 @pytest.mark.slow

@@ -201,6 +201,7 @@ def run(cfg: Config, out_dir: str | Path, *, fresh: bool = False) -> Report:
     rep = Report("ntk-poison full_mnist: KRR on all of MNIST by preconditioned CG, and "
                  "the clone attack at full scale", out_dir, cfg)
     sweep = io.Sweep(out_dir, cfg, fresh=fresh, ignore=("law_rtol",))   # verdicts only
+    rep.started = sweep.started       # a resumed run writes the same results.json
     X, y, Xte, yte = load(cfg)
     mask, pattern = triggers.patch_mask((28, 28), cfg.patch_size)
     patch = lambda a: (a * (1 - mask.ravel()) + pattern.ravel() * mask.ravel())
