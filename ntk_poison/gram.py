@@ -31,8 +31,8 @@ from ntk_poison.kernels import Kernel
 Array = Any
 
 __all__ = ["default_block_size", "padded_blocks", "gram_matvec", "blockwise_product",
-           "stored_gram", "stored_matvec", "stored_product", "gram_diag", "nystrom_factor", "pivoted_cholesky_factor",
-           "BLOCK_BYTES"]
+           "stored_gram", "stored_matvec", "stored_product", "gram_diag", "nystrom_factor",
+           "pivoted_cholesky_factor", "BLOCK_BYTES"]
 
 #: the target size of one Gram row block, in bytes (the default ``block_size``)
 BLOCK_BYTES = 1 << 27
